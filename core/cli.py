@@ -1,0 +1,103 @@
+"""Command-line interface: capture and list runs; other modules add their commands via `register_cli`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from core.errors import BricklabError
+
+# Modules that contribute subcommands through `register_cli(subparsers)`.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def cmd_capture(args) -> int:
+    from tqdm import tqdm
+
+    from core import capture, models, prompts
+    from core.store import Store
+
+    prompt_set = prompts.load_prompt_file(args.prompts) if args.prompts else prompts.default_prompt_set()
+    if args.limit:
+        prompt_set = prompt_set.head(args.limit)
+    for warning in prompt_set.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    lm = models.load_model(args.model, device=args.device)
+    store = Store(args.db)
+    config = capture.CaptureConfig(batch_size=args.batch_size)
+    bar = tqdm(total=len(prompt_set), unit="prompt", desc="capture", disable=args.quiet)
+
+    def progress(done: int, total: int, message: str) -> None:
+        bar.update(done - bar.n)
+
+    result = capture.capture(lm, prompt_set, store, config, progress=progress)
+    bar.close()
+    for warning in result.warnings[:10]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if result.cache_hit:
+        print(f"run {result.run_id}: cache hit ({result.n_tokens:,} tokens, nothing computed)")
+    else:
+        rate = result.n_tokens / max(result.seconds, 1e-9)
+        verb = "resumed and finished" if result.resumed else "captured"
+        print(f"run {result.run_id}: {verb} {len(prompt_set)} prompts, {result.n_tokens:,} tokens "
+              f"in {result.seconds:.1f} s ({rate:,.0f} tokens/s)")
+    print(f"cache: {store.path} ({store.size_bytes() / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from core.store import Store
+
+    runs = Store(args.db).runs()
+    if not runs:
+        print("no runs yet: `python -m core capture` captures the default prompt set")
+        return 0
+    print(f"{'run':12}  {'status':10}  {'model':24}  {'prompts':>7}  {'tokens':>8}  {'seconds':>7}  created")
+    for r in runs:
+        tokens = f"{r.n_tokens:,}" if r.n_tokens else "-"
+        secs = f"{r.seconds:.1f}" if r.seconds else "-"
+        print(f"{r.run_id:12}  {r.status:10}  {r.model_id[:24]:24}  {r.n_prompts:>7}  {tokens:>8}  {secs:>7}  "
+              f"{r.created:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    import time
+
+    from core import models
+
+    started = time.perf_counter()
+    path = models.prepare_default_model()
+    print(f"default model ready at {path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="bricklab: bricks in FFN layers.")
+    parser.add_argument("--db", help="DuckDB cache file (default: data/bricklab.duckdb or $BRICKLAB_DB)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("capture", help="capture a prompt set's FFN activations into the cache")
+    p.add_argument("--model", help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", help="JSONL, CSV or TXT prompt file (default: the bundled set)")
+    p.add_argument("--limit", type=int, help="capture only N prompts, spread over categories")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_capture)
+    p = sub.add_parser("prepare", help="convert the embedded default model once (idempotent)")
+    p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("runs", help="list cached runs")
+    p.set_defaults(func=cmd_runs)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BricklabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,192 @@
+"""Prompt sets: the bundled default, and a person's own JSONL, CSV or plain-text file, validated.
+
+A prompt set is a tuple of `Prompt`s; its hash (over ids, categories and texts) keys captured runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from core import settings
+from core.errors import BricklabError
+
+CATEGORIES = ("coding", "math", "linguistic", "knowledge", "translation", "ethics", "writing")
+MAX_FILE_BYTES = 20 * 1024 * 1024  # uploads past this are refused before parsing
+MAX_PROMPTS = 20_000
+MAX_PROMPT_CHARS = 20_000  # longer texts are cut here; the model's context cuts tokens later
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    category: str | None
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str
+    prompts: tuple[Prompt, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def hash(self) -> str:
+        h = hashlib.sha256()
+        for p in self.prompts:
+            h.update(json.dumps([p.id, p.category, p.text]).encode())
+        return h.hexdigest()[:16]
+
+    @property
+    def categories(self) -> list[str]:
+        found = {p.category for p in self.prompts if p.category}
+        return [c for c in CATEGORIES if c in found] + sorted(found - set(CATEGORIES))
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def head(self, n: int) -> PromptSet:
+        """The first n prompts, spread over categories so a small run still has every one."""
+        if n >= len(self.prompts):
+            return self
+        by_cat: dict[str | None, list[Prompt]] = {}
+        for p in self.prompts:
+            by_cat.setdefault(p.category, []).append(p)
+        picked: list[Prompt] = []
+        rank = 0
+        while len(picked) < n:
+            for group in by_cat.values():
+                if rank < len(group) and len(picked) < n:
+                    picked.append(group[rank])
+            rank += 1
+        order = {p.id: i for i, p in enumerate(self.prompts)}
+        picked.sort(key=lambda p: order[p.id])
+        return PromptSet(f"{self.name}[:{n}]", tuple(picked), self.warnings)
+
+
+def default_prompt_set() -> PromptSet:
+    return load_prompt_file(settings.default_prompts_path(), name="default")
+
+
+def load_prompt_file(path: str | Path, name: str | None = None) -> PromptSet:
+    path = Path(path)
+    if not path.is_file():
+        raise BricklabError(f"The prompt file '{path}' does not exist.", "Check the path.")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise _too_big(path.stat().st_size)
+    return parse_prompts(path.read_bytes(), path.name, name=name or path.stem)
+
+
+def parse_prompts(data: bytes, filename: str, name: str | None = None) -> PromptSet:
+    """Parse uploaded bytes; the file name only picks the format, never a path on disk."""
+    if len(data) > MAX_FILE_BYTES:
+        raise _too_big(len(data))
+    text = _decode(data, filename)
+    kind = Path(filename).suffix.lower()
+    parser = {".jsonl": _parse_jsonl, ".csv": _parse_csv, ".txt": _parse_txt}.get(kind)
+    if parser is None:
+        raise BricklabError(
+            f"'{filename}' has an unknown extension.", "Use .jsonl, .csv or .txt."
+        )
+    prompts, warnings = parser(text)
+    if not prompts:
+        raise BricklabError(f"'{filename}' holds no prompts.", "Add at least one non-empty prompt.")
+    if len(prompts) > MAX_PROMPTS:
+        raise BricklabError(
+            f"'{filename}' holds {len(prompts):,} prompts; the limit is {MAX_PROMPTS:,}.",
+            "Split the file or capture a sample.",
+        )
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise BricklabError(f"'{filename}': the id '{dup}' appears more than once.", "Make ids unique.")
+    return PromptSet(name or Path(filename).stem, tuple(prompts), tuple(warnings))
+
+
+def _too_big(size: int) -> BricklabError:
+    return BricklabError(
+        f"The prompt file is {size / 2**20:.1f} MiB; the limit is {MAX_FILE_BYTES / 2**20:.0f} MiB.",
+        "Split it into smaller files.",
+    )
+
+
+def _decode(data: bytes, filename: str) -> str:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    elif b"\x00" not in data[:8192]:
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise BricklabError(
+                f"'{filename}' is not valid UTF-8 text (byte {exc.start}).",
+                "Save it as UTF-8 (or UTF-16 with a BOM) and upload it again.",
+            ) from exc
+    raise BricklabError(f"'{filename}' looks like a binary file, not text.", "Upload a .jsonl, .csv or .txt file.")
+
+
+def _clean(text: str, where: str, warnings: list[str]) -> str:
+    text = text.strip()
+    if len(text) > MAX_PROMPT_CHARS:
+        warnings.append(f"{where}: cut to {MAX_PROMPT_CHARS:,} characters.")
+        text = text[:MAX_PROMPT_CHARS]
+    return text
+
+
+def _parse_jsonl(text: str) -> tuple[list[Prompt], list[str]]:
+    prompts, warnings = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BricklabError(f"Line {lineno} is not valid JSON ({exc.msg}).", "Fix or remove that line.") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise BricklabError(
+                f"Line {lineno} has no string field \"text\".",
+                'Each line must look like {"id": "...", "category": "...", "text": "..."}.',
+            )
+        category = row.get("category")
+        if category is not None and not isinstance(category, str):
+            raise BricklabError(f"Line {lineno}: \"category\" must be a string.", "Fix that line.")
+        body = _clean(row["text"], f"Line {lineno}", warnings)
+        if body:
+            prompts.append(Prompt(str(row.get("id", f"p{lineno:05d}")), category or None, body))
+    return prompts, warnings
+
+
+def _parse_csv(text: str) -> tuple[list[Prompt], list[str]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip().lower() for c in reader.fieldnames or []]
+    if "text" not in columns:
+        raise BricklabError(
+            f"The CSV header is {reader.fieldnames}; it needs a 'text' column.",
+            "Use the header 'category,text' (category may be empty).",
+        )
+    reader.fieldnames = columns
+    prompts, warnings = [], []
+    try:
+        for rowno, row in enumerate(reader, 2):
+            body = _clean(row.get("text") or "", f"Row {rowno}", warnings)
+            if body:
+                category = (row.get("category") or "").strip() or None
+                prompts.append(Prompt(str(row.get("id") or f"p{rowno:05d}"), category, body))
+    except csv.Error as exc:
+        raise BricklabError(f"The CSV could not be read: {exc}.", "Check its quoting.") from exc
+    return prompts, warnings
+
+
+def _parse_txt(text: str) -> tuple[list[Prompt], list[str]]:
+    prompts, warnings = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        body = _clean(line, f"Line {lineno}", warnings)
+        if body:
+            prompts.append(Prompt(f"p{lineno:05d}", None, body))
+    return prompts, warnings

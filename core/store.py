@@ -1,0 +1,292 @@
+"""The DuckDB cache: one file, one schema, `?` parameters, results as numpy arrays.
+
+Arrays are stored as BLOBs per (run, prompt, layer) so a whole run reads back as one contiguous
+buffer. DuckDB has one writer per process: writes go through `Store.write()`, which serialises
+them; every thread reads through its own cursor.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from core import settings
+from core.errors import BricklabError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,   -- hash of (fingerprint, prompt hash, capture settings)
+    model_id VARCHAR, model_type VARCHAR, fingerprint VARCHAR,
+    prompt_set VARCHAR, prompt_hash VARCHAR, settings VARCHAR,
+    n_layers INTEGER, d_ff INTEGER, n_prompts INTEGER, n_chunks INTEGER,
+    categories VARCHAR,           -- JSON list, in label order
+    status VARCHAR,               -- 'incomplete' until finalised, then 'complete'
+    n_tokens BIGINT, seconds DOUBLE, created TIMESTAMP DEFAULT current_timestamp, finished TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS prompts (
+    run_id VARCHAR, prompt_idx INTEGER, prompt_id VARCHAR, category VARCHAR, text VARCHAR
+);
+CREATE TABLE IF NOT EXISTS chunks (run_id VARCHAR, chunk INTEGER, n_tokens BIGINT, seconds DOUBLE);
+CREATE TABLE IF NOT EXISTS tokens (   -- the prompt's own tokens (chat-template tokens excluded)
+    run_id VARCHAR, prompt_idx INTEGER, pos INTEGER, token_id INTEGER, token VARCHAR,
+    truncated BOOLEAN
+);
+CREATE TABLE IF NOT EXISTS prompt_acts (  -- float16 (d_ff,): mean |a| over the prompt's tokens
+    run_id VARCHAR, prompt_idx INTEGER, layer INTEGER, mean_abs BLOB
+);
+CREATE TABLE IF NOT EXISTS firing (       -- uint64 (n_tokens, ceil(d_ff/64)): neurons that fire
+    run_id VARCHAR, prompt_idx INTEGER, layer INTEGER, bits BLOB
+);
+CREATE TABLE IF NOT EXISTS chunk_arrays ( -- per-chunk partial reductions, summed when finalised
+    run_id VARCHAR, chunk INTEGER, layer INTEGER, name VARCHAR, data BLOB
+);
+CREATE TABLE IF NOT EXISTS layer_arrays ( -- final per-layer arrays: histograms, neuron means
+    run_id VARCHAR, layer INTEGER, name VARCHAR, data BLOB
+);
+CREATE TABLE IF NOT EXISTS top_examples (
+    run_id VARCHAR, layer INTEGER, neuron INTEGER, rank INTEGER,
+    prompt_idx INTEGER, pos INTEGER, value REAL
+);
+CREATE TABLE IF NOT EXISTS results (      -- cached derived results (bricks, maps, reports)
+    run_id VARCHAR, kind VARCHAR, params VARCHAR, created TIMESTAMP DEFAULT current_timestamp,
+    payload BLOB
+);
+"""
+
+RUN_TABLES = (
+    "prompts", "chunks", "tokens", "prompt_acts", "firing", "chunk_arrays", "layer_arrays",
+    "top_examples", "results",
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    model_id: str
+    model_type: str
+    fingerprint: str
+    prompt_set: str
+    prompt_hash: str
+    settings: dict
+    n_layers: int
+    d_ff: int
+    n_prompts: int
+    n_chunks: int
+    categories: list[str]
+    status: str
+    n_tokens: int | None
+    seconds: float | None
+    created: object
+    finished: object
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+_RUN_COLUMNS = ", ".join(Run.__dataclass_fields__)
+
+
+class Store:
+    """One DuckDB file; safe to share between threads (each call uses its own cursor)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else settings.db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._con = duckdb.connect(str(self.path))
+        except duckdb.IOException as exc:
+            raise BricklabError(
+                f"The cache '{self.path}' is open in another process ({exc}).",
+                "Close the other bricklab (app or CLI) or set BRICKLAB_DB to another file.",
+            ) from exc
+        self._write_lock = threading.RLock()
+        self._run_locks: dict[str, threading.Lock] = {}
+        self._con.execute(SCHEMA)
+
+    def close(self) -> None:
+        self._con.close()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        return self._con.cursor()
+
+    @contextmanager
+    def write(self):
+        """One transaction, one writer at a time; rolled back whole on any error or kill."""
+        with self._write_lock:
+            cur = self._con.cursor()
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+
+    @contextmanager
+    def run_lock(self, run_id: str):
+        """Held while one thread computes a run, so a second request waits and then hits the cache."""
+        with self._write_lock:
+            lock = self._run_locks.setdefault(run_id, threading.Lock())
+        with lock:
+            yield
+
+    # runs
+
+    def run(self, run_id: str) -> Run | None:
+        row = self.cursor().execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        return _to_run(row) if row else None
+
+    def runs(self) -> list[Run]:
+        rows = self.cursor().execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created DESC").fetchall()
+        return [_to_run(r) for r in rows]
+
+    def require_run(self, run_id: str | None = None, complete: bool = True) -> Run:
+        """The named run, or the newest complete one; a clear error when there is none."""
+        if run_id is None:
+            done = [r for r in self.runs() if r.complete]
+            if not done:
+                raise BricklabError("There is no complete captured run yet.", "Capture one first: `python -m core capture`.")
+            return done[0]
+        run = self.run(run_id)
+        if run is None:
+            raise BricklabError(f"There is no run '{run_id}' in the cache.", "List runs with `python -m core runs`.")
+        if complete and not run.complete:
+            raise BricklabError(
+                f"Run '{run_id}' is incomplete (its capture was interrupted).",
+                "Resume it by running the same capture again.",
+            )
+        return run
+
+    def create_run(self, cur, run: dict, prompts: list[tuple]) -> None:
+        cols = ", ".join(run)
+        cur.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(run))})", list(run.values()))
+        self.insert(
+            cur,
+            "prompts",
+            {
+                "run_id": [run["run_id"]] * len(prompts),
+                "prompt_idx": pa.array([p[0] for p in prompts], pa.int32()),
+                "prompt_id": [p[1] for p in prompts],
+                "category": pa.array([p[2] for p in prompts], pa.string()),
+                "text": [p[3] for p in prompts],
+            },
+        )
+
+    def delete_run(self, run_id: str) -> None:
+        with self.write() as cur:
+            for table in RUN_TABLES:
+                cur.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            cur.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+
+    def done_chunks(self, run_id: str) -> set[int]:
+        rows = self.cursor().execute("SELECT chunk FROM chunks WHERE run_id = ?", [run_id]).fetchall()
+        return {r[0] for r in rows}
+
+    # bulk inserts
+
+    @staticmethod
+    def insert(cur, table_name: str, columns: dict) -> None:
+        """Insert columns (name -> list or pyarrow array) through Arrow, in column order."""
+        table = pa.table(columns)
+        cur.register("_incoming", table)
+        try:
+            cur.execute(f"INSERT INTO {table_name} ({', '.join(columns)}) SELECT * FROM _incoming")
+        finally:
+            cur.unregister("_incoming")
+
+    # reads
+
+    def prompts(self, run_id: str) -> list[tuple]:
+        sql = "SELECT prompt_idx, prompt_id, category, text FROM prompts WHERE run_id = ? ORDER BY prompt_idx"
+        return self.cursor().execute(sql, [run_id]).fetchall()
+
+    def prompt_activations(self, run_id: str, layer: int | None = None) -> np.ndarray:
+        """Mean |a| per prompt and neuron: float16 (n_prompts, n_layers * d_ff) or (n_prompts, d_ff)."""
+        run = self.require_run(run_id)
+        where, params = "run_id = ?", [run_id]
+        if layer is not None:
+            where, params = where + " AND layer = ?", params + [layer]
+        sql = f"SELECT mean_abs FROM prompt_acts WHERE {where} ORDER BY prompt_idx, layer"
+        flat = _blob_column(self.cursor().execute(sql, params), np.float16)
+        width = run.d_ff if layer is not None else run.n_layers * run.d_ff
+        return flat.reshape(run.n_prompts, width)
+
+    def firing_bits(self, run_id: str, layer: int) -> np.ndarray:
+        """Packed firing bits of one layer over every token of the run: uint64 (n_tokens, words)."""
+        run = self.require_run(run_id)
+        sql = "SELECT bits FROM firing WHERE run_id = ? AND layer = ? ORDER BY prompt_idx"
+        flat = _blob_column(self.cursor().execute(sql, [run_id, layer]), np.uint64)
+        return flat.reshape(-1, (run.d_ff + 63) // 64)
+
+    def token_prompts(self, run_id: str) -> np.ndarray:
+        """Prompt index of every token, in the order of `firing_bits` rows."""
+        sql = "SELECT prompt_idx FROM tokens WHERE run_id = ? ORDER BY prompt_idx, pos"
+        return self.cursor().execute(sql, [run_id]).fetchnumpy()["prompt_idx"].astype(np.int32)
+
+    def tokens(self, run_id: str, prompt_idx: int) -> list[tuple]:
+        sql = "SELECT pos, token_id, token FROM tokens WHERE run_id = ? AND prompt_idx = ? ORDER BY pos"
+        return self.cursor().execute(sql, [run_id, prompt_idx]).fetchall()
+
+    def layer_array(self, run_id: str, name: str, dtype=np.float32) -> np.ndarray:
+        """A final per-layer array stacked over layers: (n_layers, ...)."""
+        run = self.require_run(run_id)
+        sql = "SELECT data FROM layer_arrays WHERE run_id = ? AND name = ? ORDER BY layer"
+        flat = _blob_column(self.cursor().execute(sql, [run_id, name]), dtype)
+        return flat.reshape(run.n_layers, -1)
+
+    def top_examples(self, run_id: str, layer: int, neuron: int) -> list[tuple]:
+        sql = (
+            "SELECT rank, prompt_idx, pos, value FROM top_examples "
+            "WHERE run_id = ? AND layer = ? AND neuron = ? ORDER BY rank"
+        )
+        return self.cursor().execute(sql, [run_id, layer, neuron]).fetchall()
+
+    # derived results
+
+    def get_result(self, run_id: str, kind: str, params: dict) -> bytes | None:
+        sql = "SELECT payload FROM results WHERE run_id = ? AND kind = ? AND params = ?"
+        row = self.cursor().execute(sql, [run_id, kind, _canon(params)]).fetchone()
+        return bytes(row[0]) if row else None
+
+    def put_result(self, run_id: str, kind: str, params: dict, payload: bytes) -> None:
+        with self.write() as cur:
+            cur.execute("DELETE FROM results WHERE run_id = ? AND kind = ? AND params = ?", [run_id, kind, _canon(params)])
+            cur.execute(
+                "INSERT INTO results (run_id, kind, params, payload) VALUES (?, ?, ?, ?)",
+                [run_id, kind, _canon(params), payload],
+            )
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+
+def _canon(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def _blob_column(result, dtype) -> np.ndarray:
+    """Concatenate a one-column BLOB result into one numpy array without a Python loop."""
+    column = result.to_arrow_table().column(0).combine_chunks()
+    if len(column) == 0:
+        return np.zeros(0, dtype=dtype)
+    _, offsets, data = column.buffers()
+    off = np.frombuffer(offsets, dtype=np.int32, count=len(column) + 1, offset=column.offset * 4)
+    raw = np.frombuffer(data, dtype=np.uint8)[off[0] : off[-1]]
+    return raw.view(dtype).copy()
+
+
+def _to_run(row) -> Run:
+    values = dict(zip(Run.__dataclass_fields__, row, strict=True))
+    values["settings"] = json.loads(values["settings"])
+    values["categories"] = json.loads(values["categories"])
+    return Run(**values)

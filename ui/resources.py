@@ -1,0 +1,48 @@
+"""The one place where the app creates shared resources: the model(s) and the DuckDB cache.
+
+Both are shared by every browser session and never mutated; each session keeps only its choices
+(model reference, run id, brick configuration) in `st.session_state`.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core import models
+from core.errors import BricklabError
+from core.store import Store
+
+
+@st.cache_resource(show_spinner=False)
+def store() -> Store:
+    return Store()
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=3)
+def model(ref: str) -> models.LoadedModel:
+    return models.load_model(ref)
+
+
+def current_model() -> models.LoadedModel:
+    """The model this session chose (the embedded default until it picks another)."""
+    ref = st.session_state.get("model_ref", models.DEFAULT_MODEL)
+    try:
+        return model(ref)
+    except BricklabError as exc:
+        st.session_state["model_ref"] = models.DEFAULT_MODEL
+        st.error(str(exc))
+        st.stop()
+
+
+def current_run_id() -> str | None:
+    """The run this session looks at: its choice, else the newest complete run."""
+    runs = [r for r in store().runs() if r.complete]
+    chosen = st.session_state.get("run_id")
+    if chosen and any(r.run_id == chosen for r in runs):
+        return chosen
+    return runs[0].run_id if runs else None
+
+
+def show_error(exc: BricklabError) -> None:
+    st.error(str(exc))
+    st.stop()
