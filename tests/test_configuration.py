@@ -1,0 +1,437 @@
+"""Brick configurations: round trip, merge/diff, plan semantics, and every rejected input."""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core import configuration as cfg
+from core.configuration import Brick, BrickConfig, ConfigError, loads
+
+L, D = 4, 16  # a tiny model: 4 layers of 16 FFN neurons
+
+
+@dataclass(frozen=True)
+class Model:
+    """Stands in for core.models.ModelInfo, which the loader duck-types."""
+
+    model_id: str = "tiny"
+    fingerprint: str = "fp-1"
+    n_layers: int = L
+    d_ff: int = D
+
+
+def make_doc() -> dict:
+    return {
+        "schema_version": 1,
+        "model": {"id": "tiny", "fingerprint": "fp-1", "n_layers": L, "d_ff": D},
+        "bricks": [
+            {"name": "a", "neurons": {"0": [3, 1], "2": [5]}, "mode": "off"},
+            {"name": "b", "label": "coding", "neurons": {"1": [2]}, "mode": "scale", "factor": 0.5},
+        ],
+        "source": {"run_id": 7, "method": "metis", "extra": [1, {"x": None}]},
+        "note": "hand-made",
+        "created": "2025-01-01T00:00:00Z",
+    }
+
+
+def config(*bricks: Brick, **fields) -> BrickConfig:
+    return BrickConfig("tiny", "fp-1", L, D, bricks, **fields)
+
+
+def rejected(text, model=None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        loads(text, model)
+    return info.value
+
+
+# --- round trip, load, merge, diff -----------------------------------------------------------
+
+
+def test_round_trip_is_lossless_and_stable():
+    c = loads(json.dumps(make_doc()))
+    assert loads(c.to_json()) == c
+    assert loads(c.to_json().encode()) == c
+    assert c.to_json() == loads(c.to_json()).to_json()
+    assert json.loads(c.to_json()) == make_doc() | {
+        "bricks": [
+            {"name": "a", "label": None, "mode": "off", "neurons": {"0": [1, 3], "2": [5]}},
+            {"name": "b", "label": "coding", "mode": "scale", "factor": 0.5, "neurons": {"1": [2]}},
+        ]
+    }
+    assert BrickConfig.from_dict(c.to_dict()) == c
+
+
+def test_duplicate_indices_are_merged_and_layers_sorted_numerically():
+    brick = Brick("x", {3: [5, 1, 5, 1], 1: (2,), 2: []}, "off")
+    assert brick.neurons == {1: (2,), 3: (1, 5)}
+    text = BrickConfig("m", "f", 12, D, (Brick("y", {10: [0], 2: [1]}, "keep"),)).to_json()
+    assert text.index('"2"') < text.index('"10"')
+
+
+def test_factor_is_ignored_outside_scale_mode():
+    assert Brick("x", {0: [1]}, "off", factor=3.0).factor == 1.0
+    assert Brick("x", {0: [1]}, "scale", factor=3).factor == 3.0
+
+
+def test_source_is_carried_through_untouched():
+    c = loads(json.dumps(make_doc()))
+    assert c.source == make_doc()["source"]
+    assert json.loads(c.to_json())["source"] == make_doc()["source"]
+
+
+def test_load_reads_a_file_and_names_a_missing_one(tmp_path):
+    path = tmp_path / "bricks.json"
+    path.write_text(json.dumps(make_doc()))
+    assert cfg.load(path, Model()) == loads(json.dumps(make_doc()))
+    err = pytest.raises(ConfigError, cfg.load, tmp_path / "nope.json").value
+    assert "nope.json" in str(err) and "check the path" in str(err)
+
+
+def test_merge_lets_b_win_by_name_in_place_and_appends_new_bricks():
+    a = config(Brick("x", {0: [1]}, "off"), Brick("y", {1: [1]}, "off"), source={"run_id": 1})
+    b = config(Brick("z", {2: [2]}, "keep"), Brick("x", {0: [9]}, "scale", 2.0))
+    merged = cfg.merge(a, b)
+    assert [brick.name for brick in merged.bricks] == ["x", "y", "z"]
+    assert merged.bricks[0] == b.bricks[1]
+    assert merged.source == {"run_id": 1}
+
+
+def test_merge_refuses_different_models():
+    other = BrickConfig("tiny", "fp-2", L, D, ())
+    with pytest.raises(ConfigError, match="^model: .*different models"):
+        cfg.merge(config(), other)
+
+
+def test_diff_lists_added_removed_and_changed_bricks():
+    a = config(Brick("x", {0: [1, 2]}, "off"), Brick("y", {1: [1]}, "off"), Brick("k", {0: [0]}, "keep"))
+    b = config(Brick("x", {0: [2, 3], 1: [4]}, "scale", 0.5), Brick("z", {2: [2]}, "keep"), a.bricks[2])
+    assert cfg.diff(a, b) == {
+        "added": ["z"],
+        "removed": ["y"],
+        "changed": {
+            "x": {
+                "mode": {"from": "off", "to": "scale"},
+                "factor": {"from": 1.0, "to": 0.5},
+                "neurons": {"added": {0: [3], 1: [4]}, "removed": {0: [1]}},
+            }
+        },
+    }
+    assert cfg.diff(a, a) == {"added": [], "removed": [], "changed": {}}
+
+
+# --- compile_plan and active_share -----------------------------------------------------------
+
+
+def plan_of(c, means=None):
+    return {layer: (p.scale.tolist(), p.add.tolist()) for layer, p in cfg.compile_plan(c, means).items()}
+
+
+def test_plan_off_and_scale_touch_only_their_layers():
+    plans = cfg.compile_plan(config(Brick("x", {1: [2]}, "off"), Brick("y", {3: [0, 1]}, "scale", 2.0)))
+    assert sorted(plans) == [1, 3]
+    assert plans[1].scale.dtype == np.float32 and plans[1].scale.shape == (D,)
+    assert plans[1].scale[2] == 0 and np.count_nonzero(plans[1].scale != 1) == 1
+    assert plans[3].scale[:3].tolist() == [2, 2, 1] and not plans[3].add.any()
+    with pytest.raises(ValueError):
+        plans[1].scale[0] = 5  # shared plans are read-only
+
+
+def test_plan_mean_adds_the_run_mean_and_needs_means():
+    c = config(Brick("m", {2: [4]}, "mean"))
+    means = np.arange(L * D, dtype=np.float32).reshape(L, D)
+    plan = cfg.compile_plan(c, means)[2]
+    assert plan.scale[4] == 0 and plan.add[4] == means[2, 4] and plan.add.sum() == means[2, 4]
+    err = pytest.raises(ConfigError, cfg.compile_plan, c).value
+    assert err.path == "means" and "mean" in err.problem
+    err = pytest.raises(ConfigError, cfg.compile_plan, c, means[:2]).value
+    assert err.path == "means" and f"({L}, {D})" in err.problem
+
+
+def test_plan_keep_switches_off_everything_else_in_every_layer():
+    plans = cfg.compile_plan(config(Brick("k", {0: [1, 2]}, "keep")))
+    assert sorted(plans) == list(range(L))
+    assert np.flatnonzero(plans[0].scale).tolist() == [1, 2]
+    assert not any(plans[layer].scale.any() for layer in (1, 2, 3))
+    assert cfg.active_share(config(Brick("k", {0: [1, 2]}, "keep"))) == pytest.approx(2 / (L * D))
+
+
+def test_plan_overlaps_off_beats_mean_beats_scale_beats_keep():
+    means = np.full((L, D), 7, np.float32)
+    c = config(
+        Brick("k", {0: [0, 1, 2, 3, 4]}, "keep"),
+        Brick("s1", {0: [1, 2, 3, 4, 9]}, "scale", 3.0),
+        Brick("s2", {0: [2]}, "scale", 0.5),
+        Brick("m", {0: [3, 4, 9]}, "mean"),
+        Brick("o", {0: [4, 9]}, "off"),
+    )
+    scale, add = plan_of(c, means)[0]
+    assert scale[:5] == [1, 3, 0.5, 0, 0] and add[:5] == [0, 0, 0, 7, 0]
+    assert scale[9] == add[9] == 0  # outside every keep brick: off whatever else says
+
+
+def test_active_share_counts_off_scaled_to_zero_and_mean_as_inactive():
+    assert cfg.active_share(config()) == 1.0
+    c = config(Brick("o", {0: [1, 2]}, "off"), Brick("m", {1: [1]}, "mean"), Brick("s", {2: [3]}, "scale", 0))
+    assert cfg.active_share(c) == pytest.approx(1 - 4 / (L * D))
+    assert cfg.active_share(config(Brick("s", {2: [3]}, "scale", 0.5))) == 1.0
+
+
+def test_identity_bricks_compile_to_no_layers():
+    full = config(
+        Brick("k", {layer: range(D) for layer in range(L)}, "keep"), Brick("s", {1: [2]}, "scale", 1)
+    )
+    assert cfg.compile_plan(full) == {}
+
+
+# --- rejected inputs -------------------------------------------------------------------------
+
+
+def mutated(edit) -> str:
+    doc = make_doc()
+    edit(doc)
+    return json.dumps(doc)
+
+
+def set_at(*path_and_value):
+    *path, value = path_and_value
+
+    def edit(doc):
+        target = doc
+        for key in path[:-1]:
+            target = target[key]
+        if value is DELETE:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+
+    return edit
+
+
+DELETE = object()
+B0, B1 = ("bricks", 0), ("bricks", 1)
+NEURONS = (*B0, "neurons")
+
+REJECTED = {
+    "malformed JSON": ('{"schema_version": 1,\n  "model": }', "document", "line 2, column 12"),
+    "not an object": ("[1, 2]", "document", "JSON object"),
+    "empty text": ("", "document", "invalid JSON"),
+    "not UTF-8": (b'{"a": "\xff"}', "document", "UTF-8"),
+    "deep nesting": ("[" * 100_000, "document", "unreadable JSON"),
+    "deep source": (
+        mutated(set_at("source", "a", json.loads("[" * 99 + "]" * 99))),
+        "source.a" + "[0]" * 31,
+        "deep",
+    ),
+    "too many digits": ("1" * 5000, "document", "unreadable JSON"),
+    "unknown schema_version": (mutated(set_at("schema_version", 2)), "schema_version", "(1)"),
+    "bool schema_version": (mutated(set_at("schema_version", True)), "schema_version", "(1)"),
+    "missing schema_version": (mutated(set_at("schema_version", DELETE)), "schema_version", "add"),
+    "missing model field": (mutated(set_at("model", "fingerprint", DELETE)), "model.fingerprint", "add"),
+    "wrong-typed n_layers": (mutated(set_at("model", "n_layers", "4")), "model.n_layers", "an integer"),
+    "float n_layers": (mutated(set_at("model", "n_layers", 4.0)), "model.n_layers", "an integer"),
+    "zero d_ff": (mutated(set_at("model", "d_ff", 0)), "model.d_ff", ">= 1"),
+    "bricks not a list": (mutated(set_at("bricks", {})), "bricks", "a list"),
+    "missing brick name": (mutated(set_at(*B0, "name", DELETE)), "bricks[0].name", "add"),
+    "blank brick name": (mutated(set_at(*B0, "name", "  ")), "bricks[0].name", "non-blank"),
+    "wrong-typed label": (mutated(set_at(*B1, "label", 3)), "bricks[1].label", "a string or null"),
+    "unknown field": (mutated(set_at(*B0, "colour", "red")), "bricks[0].colour", "unknown field"),
+    "unknown top-level field": (mutated(set_at("sauce", 1)), "sauce", "unknown field"),
+    "duplicate JSON key": ('{"schema_version": 1, "schema_version": 1}', "schema_version", "twice"),
+    "layer out of range": (mutated(set_at(*NEURONS, "4", [1])), 'bricks[0].neurons["4"]', "layer 4"),
+    "neuron out of range": (mutated(set_at(*NEURONS, "0", [16])), 'bricks[0].neurons["0"]', "(0-15)"),
+    "negative neuron": (mutated(set_at(*NEURONS, "0", [-1])), 'bricks[0].neurons["0"][0]', ">= 0"),
+    "float index": (mutated(set_at(*NEURONS, "0", [1, 2.0])), 'bricks[0].neurons["0"][1]', "integer"),
+    "bool index": (mutated(set_at(*NEURONS, "0", [True])), 'bricks[0].neurons["0"][0]', "integer"),
+    "string index": (mutated(set_at(*NEURONS, "0", ["3"])), 'bricks[0].neurons["0"][0]', "integer"),
+    "non-integer layer": (mutated(set_at(*NEURONS, "x", [1])), 'bricks[0].neurons["x"]', "layer"),
+    "negative layer": (mutated(set_at(*NEURONS, "-1", [1])), 'bricks[0].neurons["-1"]', "layer"),
+    "zero-padded layer": (mutated(set_at(*NEURONS, "01", [1])), 'bricks[0].neurons["01"]', '"3"'),
+    "layer with newline": (mutated(set_at(*NEURONS, "1\n", [1])), 'bricks[0].neurons["1\\n"]', '"3"'),
+    "empty layer list": (mutated(set_at(*NEURONS, "0", [])), 'bricks[0].neurons["0"]', "at least one"),
+    "no neurons": (mutated(set_at(*B0, "neurons", {})), "bricks[0].neurons", "at least one"),
+    "unknown mode": (mutated(set_at(*B0, "mode", "zero")), "bricks[0].mode", "off, mean, scale, keep"),
+    "negative factor": (mutated(set_at(*B1, "factor", -0.5)), "bricks[1].factor", ">= 0"),
+    "string factor": (mutated(set_at(*B1, "factor", "2")), "bricks[1].factor", "a number"),
+    "huge factor": (mutated(set_at(*B1, "factor", 1e300)), "bricks[1].factor", "<= 1000000"),
+    "NaN factor": (mutated(set_at(*B1, "factor", float("nan"))), "bricks[1].factor", "finite"),
+    "Infinity factor": (mutated(set_at(*B1, "factor", float("inf"))), "bricks[1].factor", "finite"),
+    "-Infinity factor": (mutated(set_at(*B1, "factor", -float("inf"))), "bricks[1].factor", "finite"),
+    "overflowing factor": (
+        mutated(set_at(*B1, "factor", 0.5)).replace("0.5", "1e999"),
+        "bricks[1].factor",
+        "finite",
+    ),
+    "NaN in source": (mutated(set_at("source", "x", float("nan"))), "source.x", "finite"),
+    "scale without factor": (mutated(set_at(*B1, "factor", DELETE)), "bricks[1].factor", "needs"),
+    "factor without scale": (mutated(set_at(*B0, "factor", 2)), "bricks[0].factor", 'mode "scale"'),
+    "duplicate brick names": (mutated(set_at(*B1, "name", "a")), "bricks[1].name", "bricks[0]"),
+    "too many entries": (mutated(set_at(*NEURONS, "0", [1] * (4 * L * D))), "bricks", "n_layers x d_ff"),
+    "too large a document": (" " * (cfg.MAX_BYTES + 1), "document", "bytes"),
+}
+
+
+@pytest.mark.parametrize("text,path,words", REJECTED.values(), ids=REJECTED)
+def test_rejected_with_the_field_named(text, path, words):
+    err = rejected(text)
+    assert err.path == path and str(err).startswith(f"{path}: ")
+    assert words in err.problem
+
+
+def test_non_text_input_is_rejected():
+    assert "str or bytes" in rejected(None).problem
+    assert "str or bytes" in rejected(12).problem
+
+
+@pytest.mark.parametrize(
+    "key,value,words",
+    [("fingerprint", "fp-2", '"fp-2"'), ("n_layers", 5, "has 5"), ("d_ff", 32, "has 32")],
+)
+def test_model_mismatch_is_rejected(key, value, words):
+    err = rejected(json.dumps(make_doc()), Model(**{key: value}))
+    assert err.path == f"model.{key}" and words in err.problem and "load the model" in err.problem
+
+
+def test_out_of_range_layer_message_says_what_is_wrong():
+    bricks = [{"name": f"b{i}", "neurons": {"0": [i]}, "mode": "off"} for i in range(3)]
+    bricks[2]["neurons"] = {"31": [0]}
+    doc = make_doc() | {"model": {"id": "m", "fingerprint": "f", "n_layers": 30, "d_ff": 8}, "bricks": bricks}
+    assert str(rejected(json.dumps(doc))).startswith(
+        'bricks[2].neurons["31"]: layer 31 is out of range for a model with 30 layers (0-29); '
+    )
+
+
+def test_config_error_is_a_value_error_and_a_bricklab_error():
+    from core.errors import BricklabError
+
+    assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, BricklabError)
+
+
+def test_direct_construction_is_validated():
+    with pytest.raises(ConfigError, match=r"^bricks\[1\]\.name: "):
+        config(Brick("x", {0: [1]}, "off"), Brick("x", {1: [1]}, "off"))
+    with pytest.raises(ConfigError, match=r'^bricks\[0\]\.neurons\["0"\]: neuron 99'):
+        config(Brick("x", {0: [99]}, "off"))
+    with pytest.raises(ConfigError, match="^factor: "):
+        Brick("x", {0: [1]}, "scale", float("nan"))
+    with pytest.raises(ConfigError, match=r'^neurons\["0"\]: neuron true'):
+        Brick("x", {0: [True]}, "off")
+    assert Brick("x", {np.int64(1): np.array([3, 2])}, "off").neurons == {1: (2, 3)}
+
+
+def test_schema_file_is_a_valid_draft_2020_12_schema():
+    cfg.Draft202012Validator.check_schema(cfg.SCHEMA)
+
+
+# --- properties ------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+near_values = (
+    json_values
+    | st.integers(-2, 2 * D)
+    | st.sampled_from(["off", "mean", "scale", "keep", "0", "3", "-1", "", 0.5])
+)
+
+
+def paths(value, prefix=()):
+    """Every (path to a container, key) in a parsed document."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield prefix, key
+        yield from paths(item, (*prefix, key))
+
+
+def only_config_errors(text) -> None:
+    try:
+        result = loads(text)
+    except ConfigError as err:
+        assert err.path and err.problem
+    else:
+        assert isinstance(result, BrickConfig) and loads(result.to_json()) == result
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_arbitrary_json_raises_only_config_errors(value):
+    only_config_errors(json.dumps(value))
+    only_config_errors(json.dumps(value).encode())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text() | st.binary())
+def test_arbitrary_text_raises_only_config_errors(text):
+    only_config_errors(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_near_valid_configs_raise_only_config_errors(data):
+    doc = make_doc()
+    prefix, key = data.draw(st.sampled_from(list(paths(doc))))
+    target = doc
+    for step in prefix:
+        target = target[step]
+    action = data.draw(st.sampled_from(["replace", "delete", "add"]))
+    if action == "replace":
+        target[key] = data.draw(near_values)
+    elif action == "delete":
+        del target[key]
+    elif isinstance(target, dict):
+        target[data.draw(st.text(max_size=4))] = data.draw(near_values)
+    else:
+        target.append(data.draw(near_values))
+    only_config_errors(json.dumps(doc))
+
+
+bricks_strategy = st.lists(
+    st.builds(
+        Brick,
+        name=st.text(min_size=1, max_size=3).filter(str.strip),
+        neurons=st.dictionaries(
+            st.integers(0, L - 1), st.lists(st.integers(0, D - 1), min_size=1), min_size=1
+        ),
+        mode=st.sampled_from(cfg.MODES),
+        factor=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
+    ),
+    max_size=5,
+    unique_by=lambda brick: brick.name,
+)
+
+
+def reference_plan(c: BrickConfig, means):
+    """The precedence rules, one neuron at a time."""
+    scale, add = np.ones((L, D), np.float32), np.zeros((L, D), np.float32)
+    keeping = any(b.mode == "keep" for b in c.bricks)
+    for layer in range(L):
+        for i in range(D):
+            hits = [b for b in c.bricks if i in b.neurons.get(layer, ())]
+            modes = {b.mode for b in hits}
+            if (keeping and "keep" not in modes) or "off" in modes:
+                scale[layer, i] = 0
+            elif "mean" in modes:
+                scale[layer, i], add[layer, i] = 0, means[layer, i]
+            elif "scale" in modes:
+                scale[layer, i] = min(b.factor for b in hits if b.mode == "scale")
+    return scale, add
+
+
+@settings(max_examples=150, deadline=None)
+@given(bricks_strategy)
+def test_random_configs_round_trip_and_match_the_reference_plan(bricks):
+    c = config(*bricks, source={"run_id": 1})
+    assert loads(c.to_json(), Model()) == c
+    means = np.random.default_rng(0).normal(size=(L, D)).astype(np.float32)
+    scale, add = reference_plan(c, means)
+    plans = cfg.compile_plan(c, means)
+    for layer in range(L):
+        plan = plans.get(layer)
+        np.testing.assert_array_equal(scale[layer], np.ones(D) if plan is None else plan.scale)
+        np.testing.assert_array_equal(add[layer], np.zeros(D) if plan is None else plan.add)
+    assert cfg.active_share(c) == pytest.approx(np.count_nonzero(scale) / (L * D))
