@@ -12,8 +12,9 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -136,7 +137,7 @@ def capture(
             lo = chunk * config.chunk_prompts
             hi = min(lo + config.chunk_prompts, total)
             t0 = time.perf_counter()
-            reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms)
+            reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms, device=lm.info.device)
             _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total)
             _write_chunk(store, run_id, chunk, lo, encoded[lo:hi], lm.tokenizer, reducer, time.perf_counter() - t0)
             reported += hi - lo
@@ -176,6 +177,7 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total) 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     pad = lm.tokenizer.pad_token_id or 0
     with reducer.hooks(model):
+        previous = None
         for b in range(0, len(order), config.batch_size):
             batch = order[b : b + config.batch_size]
             width = max(len(encoded[i].ids) for i in batch)
@@ -184,10 +186,28 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total) 
             for row, i in enumerate(batch):
                 ids[row, : len(encoded[i].ids)] = torch.tensor(encoded[i].ids)
                 mask[row, : len(encoded[i].ids)] = 1
-            reducer.set_batch(batch, [(encoded[i].start, encoded[i].end) for i in batch], width, device)
+            reducer.set_batch(batch, [(encoded[i].start, encoded[i].end) for i in batch], width)
             body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            taken = reducer.take_batch()
+            if previous is not None:
+                reducer.file(previous)  # overlaps with this batch's device work on CUDA
+            previous = taken
             if progress:
-                progress(reported + min(b + config.batch_size, len(order)), total, "capturing")
+                progress(reported + b + len(batch), total, "capturing")
+        reducer.file(previous)
+
+
+def blobs(arrays: list[np.ndarray]) -> pa.Array:
+    """A BLOB column from numpy arrays with one copy (a list of bytes objects would take two)."""
+    sizes = np.array([a.nbytes for a in arrays], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if offsets[-1] >= 2**31:
+        data = [a.tobytes() for a in arrays]
+        return pa.array(data, pa.large_binary())
+    flat = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays]) if arrays else np.zeros(0, np.uint8)
+    return pa.Array.from_buffers(
+        pa.binary(), len(arrays), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(flat)]
+    )
 
 
 def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds) -> None:
@@ -195,8 +215,8 @@ def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds)
     n, L = len(encoded), reducer.n_layers
     prompt_idx = np.repeat(np.arange(lo, lo + n, dtype=np.int32), L)
     layer_idx = np.tile(np.arange(L, dtype=np.int32), n)
-    means = [reducer.prompt_means[i][layer].tobytes() for i in range(n) for layer in range(L)]
-    bits = [reducer.prompt_bits[i][layer].tobytes() for i in range(n) for layer in range(L)]
+    means = blobs([reducer.prompt_means[i][layer] for i in range(n) for layer in range(L)])
+    bits = blobs([reducer.prompt_bits[i][layer] for i in range(n) for layer in range(L)])
     tok_prompt, tok_pos, tok_id, tok_text, tok_trunc = [], [], [], [], []
     for i, e in enumerate(encoded):
         own = e.ids[e.start : e.end]
@@ -207,8 +227,8 @@ def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds)
         tok_trunc += [e.truncated] * len(own)
     with store.write() as cur:
         base = {"run_id": [run_id] * len(means), "prompt_idx": prompt_idx, "layer": layer_idx}
-        store.insert(cur, "prompt_acts", {**base, "mean_abs": pa.array(means, pa.binary())})
-        store.insert(cur, "firing", {**base, "bits": pa.array(bits, pa.binary())})
+        store.insert(cur, "prompt_acts", {**base, "mean_abs": means})
+        store.insert(cur, "firing", {**base, "bits": bits})
         store.insert(
             cur,
             "tokens",
@@ -230,7 +250,7 @@ def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds)
                 "chunk": pa.array([chunk] * len(rows), pa.int32()),
                 "layer": pa.array([r[0] for r in rows], pa.int32()),
                 "name": [r[1] for r in rows],
-                "data": pa.array([r[2].tobytes() for r in rows], pa.binary()),
+                "data": blobs([r[2] for r in rows]),
             },
         )
         cur.execute(
@@ -257,7 +277,7 @@ def finalise(store: Store, run_id: str, n_layers: int, config: CaptureConfig) ->
                 "run_id": [run_id] * len(layer_rows),
                 "layer": pa.array([r[0] for r in layer_rows], pa.int32()),
                 "name": [r[1] for r in layer_rows],
-                "data": pa.array([r[2].tobytes() for r in layer_rows], pa.binary()),
+                "data": blobs([r[2] for r in layer_rows]),
             },
         )
         store.insert(cur, "top_examples", {"run_id": pa.array([run_id] * len(top_rows["layer"])), **top_rows})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -88,12 +89,16 @@ class LoadedModel:
 
 def site_for(model_type: str) -> FfnSite:
     if model_type not in ARCHITECTURES:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise BricklabError(
-            f"Architecture '{model_type}' is not supported.",
-            f"bricklab knows where the FFN neurons are for: {supported}.",
-        )
+        raise _unsupported(model_type)
     return ARCHITECTURES[model_type]
+
+
+def _unsupported(model_type: str) -> BricklabError:
+    supported = ", ".join(sorted(ARCHITECTURES))
+    return BricklabError(
+        f"Architecture '{model_type}' is not supported.",
+        f"bricklab knows where the FFN neurons are for: {supported}.",
+    )
 
 
 def _attr(obj, dotted: str):
@@ -203,7 +208,8 @@ def _resolve(ref: str) -> str:
         return str(path)
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise BricklabError(
-            f"The model folder '{ref}' does not exist.", "Check the path, or leave it empty for the default model."
+            f"The model folder '{ref}' does not exist.",
+            "Check the path, or leave it empty for the default model.",
         )
     return ref
 
@@ -215,6 +221,9 @@ def _load_error(ref: str, exc: Exception) -> BricklabError:
             f"'{ref}' needs custom code from its repository to load.",
             "bricklab never runs remote code; pick a model that transformers supports natively.",
         )
+    unknown = re.search(r"model type `([^`]+)` but Transformers does not recognize", text)
+    if unknown:  # a config.json whose model_type this transformers has never heard of
+        return _unsupported(unknown.group(1))
     if "safetensors" in text.lower():
         return BricklabError(
             f"'{ref}' has no .safetensors weights.",

@@ -7,134 +7,178 @@ tokens x neurons float matrix beyond the current batch.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from core import models
+from core import interventions
 
 PARTIAL_NAMES = ("sum_act", "sum_abs", "fire_count", "hist_abs", "hist_out", "top_val", "top_prompt", "top_pos")
 
 
 class ChunkReducer:
-    def __init__(self, n_layers: int, d_ff: int, config, norms: list[torch.Tensor]):
+    """Reduces one chunk's activations where they are (CPU or GPU); the host gets one copy per batch.
+
+    Top examples are, per neuron, the `top_k` prompts whose strongest own token has the largest |a|
+    (one example per prompt, so a neuron's examples show different prompts).
+    """
+
+    def __init__(self, n_layers: int, d_ff: int, config, norms: list[torch.Tensor], device="cpu"):
         self.n_layers, self.d_ff, self.config = n_layers, d_ff, config
-        self.norms = norms  # ||W_down[:, i]|| per layer, for the output-magnitude indicator
+        self.device = torch.device(device)
+        self.norms = [n.to(self.device) for n in norms]  # ||W_down[:, i]||: |a| -> output magnitude
         self.k_fire = max(1, math.ceil(config.fire_fraction * d_ff))
         self.words = (d_ff + 63) // 64
         self.n_tokens = 0
         self.prompt_means: dict[int, list[np.ndarray]] = {}  # chunk-local prompt -> per layer
         self.prompt_bits: dict[int, list[np.ndarray]] = {}
-        self.sums = np.zeros((3, n_layers, d_ff), dtype=np.float64)  # sum a, sum |a|, fire count
-        self.hist = np.zeros((2, n_layers, config.hist_bins), dtype=np.int64)
-        self.top_val = [None] * n_layers  # (k, d_ff) float32 running top |a|
-        self.top_tok = [None] * n_layers  # (k, d_ff) int64 chunk-global token index
-        self.tok_prompt: list[int] = []  # chunk-global token index -> chunk-local prompt
-        self.tok_pos: list[int] = []  # -> position among the prompt's own tokens
+        dev = self.device
+        self.sums = torch.zeros((2, n_layers, d_ff), dtype=torch.float64, device=dev)  # sum a, sum |a|
+        self.fire_count = torch.zeros((n_layers, d_ff), dtype=torch.int64, device=dev)
+        self.hist = torch.zeros((2, n_layers, config.hist_bins), dtype=torch.float32, device=dev)
+        self.top_val = [None] * n_layers  # (k, d_ff) running best |a| per prompt
+        self.top_prompt = [None] * n_layers  # (k, d_ff) chunk-local prompt of each
+        self.top_pos = [None] * n_layers  # (k, d_ff) position among that prompt's own tokens
+        self.pending: list = []
 
-    def set_batch(self, batch: list[int], spans: list[tuple[int, int]], width: int, device) -> None:
+    def set_batch(self, batch: list[int], spans: list[tuple[int, int]], width: int) -> None:
         """Tell the hooks which rows of the next forward pass belong to which prompt."""
-        flat, owner = [], []
-        for row, (start, end) in enumerate(spans):
-            flat.extend(range(row * width + start, row * width + end))
-            owner.extend([row] * (end - start))
-            self.tok_prompt.extend([batch[row]] * (end - start))
-            self.tok_pos.extend(range(end - start))
-        self.batch = batch
-        self.flat = torch.tensor(flat, dtype=torch.long, device=device)
-        self.owner = torch.tensor(owner, dtype=torch.long, device=device)
-        counts = torch.bincount(self.owner, minlength=len(batch))
-        self.counts = counts.float().unsqueeze(1)  # (B, 1) tokens per prompt
-        self.segment = torch.zeros((len(batch), len(flat)), device=device)  # (B, N) mean weights
-        self.segment[self.owner, torch.arange(len(flat), device=device)] = 1.0 / counts.clamp_min(1)[self.owner].float()
-        self.ones = torch.ones((1, len(flat)), device=device)
-        self.bounds = np.concatenate([[0], np.cumsum(counts.cpu().numpy())])
-        self.token_base = self.n_tokens
-        self.n_tokens += len(flat)
-        for i in batch:
-            self.prompt_means[i] = [None] * self.n_layers
-            self.prompt_bits[i] = [None] * self.n_layers
+        lengths = np.array([end - start for start, end in spans])
+        flat = np.concatenate([np.arange(r * width + s, r * width + e) for r, (s, e) in enumerate(spans)])
+        owner = np.repeat(np.arange(len(batch)), lengths)
+        n, longest, dev = len(flat), int(lengths.max()), self.device
+        segment = np.zeros((len(batch), n), dtype=np.float32)  # (B, N): row b averages prompt b
+        segment[owner, np.arange(n)] = 1.0 / lengths[owner]
+        # (B, longest) rows of the (N + 1, d_ff) own-token matrix; row N is all zeros (padding)
+        padded = np.full((len(batch), longest), n, dtype=np.int64)
+        for row, (lo, length) in enumerate(zip(np.cumsum(lengths) - lengths, lengths, strict=True)):
+            padded[row, :length] = np.arange(lo, lo + length)
+        self.batch, self.bounds = batch, np.concatenate([[0], np.cumsum(lengths)])
+        self.flat = torch.from_numpy(flat).to(dev, non_blocking=True)
+        self.padded = torch.from_numpy(padded.reshape(-1)).to(dev, non_blocking=True)
+        self.padded_shape = (len(batch), longest)
+        self.batch_prompt = torch.tensor(batch, dtype=torch.int32, device=dev)
+        self.n_tokens += n
+        self.pending = [None] * self.n_layers
+        self.segment = torch.from_numpy(segment).to(dev)
+        self.ones = torch.ones((1, n), device=dev)
+        self.lengths = torch.from_numpy(lengths.astype(np.float32))[None].to(dev)  # (1, B)
 
-    @contextmanager
     def hooks(self, model):
-        handles = []
-        try:
-            for layer in range(self.n_layers):
-                module = models.down_proj(model, layer)
-                handles.append(module.register_forward_pre_hook(self._hook(layer)))
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+        """Observe every layer through the shared dispatcher: other sessions' passes are not seen."""
+        return interventions.transforms(model, {layer: self._observer(layer) for layer in range(self.n_layers)})
 
-    def _hook(self, layer: int):
-        def hook(module, args):
-            self.reduce(layer, args[0])
+    def _observer(self, layer: int):
+        def observe(a: torch.Tensor) -> torch.Tensor:
+            self.reduce(layer, a)
+            return a
 
-        return hook
+        return observe
 
     def reduce(self, layer: int, a: torch.Tensor) -> None:
-        x = a.reshape(-1, a.shape[-1]).index_select(0, self.flat).float()  # (N, d_ff) own tokens
+        """All reductions of one layer's activation, in the model's dtype; nothing waits for the device."""
+        x = a.reshape(-1, a.shape[-1]).index_select(0, self.flat)  # (N, d_ff) own tokens
         absx = x.abs()
-        means = self.segment @ absx  # (B, d_ff): a matmul is the fastest segment mean here
-        out = absx * self.norms[layer].to(x.device)
+        out = absx * self.norms[layer].to(x.dtype)
         score = out if self.config.fire_indicator == "output" else absx
-        top = score.topk(self.k_fire, dim=1, sorted=False)
-        fire = torch.zeros((x.shape[0], self.words * 64), dtype=torch.bool, device=x.device)
-        fire.scatter_(1, top.indices, True)
-        self.sums[0, layer] += (self.ones @ x).squeeze(0).double().cpu().numpy()
-        self.sums[1, layer] += (self.counts.T @ means).squeeze(0).double().cpu().numpy()
-        self.sums[2, layer] += torch.bincount(top.indices.reshape(-1), minlength=self.d_ff).cpu().numpy()
+        fired = score.topk(self.k_fire, dim=1, sorted=False).indices  # (N, k_fire)
+        self.pending[layer] = (self._means(absx), self._bits(fired))
+        self.fire_count[layer].scatter_add_(0, fired.reshape(-1), torch.ones_like(fired).reshape(-1))
+        self.sums[0, layer] += (self.ones.to(x.dtype) @ x).squeeze(0).double()
+        self.sums[1, layer] += (self.lengths @ self.pending[layer][0].float()).squeeze(0).double()
         self._histograms(layer, absx, out)
         self._top(layer, absx)
-        means, bits = means.half().cpu().numpy(), _pack(fire)
-        for row, i in enumerate(self.batch):
-            self.prompt_means[i][layer] = means[row]
-            self.prompt_bits[i][layer] = bits[self.bounds[row] : self.bounds[row + 1]]
+
+    def _means(self, absx: torch.Tensor) -> torch.Tensor:
+        """(B, d_ff) mean |a| over each prompt's own tokens: one small matmul."""
+        return (self.segment.to(absx.dtype) @ absx).half()
+
+    def _bits(self, fired: torch.Tensor) -> torch.Tensor:
+        """(N, 2W) int32 words with bit j % 32 of word j // 32 set for each fired neuron j.
+
+        Each bit is set once, so a scatter-add is an OR; two int32 words read as one little-endian
+        uint64 give the layout of core.kernels.pack_bits.
+        """
+        words = torch.zeros((fired.shape[0], self.words * 2), dtype=torch.int32, device=fired.device)
+        bit = torch.bitwise_left_shift(torch.ones_like(fired, dtype=torch.int32), (fired % 32).int())
+        return words.scatter_add_(1, fired // 32, bit)
+
+    def take_batch(self):
+        """Start copying the batch's per-prompt means and bits to the host; `file` finishes it.
+
+        On CUDA the copy is asynchronous, so the host files batch i while the device runs batch i+1.
+        """
+        means = torch.stack([m for m, _ in self.pending])  # (L, B, d_ff) float16
+        bits = torch.stack([b for _, b in self.pending])  # (L, N, 2W) int32
+        if means.is_cuda:
+            host = (torch.empty(means.shape, dtype=means.dtype, pin_memory=True),
+                    torch.empty(bits.shape, dtype=bits.dtype, pin_memory=True))  # fmt: skip
+            host[0].copy_(means, non_blocking=True)
+            host[1].copy_(bits, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = (means, bits), None
+        self.pending = []
+        return self.batch, self.bounds, host, done
+
+    def file(self, taken) -> None:
+        """Wait for a batch's copy and split it into per-prompt, per-layer arrays."""
+        batch, bounds, (means, bits), done = taken
+        if done is not None:
+            done.synchronize()
+        means, bits = means.numpy(), bits.numpy().view("<u8")
+        for row, i in enumerate(batch):
+            lo, hi = bounds[row], bounds[row + 1]
+            self.prompt_means[i] = [means[layer, row] for layer in range(self.n_layers)]
+            self.prompt_bits[i] = [bits[layer, lo:hi] for layer in range(self.n_layers)]
 
     def _histograms(self, layer: int, absx: torch.Tensor, out: torch.Tensor) -> None:
-        """Distributions of |a| and output magnitude over every `hist_stride`-th token."""
+        """Distributions of |a| and output magnitude over every `hist_stride`-th token.
+
+        Most values fall in the lowest bins, so each of 64 row groups counts into its own copy of
+        the bins: a plain histogram would serialise on a few atomics (5x slower on an H200).
+        """
         step, bins = self.config.hist_stride, self.config.hist_bins
-        for slot, values in enumerate((absx[::step], out[::step])):
-            normalised = values / values.amax(dim=1, keepdim=True).clamp_min(1e-12)
-            self.hist[slot, layer] += torch.histc(normalised, bins, 0.0, 1.0).long().cpu().numpy()
+        for slot, values in enumerate((absx[::step].float(), out[::step].float())):
+            scale = bins / values.amax(dim=1, keepdim=True).clamp_min(1e-30)
+            idx = (values * scale).long().clamp_(max=bins - 1)  # the peak itself goes to the last bin
+            idx += bins * (torch.arange(idx.shape[0], device=idx.device) % 64)[:, None]
+            counts = torch.zeros(64 * bins, dtype=torch.float32, device=idx.device)
+            counts.scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=idx.device))
+            self.hist[slot, layer] += counts.view(64, bins).sum(0)
 
     def _top(self, layer: int, absx: torch.Tensor) -> None:
-        k = min(self.config.top_k, absx.shape[0])
-        vals, idx = absx.topk(k, dim=0)  # (k, d_ff)
-        idx = idx + self.token_base
+        """Merge each prompt's strongest token into the running top-k prompts per neuron."""
+        rows = torch.cat([absx, absx.new_zeros((1, absx.shape[1]))]).index_select(0, self.padded)
+        best, pos = rows.view(*self.padded_shape, -1).max(dim=1)  # (B, d_ff) each
+        vals, prompt, pos = best.float(), self.batch_prompt[:, None].expand_as(pos), pos.int()
         if self.top_val[layer] is not None:
             vals = torch.cat([self.top_val[layer], vals])
-            idx = torch.cat([self.top_tok[layer], idx])
-            vals, pick = vals.topk(min(self.config.top_k, vals.shape[0]), dim=0)
-            idx = idx.gather(0, pick)
-        self.top_val[layer], self.top_tok[layer] = vals, idx
+            prompt = torch.cat([self.top_prompt[layer], prompt])
+            pos = torch.cat([self.top_pos[layer], pos])
+        vals, pick = vals.topk(min(self.config.top_k, vals.shape[0]), dim=0)
+        self.top_val[layer] = vals
+        self.top_prompt[layer], self.top_pos[layer] = prompt.gather(0, pick), pos.gather(0, pick)
 
     def partials(self, prompt_offset: int) -> list[tuple[int, str, np.ndarray]]:
         """The chunk's partial reductions as (layer, name, array) rows for `chunk_arrays`."""
-        tok_prompt = np.asarray(self.tok_prompt, dtype=np.int32) + prompt_offset
-        tok_pos = np.asarray(self.tok_pos, dtype=np.int32)
+        sums = self.sums.cpu().numpy()
+        fire = self.fire_count.cpu().numpy().astype(np.float64)
+        hist = self.hist.cpu().numpy().round().astype(np.int64)
         rows = []
         for layer in range(self.n_layers):
-            tok = self.top_tok[layer].cpu().numpy()
             rows += [
-                (layer, "sum_act", self.sums[0, layer]),
-                (layer, "sum_abs", self.sums[1, layer]),
-                (layer, "fire_count", self.sums[2, layer]),
-                (layer, "hist_abs", self.hist[0, layer]),
-                (layer, "hist_out", self.hist[1, layer]),
+                (layer, "sum_act", sums[0, layer]),
+                (layer, "sum_abs", sums[1, layer]),
+                (layer, "fire_count", fire[layer]),
+                (layer, "hist_abs", hist[0, layer]),
+                (layer, "hist_out", hist[1, layer]),
                 (layer, "top_val", self.top_val[layer].cpu().numpy().astype(np.float32)),
-                (layer, "top_prompt", tok_prompt[tok]),
-                (layer, "top_pos", tok_pos[tok]),
+                (layer, "top_prompt", self.top_prompt[layer].cpu().numpy().astype(np.int32) + prompt_offset),
+                (layer, "top_pos", self.top_pos[layer].cpu().numpy().astype(np.int32)),
             ]
         return rows
-
-
-def _pack(fire: torch.Tensor) -> np.ndarray:
-    """bool (N, 64*W) -> uint64 (N, W); neuron j is bit j % 64 of word j // 64."""
-    packed = np.packbits(fire.cpu().numpy(), axis=1, bitorder="little")
-    return packed.view("<u8")
 
 
 def merge_partials(store, run_id: str, n_layers: int, top_k: int, n_tokens: int):

@@ -217,7 +217,7 @@ class Store:
         if layer is not None:
             where, params = where + " AND layer = ?", params + [layer]
         sql = f"SELECT mean_abs FROM prompt_acts WHERE {where} ORDER BY prompt_idx, layer"
-        flat = _blob_column(self.cursor().execute(sql, params), np.float16)
+        flat = _blob_column(self.cursor().sql(sql, params=params), np.float16)
         width = run.d_ff if layer is not None else run.n_layers * run.d_ff
         return flat.reshape(run.n_prompts, width)
 
@@ -225,7 +225,7 @@ class Store:
         """Packed firing bits of one layer over every token of the run: uint64 (n_tokens, words)."""
         run = self.require_run(run_id)
         sql = "SELECT bits FROM firing WHERE run_id = ? AND layer = ? ORDER BY prompt_idx"
-        flat = _blob_column(self.cursor().execute(sql, [run_id, layer]), np.uint64)
+        flat = _blob_column(self.cursor().sql(sql, params=[run_id, layer]), np.uint64)
         return flat.reshape(-1, (run.d_ff + 63) // 64)
 
     def token_prompts(self, run_id: str) -> np.ndarray:
@@ -241,7 +241,7 @@ class Store:
         """A final per-layer array stacked over layers: (n_layers, ...)."""
         run = self.require_run(run_id)
         sql = "SELECT data FROM layer_arrays WHERE run_id = ? AND name = ? ORDER BY layer"
-        flat = _blob_column(self.cursor().execute(sql, [run_id, name]), dtype)
+        flat = _blob_column(self.cursor().sql(sql, params=[run_id, name]), dtype)
         return flat.reshape(run.n_layers, -1)
 
     def top_examples(self, run_id: str, layer: int, neuron: int) -> list[tuple]:

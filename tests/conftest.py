@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny random-weight Llama with the real tokenizer, a temp cache, a small run."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from core import capture, models, prompts
+from core.store import Store
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_dir() -> str:
+    return models.prepare_default_model()
+
+
+def save_tiny(path, default_dir: str, **overrides) -> str:
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template, saved as safetensors."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, **overrides,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(default_dir).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, default_dir) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), default_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_dir) -> models.LoadedModel:
+    return models.load_model(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def default_lm(default_dir) -> models.LoadedModel:
+    return models.load_model(None, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_prompts() -> prompts.PromptSet:
+    return prompts.default_prompt_set().head(21)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    s = Store(tmp_path / "cache.duckdb")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, tiny_lm, small_prompts):
+    """(store path, run id) of a complete capture of 21 prompts with the tiny model."""
+    path = tmp_path_factory.mktemp("run") / "cache.duckdb"
+    s = Store(path)
+    result = capture.capture(tiny_lm, small_prompts, s, capture.CaptureConfig(chunk_prompts=8))
+    s.close()
+    return path, result.run_id
