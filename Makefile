@@ -18,6 +18,11 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 	$(PY) -m core prepare
 
+# Ray (optional for users, installed for the tests of the Ray backend)
+$(VENV)/.installed-scale: $(STAMP) requirements-scale.txt
+	$(PY) -m pip install --quiet -r requirements-scale.txt
+	touch $@
+
 run: setup
 	$(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT)
 
@@ -25,7 +30,7 @@ run: setup
 browser:
 	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: setup browser
+test: setup browser $(VENV)/.installed-scale
 	$(PY) -m pytest
 
 lint: setup

@@ -106,8 +106,15 @@ def capture(
     store: Store,
     config: CaptureConfig = CaptureConfig(),
     progress: Progress | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> CaptureResult:
-    """Capture a run, or return at once when the same run is already cached (a cache hit)."""
+    """Capture a run, or return at once when the same run is already cached (a cache hit).
+
+    With `shard=(i, n)` only chunks c with c % n == i are captured and the run is left for
+    `core.shards.merge` to finish: n processes or machines can share one prompt set.
+    """
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= I < N")
     info = lm.info
     run_id = run_id_for(info.fingerprint, prompt_set.hash, config)
     with store.run_lock(run_id):
@@ -126,21 +133,26 @@ def capture(
         if existing is None:
             _create_run(store, run_id, lm, prompt_set, config, n_chunks)
         done = store.done_chunks(run_id)
-        total = len(encoded)
-        reported = sum(min(config.chunk_prompts, total - c * config.chunk_prompts) for c in done)
+        mine = [c for c in range(n_chunks) if shard is None or c % shard[1] == shard[0]]
+        size = {c: min(config.chunk_prompts, len(encoded) - c * config.chunk_prompts) for c in mine}
+        total, reported = sum(size.values()), sum(size[c] for c in mine if c in done)
         if progress:
             progress(reported, total, "resuming" if done else "capturing")
         norms = [models.down_column_norms(lm.model, layer) for layer in range(info.n_layers)]
-        for chunk in range(n_chunks):
+        for chunk in mine:
             if chunk in done:
                 continue
             lo = chunk * config.chunk_prompts
-            hi = min(lo + config.chunk_prompts, total)
+            hi = min(lo + config.chunk_prompts, len(encoded))
             t0 = time.perf_counter()
             reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms, device=lm.info.device)
             _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total)
             _write_chunk(store, run_id, chunk, lo, encoded[lo:hi], lm.tokenizer, reducer, time.perf_counter() - t0)
             reported += hi - lo
+        if shard is not None:
+            sql = "SELECT coalesce(sum(n_tokens), 0) FROM chunks WHERE run_id = ?"
+            n_tokens = store.cursor().execute(sql, [run_id]).fetchone()[0]
+            return CaptureResult(run_id, False, bool(done), int(n_tokens), time.perf_counter() - started, warnings)
         n_tokens = finalise(store, run_id, info.n_layers, config)
         seconds = time.perf_counter() - started
         if progress:

@@ -9,7 +9,7 @@ import sys
 from core.errors import BricklabError
 
 # Modules that contribute subcommands through `register_cli(subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("core.bricks", "core.neuron_map", "core.export", "core.analysis")
 
 
 def cmd_capture(args) -> int:
@@ -23,16 +23,27 @@ def cmd_capture(args) -> int:
         prompt_set = prompt_set.head(args.limit)
     for warning in prompt_set.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if args.backend == "ray":
+        return _capture_ray(args, prompt_set)
+    shard = _shard(args.shard) if args.shard else None
     lm = models.load_model(args.model, device=args.device)
     store = Store(args.db)
     config = capture.CaptureConfig(batch_size=args.batch_size)
     bar = tqdm(total=len(prompt_set), unit="prompt", desc="capture", disable=args.quiet)
 
     def progress(done: int, total: int, message: str) -> None:
+        bar.total = total
         bar.update(done - bar.n)
 
-    result = capture.capture(lm, prompt_set, store, config, progress=progress)
-    bar.close()
+    try:
+        result = capture.capture(lm, prompt_set, store, config, progress=progress, shard=shard)
+    finally:
+        bar.close()
+        store.close()  # the file can then be opened by another process (the app) at once
+    if shard:
+        print(f"shard {args.shard} of run {result.run_id}: {result.n_tokens:,} tokens in {store.path}")
+        print("merge all shards with `python -m core merge SHARD_FILE...`")
+        return 0
     for warning in result.warnings[:10]:
         print(f"warning: {warning}", file=sys.stderr)
     if result.cache_hit:
@@ -40,16 +51,62 @@ def cmd_capture(args) -> int:
     else:
         rate = result.n_tokens / max(result.seconds, 1e-9)
         verb = "resumed and finished" if result.resumed else "captured"
-        print(f"run {result.run_id}: {verb} {len(prompt_set)} prompts, {result.n_tokens:,} tokens "
-              f"in {result.seconds:.1f} s ({rate:,.0f} tokens/s)")
+        print(
+            f"run {result.run_id}: {verb} {len(prompt_set)} prompts, {result.n_tokens:,} tokens "
+            f"in {result.seconds:.1f} s ({rate:,.0f} tokens/s)"
+        )
     print(f"cache: {store.path} ({store.size_bytes() / 2**20:.1f} MiB)")
+    return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError as exc:
+        raise BricklabError(f"--shard '{text}' is not I/N.", "Write e.g. --shard 0/4 for the first of four.") from exc
+    if not 0 <= i < n:
+        raise BricklabError(f"--shard {text}: I must be in 0..N-1.", "Number shards from 0.")
+    return i, n
+
+
+def _capture_ray(args, prompt_set) -> int:
+    from core import capture, shards
+    from core.store import Store
+
+    store = Store(args.db)
+    try:
+        config = capture.CaptureConfig(batch_size=args.batch_size)
+        run_id = shards.capture_ray(args.model, prompt_set, store, config, args.shards, args.address, args.device)
+        run = store.require_run(run_id)
+        print(f"run {run_id}: captured in {args.shards} Ray shards and merged ({run.n_tokens:,} tokens)")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from core import shards
+    from core.store import Store
+
+    store = Store(args.db)
+    try:
+        merged, missing = shards.merge(store, args.shards)
+    finally:
+        store.close()
+    for run_id in merged:
+        state = "still misses chunks: merge its other shards" if run_id in missing else "complete"
+        print(f"run {run_id}: {state}")
     return 0
 
 
 def cmd_runs(args) -> int:
     from core.store import Store
 
-    runs = Store(args.db).runs()
+    store = Store(args.db)
+    try:
+        runs = store.runs()
+    finally:
+        store.close()
     if not runs:
         print("no runs yet: `python -m core capture` captures the default prompt set")
         return 0
@@ -57,8 +114,10 @@ def cmd_runs(args) -> int:
     for r in runs:
         tokens = f"{r.n_tokens:,}" if r.n_tokens else "-"
         secs = f"{r.seconds:.1f}" if r.seconds else "-"
-        print(f"{r.run_id:12}  {r.status:10}  {r.model_id[:24]:24}  {r.n_prompts:>7}  {tokens:>8}  {secs:>7}  "
-              f"{r.created:%Y-%m-%d %H:%M}")
+        print(
+            f"{r.run_id:12}  {r.status:10}  {r.model_id[:24]:24}  {r.n_prompts:>7}  {tokens:>8}  {secs:>7}  "
+            f"{r.created:%Y-%m-%d %H:%M}"
+        )
     return 0
 
 
@@ -73,6 +132,13 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="bricklab: bricks in FFN layers.")
     parser.add_argument("--db", help="DuckDB cache file (default: data/bricklab.duckdb or $BRICKLAB_DB)")
@@ -80,11 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("capture", help="capture a prompt set's FFN activations into the cache")
     p.add_argument("--model", help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", help="JSONL, CSV or TXT prompt file (default: the bundled set)")
-    p.add_argument("--limit", type=int, help="capture only N prompts, spread over categories")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--limit", type=_positive, help="capture only N prompts, spread over categories")
+    p.add_argument("--batch-size", type=_positive, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shard", metavar="I/N", help="capture only shard I of N (chunks c with c %% N == I)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local", help="ray: fan shards out as Ray tasks")
+    p.add_argument("--shards", type=_positive, default=2, help="shards for --backend ray (default 2)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
     p.set_defaults(func=cmd_capture)
+    p = sub.add_parser("merge", help="merge shard files (from capture --shard) into the cache")
+    p.add_argument("shards", nargs="+", help="shard DuckDB files")
+    p.set_defaults(func=cmd_merge)
     p = sub.add_parser("prepare", help="convert the embedded default model once (idempotent)")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("runs", help="list cached runs")
