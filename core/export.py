@@ -1,0 +1,331 @@
+"""A brick configuration made permanent: a smaller Hugging Face model with the disabled FFN neurons
+physically removed from gate/up/down (scales folded into W_down, run means into its bias), and the
+`apply` and `prune` commands."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import interventions, models
+from core.configuration import BrickConfig
+from core.errors import BricklabError
+from core.models import FfnSite, LoadedModel
+
+Progress = Callable[[int, int, str], None]  # (layers done, layers total, message)
+
+# Plain transformers gives every layer one FFN width (Llama's intermediate_size is an int; of the
+# built-in models only gemma3n takes a per-layer list), so a layer keeping fewer neurons than the
+# widest one is padded with zero neurons (zero gate/up rows, zero W_down columns): they add exactly
+# nothing, and AutoModelForCausalLM loads the folder with no custom code.
+# The config attribute that holds the FFN width, per model_type:
+WIDTH_KEYS = {name: "intermediate_size" for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
+WIDTH_KEYS |= {
+    name: "intermediate_size" for name in ("gemma3_text", "olmo", "olmo2", "granite", "phi3", "phi")
+}
+WIDTH_KEYS |= {"gpt2": "n_inner", "gptj": "n_inner", "gpt_neox": "intermediate_size", "opt": "ffn_dim"}
+WIDTH_KEYS |= {"falcon": "ffn_hidden_size"}
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    out_dir: str
+    d_ff: int  # FFN width before
+    width: int  # FFN width stored per layer: the most neurons any layer keeps
+    kept: tuple[int, ...]  # neurons kept per layer (the rest of `width` is zero padding)
+    params_before: int  # unique parameters of the loaded model
+    params_after: int  # unique parameters of the written model
+    params_per_layer_widths: int  # what it would hold if each layer could have its own width
+    bytes_before: int  # weight bytes before, same dtype
+    bytes_after: int  # weight bytes written
+    file_bytes: int  # size of the .safetensors file(s) on disk
+    folded_means: bool  # `mean` bricks became a W_down bias
+
+    @property
+    def params_saved(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"params_saved": self.params_saved, "bytes_saved": self.bytes_saved}
+
+
+def prune(
+    lm: LoadedModel,
+    config: BrickConfig,
+    out_dir: str | Path,
+    store=None,
+    run_id: str | None = None,
+    progress: Progress | None = None,
+) -> PruneReport:
+    """Write the pruned model, its tokenizer and the configuration (brick_config.json) to out_dir."""
+    plan = interventions.plan_for(lm, config, store, run_id)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BricklabError(f"'{out}' already exists and is not an empty folder.", "Choose a new folder.")
+    info = lm.info
+    kept = [_kept(plan.get(layer), info.d_ff) for layer in range(info.n_layers)]
+    pruned = _pruned_model(lm.model, plan, kept, progress)
+    staging = _write(pruned, lm.tokenizer, config, out)
+    (before, bytes_before), (after, bytes_after) = _sizes(lm.model), _sizes(pruned)
+    site = models.site_for(lm.model.config.model_type)
+    removed = sum(info.d_ff - len(k) for k in kept) * _params_per_neuron(lm.model, site, info.d_ff)
+    report = PruneReport(
+        out_dir=str(out),
+        d_ff=info.d_ff,
+        width=max(1, max(len(k) for k in kept)),
+        kept=tuple(len(k) for k in kept),
+        params_before=before,
+        params_after=after,
+        params_per_layer_widths=before - removed,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        file_bytes=sum(f.stat().st_size for f in staging.glob("*.safetensors")),
+        folded_means=any(bool(np.any(lp.add)) for lp in plan.values()),
+    )
+    detail = report.to_dict() | {"kept_neurons": {str(i): k.tolist() for i, k in enumerate(kept)}}
+    (staging / "bricklab_prune.json").write_text(json.dumps(detail) + "\n")
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    staging.rename(out)  # an interrupted export never leaves a half folder under the real name
+    return report
+
+
+def _pruned_model(model, plan: dict, kept: list[np.ndarray], progress: Progress | None) -> torch.nn.Module:
+    """A new model of the same architecture whose FFNs hold only the kept neurons (zero-padded)."""
+    site, key = models.site_for(model.config.model_type), _width_key(model.config)
+    width = max(1, max(len(k) for k in kept))
+    fold_means = any(bool(np.any(lp.add)) for lp in plan.values())
+    new_config = copy.deepcopy(model.config)
+    setattr(new_config, key, width)
+    if fold_means and models.down_proj(model, 0).bias is None:
+        _enable_mlp_bias(new_config)
+    state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    for layer, neurons in enumerate(kept):
+        state |= _layer_state(model, site, layer, plan.get(layer), neurons, width, fold_means)
+        if progress:
+            progress(layer + 1, len(kept), "pruning")
+    pruned = _build(new_config, state)
+    pruned.generation_config = copy.deepcopy(model.generation_config)
+    return pruned
+
+
+def _width_key(config) -> str:
+    key = WIDTH_KEYS.get(config.model_type)
+    if key is None or not hasattr(config, key):
+        raise BricklabError(
+            f"Pruning is not supported for '{config.model_type}' models.",
+            f"Pruning knows the FFN width setting of: {', '.join(sorted(WIDTH_KEYS))}.",
+        )
+    return key
+
+
+def _enable_mlp_bias(config) -> None:
+    if not hasattr(config, "mlp_bias"):
+        raise BricklabError(
+            f"'mean' bricks cannot be pruned from a '{config.model_type}' model: its down projection has "
+            "no bias to hold the constant they contribute.",
+            "Switch those bricks to 'off' for the pruned model, or apply them live instead.",
+        )
+    config.mlp_bias = True  # Llama-style: biases on gate/up (zero here) and down (the folded means)
+
+
+def _kept(lp, d_ff: int) -> np.ndarray:
+    """Neurons whose activation still matters: all but those scaled by zero."""
+    return np.arange(d_ff) if lp is None else np.flatnonzero(lp.scale != 0)
+
+
+def _prefix(site: FfnSite, layer: int) -> str:
+    return f"{site.layers}.{layer}."
+
+
+def _params_per_neuron(model, site: FfnSite, d_ff: int) -> int:
+    """Weights one neuron owns in a layer: its gate and up rows and its W_down column."""
+    names = [p for p in (site.gate, site.up, site.down) if p]
+    return sum(model.get_submodule(_prefix(site, 0) + p).weight.numel() for p in names) // d_ff
+
+
+def _layer_state(model, site, layer, lp, kept, width, fold_means) -> dict[str, torch.Tensor]:
+    """The layer's gate/up/down tensors cut to `kept` neurons and zero-padded to `width`."""
+    prefix, d_ff = _prefix(site, layer), models.down_weight(model, layer).shape[1]
+    idx = torch.from_numpy(kept)
+    out = {}
+    for name in (site.gate, site.up):
+        if name is None:
+            continue
+        module = model.get_submodule(prefix + name)
+        weight = module.weight.detach().cpu()
+        rows = torch.cat([idx, idx + d_ff]) if site.fused_gate_up else idx
+        axis = 1 if site.conv1d else 0  # Conv1D stores (in, out)
+        parts = (2, width) if site.fused_gate_up else (1, width)
+        out[f"{prefix}{name}.weight"] = _pad(weight.index_select(axis, rows), axis, *parts)
+        if module.bias is not None:
+            out[f"{prefix}{name}.bias"] = _pad(module.bias.detach().cpu().index_select(0, rows), 0, *parts)
+        elif fold_means:
+            out[f"{prefix}{name}.bias"] = torch.zeros(parts[0] * width, dtype=weight.dtype)
+    return out | _down_state(model, site, layer, lp, idx, width, fold_means)
+
+
+def _down_state(model, site, layer, lp, idx, width, fold_means) -> dict[str, torch.Tensor]:
+    """W_down columns of kept neurons times their scale; W_down @ add joins the bias."""
+    prefix, down = _prefix(site, layer), models.down_proj(model, layer)
+    w = models.down_weight(model, layer).detach().cpu()  # (d_model, d_ff)
+    w32 = w.float()
+    bias = torch.zeros(w.shape[0]) if down.bias is None else down.bias.detach().cpu().float()
+    if lp is not None:
+        scale, add = torch.from_numpy(np.array(lp.scale)), torch.from_numpy(np.array(lp.add))
+        bias = bias + w32 @ add
+        w32 = w32 * scale
+    cut = _pad(w32.index_select(1, idx), 1, 1, width).to(w.dtype)  # (d_model, width)
+    out = {f"{prefix}{site.down}.weight": cut.T.contiguous() if site.conv1d else cut}
+    if down.bias is not None or fold_means:
+        out[f"{prefix}{site.down}.bias"] = bias.to(w.dtype)
+    return out
+
+
+def _pad(t: torch.Tensor, axis: int, parts: int, width: int) -> torch.Tensor:
+    """Zero-pad each of `parts` equal blocks along `axis` to `width` (fused gate/up has two)."""
+    blocks = t.chunk(parts, dim=axis) if parts > 1 else (t,)
+    padded = []
+    for block in blocks:
+        shape = list(block.shape)
+        shape[axis] = width - block.shape[axis]
+        padded += [block, torch.zeros(shape, dtype=block.dtype)]
+    return torch.cat(padded, dim=axis).contiguous()
+
+
+def _build(config, state) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # no random init: every weight comes from `state`
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise BricklabError(
+            f"Could not build the pruned '{config.model_type}' model: {str(exc).splitlines()[0]}",
+            "This architecture does not take a plain FFN width change; apply the configuration live instead.",
+        ) from exc
+    model.tie_weights()
+    return model
+
+
+def _write(model, tokenizer, config: BrickConfig, out: Path) -> Path:
+    """Everything into a staging folder beside `out`; the caller renames it when complete."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "brick_config.json").write_text(config.to_json())
+    return staging
+
+
+def _sizes(model) -> tuple[int, int]:
+    """(unique parameters, their bytes); tied weights count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("apply", help="generate with and without a brick configuration, side by side")
+    p.add_argument("config", help="brick configuration JSON")
+    p.add_argument(
+        "--prompt", required=True, help="the prompt (wrapped in the chat template when there is one)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    _model_args(p)
+    p.set_defaults(func=cmd_apply)
+    p = sub.add_parser("prune", help="write a smaller model with the disabled FFN neurons removed")
+    p.add_argument("config", help="brick configuration JSON")
+    p.add_argument("out_dir", help="new folder for the pruned Hugging Face model")
+    _model_args(p)
+    p.set_defaults(func=cmd_prune)
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", help="hub id or folder (default: the model the configuration names)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument(
+        "--run", help="run whose mean activations 'mean' bricks use (default: the newest of this model)"
+    )
+
+
+def _load(args):
+    """(model, validated configuration, store or None, run id or None) for a command."""
+    from core import configuration
+
+    peek = configuration.load(args.config)
+    lm = models.load_model(args.model or peek.model_id, device=args.device)
+    config = configuration.load(args.config, lm.info)
+    if not any(brick.mode == "mean" for brick in config.bricks):
+        return lm, config, None, None
+    from core.store import Store
+
+    store = Store(args.db)
+    run_id = args.run or (config.source or {}).get("run_id")  # the run the bricks came from
+    if run_id is None:
+        mine = [r for r in store.runs() if r.complete and r.fingerprint == lm.info.fingerprint]
+        run_id = mine[0].run_id if mine else None
+    return lm, config, store, run_id
+
+
+def cmd_apply(args) -> int:
+    from core import compare
+
+    lm, config, store, run_id = _load(args)
+    result = compare.compare(
+        lm, args.prompt, config, args.max_new_tokens, store, run_id, chat_template=not args.no_chat_template
+    )
+    off = round((1 - result.active_share) * lm.info.n_neurons)
+    print(f"active FFN neurons: {result.active_share:.1%} ({off:,} of {lm.info.n_neurons:,} not computed)")
+    where = "none (identical)" if result.first_divergence is None else f"token {result.first_divergence}"
+    print(f"first divergent token: {where}")
+    print(f"KL(baseline || configured): mean {result.mean_kl:.4f} nats, max {max(result.kl, default=0):.4f}")
+    print(f"\n{'#':>4}  {'baseline':24}  {'configured':24}  {'KL':>8}")
+    for i in range(max(len(result.baseline_tokens), len(result.configured_tokens))):
+        mark = "*" if i == result.first_divergence else " "
+        kl = f"{result.kl[i]:8.4f}" if i < len(result.kl) else ""
+        print(f"{i:>3}{mark}  {_cell(result.baseline_pieces, i)}  {_cell(result.configured_pieces, i)}  {kl}")
+    print(f"\nbaseline:   {result.baseline_text!r}\nconfigured: {result.configured_text!r}")
+    return 0
+
+
+def _cell(pieces: tuple[str, ...], i: int) -> str:
+    text = repr(pieces[i]) if i < len(pieces) else ""
+    return f"{text[:24]:24}"
+
+
+def cmd_prune(args) -> int:
+    lm, config, store, run_id = _load(args)
+    r = prune(lm, config, args.out_dir, store, run_id)
+    layers = f"layers keep {min(r.kept):,}..{max(r.kept):,} neurons"
+    print(f"wrote {r.out_dir}: FFN width {r.d_ff:,} -> {r.width:,} ({layers}; narrower ones are zero-padded)")
+    share = r.params_saved / r.params_before
+    print(f"parameters: {r.params_before:,} -> {r.params_after:,} (saved {r.params_saved:,}, {share:.1%})")
+    print(
+        f"weights: {r.bytes_before / 1e6:,.1f} MB -> {r.bytes_after / 1e6:,.1f} MB "
+        f"(saved {r.bytes_saved / 1e6:,.1f} MB; model.safetensors is {r.file_bytes / 1e6:,.1f} MB)"
+    )
+    ideal = r.params_before - r.params_per_layer_widths
+    if ideal > r.params_saved:
+        print(
+            f"with a width per layer (which plain transformers cannot load for this architecture) "
+            f"it would save {ideal:,} parameters"
+        )
+    if r.folded_means:
+        print("'mean' bricks are folded into the down projection's bias")
+    return 0
