@@ -1,25 +1,25 @@
 """bricklab home: what it is, the loaded model, the cached runs, and a one-click default capture."""
 
-import time
-
 import streamlit as st
 
 from core import capture, models, prompts
 from core.errors import BricklabError
-from ui import resources
+from ui import layout, resources
 
-st.set_page_config(page_title="bricklab", page_icon="🧱", layout="wide")
-st.title("🧱 bricklab")
-st.markdown(
-    "bricklab opens the feed-forward layers of a language model and finds the groups of neurons "
-    "that work together — **bricks**. Capture a prompt set once, explore the neuron map, then "
-    "switch bricks off, keep only some or rescale them and watch the model's output change live."
+layout.page(
+    "bricklab",
+    "🧱",
+    "bricklab opens the feed-forward layers of a language model and finds the groups of neurons that work "
+    "together — **bricks**. Capture a prompt set once, explore the neuron map, then switch bricks off, keep "
+    "only some or rescale them and watch the model's output change live.",
 )
 
 with st.sidebar:
     ref = st.text_input(
-        "Model (hub id or local folder; empty = embedded SmolLM2-135M-Instruct)",
-        value="" if st.session_state.get("model_ref", "default") == "default" else st.session_state["model_ref"],
+        "Model (hub id or local folder; empty = the embedded SmolLM2-135M-Instruct)",
+        value=""
+        if st.session_state.get("model_ref", "default") == "default"
+        else st.session_state["model_ref"],
     )
     if st.button("Load model"):
         try:
@@ -32,14 +32,15 @@ lm = resources.current_model()
 info = lm.info
 st.subheader("Model")
 c1, c2, c3, c4 = st.columns(4)
-c1.metric("model", models.DEFAULT_NAME if info.model_id == "default" else info.model_id)
+c1.metric(
+    "model", models.DEFAULT_NAME if info.model_id == "default" else info.model_id.rstrip("/").split("/")[-1]
+)
 c2.metric("layers", info.n_layers)
 c3.metric("FFN neurons", f"{info.n_neurons:,}")
 c4.metric("device", info.device)
 
 st.subheader("Cached runs")
-store = resources.store()
-runs = store.runs()
+runs = resources.store().runs()
 if runs:
     st.dataframe(
         [
@@ -48,26 +49,26 @@ if runs:
             for r in runs
         ],
         hide_index=True,
-    )
+    )  # fmt: skip
 else:
     st.info("No runs yet. Capture the default prompt set to begin.")
 
 default_set = prompts.default_prompt_set()
 if st.button(f"Capture the default prompt set ({len(default_set)} prompts)", type="primary"):
-    bar = st.progress(0.0, text="starting…")
-    started = time.perf_counter()
-
-    def progress(done: int, total: int, message: str) -> None:
-        elapsed = time.perf_counter() - started
-        left = elapsed / done * (total - done) if done else 0
-        bar.progress(done / total, text=f"{message}: {done}/{total} prompts, about {left:.0f} s left")
-
     try:
-        result = capture.capture(lm, default_set, store, progress=progress)
+        result = capture.capture(lm, default_set, resources.store(), progress=layout.progress_bar())
     except BricklabError as exc:
         resources.show_error(exc)
     st.session_state["run_id"] = result.run_id
-    if result.cache_hit:
-        st.success(f"Run {result.run_id} was already cached: nothing to compute.")
-    else:
-        st.success(f"Captured run {result.run_id}: {result.n_tokens:,} tokens in {result.seconds:.0f} s.")
+    st.rerun()  # the run list and the sidebar's run picker show the new run
+
+NEXT = {
+    "pages/1_Capture.py": "📥 Capture your own prompts",
+    "pages/2_Neuron_map.py": "🗺️ Neuron map",
+    "pages/3_Bricks.py": "🧱 Bricks",
+    "pages/4_Playground.py": "🎛️ Playground",
+    "pages/6_Export.py": "📦 Export",
+}
+st.markdown("**Next:**")
+for col, (page, label) in zip(st.columns(len(NEXT)), NEXT.items(), strict=True):
+    col.page_link(page, label=label)

@@ -74,8 +74,12 @@ class Encoded:
     truncated: bool
 
 
+# Bump when what a run stores changes meaning (2: one top example per prompt), so older runs miss the cache.
+FORMAT_VERSION = 2
+
+
 def run_id_for(fingerprint: str, prompt_hash: str, config: CaptureConfig) -> str:
-    key = json.dumps([fingerprint, prompt_hash, config.key()], sort_keys=True)
+    key = json.dumps([fingerprint, prompt_hash, config.key(), FORMAT_VERSION], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -292,7 +296,8 @@ def finalise(store: Store, run_id: str, n_layers: int, config: CaptureConfig) ->
                 "data": blobs([r[2] for r in layer_rows]),
             },
         )
-        store.insert(cur, "top_examples", {"run_id": pa.array([run_id] * len(top_rows["layer"])), **top_rows})
+        n_top = len(top_rows["layer"])  # ~1M rows on the default model: no Python list of ids
+        store.insert(cur, "top_examples", {"run_id": pa.repeat(pa.scalar(run_id), n_top), **top_rows})
         cur.execute("DELETE FROM chunk_arrays WHERE run_id = ?", [run_id])
         cur.execute(
             "UPDATE runs SET status = 'complete', n_tokens = ?, seconds = ?, finished = current_timestamp "

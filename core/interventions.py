@@ -168,3 +168,10 @@ def configured(lm: models.LoadedModel, config: BrickConfig, store=None, run_id=N
 def hook_count(model) -> int:
     """Forward hooks and pre-hooks left on the model (0 after any bricklab call)."""
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def has_transform(model, layer: int) -> bool:
+    """Whether the calling context transforms layer `layer`'s activation (for core.sparse, which
+    must then hand the down projection the full-width activation)."""
+    active = _active.get()
+    return bool(active) and (id(models.down_proj(model, layer)), layer) in active

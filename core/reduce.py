@@ -36,9 +36,8 @@ class ChunkReducer:
         self.sums = torch.zeros((2, n_layers, d_ff), dtype=torch.float64, device=dev)  # sum a, sum |a|
         self.fire_count = torch.zeros((n_layers, d_ff), dtype=torch.int64, device=dev)
         self.hist = torch.zeros((2, n_layers, config.hist_bins), dtype=torch.float32, device=dev)
-        self.top_val = [None] * n_layers  # (k, d_ff) running best |a| per prompt
-        self.top_prompt = [None] * n_layers  # (k, d_ff) chunk-local prompt of each
-        self.top_pos = [None] * n_layers  # (k, d_ff) position among that prompt's own tokens
+        # per layer, per batch: (B, d_ff) best |a| of each prompt, (B,) its prompt, (B, d_ff) its position
+        self.best: list[list[tuple]] = [[] for _ in range(n_layers)]
         self.pending: list = []
 
     def set_batch(self, batch: list[int], spans: list[tuple[int, int]], width: int) -> None:
@@ -149,17 +148,21 @@ class ChunkReducer:
             self.hist[slot, layer] += counts.view(64, bins).sum(0)
 
     def _top(self, layer: int, absx: torch.Tensor) -> None:
-        """Merge each prompt's strongest token into the running top-k prompts per neuron."""
+        """Keep each prompt's strongest own token per neuron; `partials` picks the top-k prompts.
+
+        One top-k per chunk instead of a merge per batch: top-k over few rows costs per column.
+        """
         rows = torch.cat([absx, absx.new_zeros((1, absx.shape[1]))]).index_select(0, self.padded)
         best, pos = rows.view(*self.padded_shape, -1).max(dim=1)  # (B, d_ff) each
-        vals, prompt, pos = best.float(), self.batch_prompt[:, None].expand_as(pos), pos.int()
-        if self.top_val[layer] is not None:
-            vals = torch.cat([self.top_val[layer], vals])
-            prompt = torch.cat([self.top_prompt[layer], prompt])
-            pos = torch.cat([self.top_pos[layer], pos])
+        self.best[layer].append((best.float(), self.batch_prompt, pos.int()))
+
+    def _top_k(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, d_ff) value, chunk-local prompt and position of each neuron's top-k prompts."""
+        vals = torch.cat([b for b, _, _ in self.best[layer]])  # (n_prompts, d_ff)
+        prompt = torch.cat([p for _, p, _ in self.best[layer]])  # (n_prompts,)
+        pos = torch.cat([q for _, _, q in self.best[layer]])
         vals, pick = vals.topk(min(self.config.top_k, vals.shape[0]), dim=0)
-        self.top_val[layer] = vals
-        self.top_prompt[layer], self.top_pos[layer] = prompt.gather(0, pick), pos.gather(0, pick)
+        return vals, prompt[pick], pos.gather(0, pick)
 
     def partials(self, prompt_offset: int) -> list[tuple[int, str, np.ndarray]]:
         """The chunk's partial reductions as (layer, name, array) rows for `chunk_arrays`."""
@@ -168,15 +171,16 @@ class ChunkReducer:
         hist = self.hist.cpu().numpy().round().astype(np.int64)
         rows = []
         for layer in range(self.n_layers):
+            top_val, top_prompt, top_pos = self._top_k(layer)
             rows += [
                 (layer, "sum_act", sums[0, layer]),
                 (layer, "sum_abs", sums[1, layer]),
                 (layer, "fire_count", fire[layer]),
                 (layer, "hist_abs", hist[0, layer]),
                 (layer, "hist_out", hist[1, layer]),
-                (layer, "top_val", self.top_val[layer].cpu().numpy().astype(np.float32)),
-                (layer, "top_prompt", self.top_prompt[layer].cpu().numpy().astype(np.int32) + prompt_offset),
-                (layer, "top_pos", self.top_pos[layer].cpu().numpy().astype(np.int32)),
+                (layer, "top_val", top_val.cpu().numpy().astype(np.float32)),
+                (layer, "top_prompt", top_prompt.cpu().numpy().astype(np.int32) + prompt_offset),
+                (layer, "top_pos", top_pos.cpu().numpy().astype(np.int32)),
             ]
         return rows
 

@@ -6,16 +6,28 @@ Both are shared by every browser session and never mutated; each session keeps o
 
 from __future__ import annotations
 
+import os
+
 import streamlit as st
 
-from core import models
+from core import models, settings
 from core.errors import BricklabError
 from core.store import Store
 
 
-@st.cache_resource(show_spinner=False)
+def default_model_ref() -> str:
+    """The model a new session starts with: BRICKLAB_MODEL (tests name a tiny model), else the default."""
+    return os.environ.get("BRICKLAB_MODEL") or models.DEFAULT_MODEL
+
+
 def store() -> Store:
-    return Store()
+    """The cache named by BRICKLAB_DB now (one Store per path, so tests can switch files)."""
+    return _store(str(settings.db_path()))
+
+
+@st.cache_resource(show_spinner=False)
+def _store(path: str) -> Store:
+    return Store(path)
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=3)
@@ -25,11 +37,11 @@ def model(ref: str) -> models.LoadedModel:
 
 def current_model() -> models.LoadedModel:
     """The model this session chose (the embedded default until it picks another)."""
-    ref = st.session_state.get("model_ref", models.DEFAULT_MODEL)
+    ref = st.session_state.get("model_ref", default_model_ref())
     try:
         return model(ref)
     except BricklabError as exc:
-        st.session_state["model_ref"] = models.DEFAULT_MODEL
+        st.session_state["model_ref"] = default_model_ref()
         st.error(str(exc))
         st.stop()
 
