@@ -151,7 +151,9 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="skip the cache transaction")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run(args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps, not args.no_write)
+    result = run(
+        args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps, not args.no_write
+    )
     print(json.dumps(result))
 
 

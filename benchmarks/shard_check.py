@@ -43,21 +43,40 @@ def main() -> None:
     t0 = time.perf_counter()
     procs = []
     for i in range(a.shards):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i % a.gpus)) if a.device == "cuda" else dict(os.environ)
-        cmd = [sys.executable, "-m", "core", "--db", str(tmp / f"s{i}.duckdb"), *common, "--shard", f"{i}/{a.shards}"]
+        env = (
+            dict(os.environ, CUDA_VISIBLE_DEVICES=str(i % a.gpus)) if a.device == "cuda" else dict(os.environ)
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "core",
+            "--db",
+            str(tmp / f"s{i}.duckdb"),
+            *common,
+            "--shard",
+            f"{i}/{a.shards}",
+        ]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
     assert all(proc.wait() == 0 for proc in procs)
     sharded_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cli(["--db", str(tmp / "merged.duckdb"), "merge", *[str(tmp / f"s{i}.duckdb") for i in range(a.shards)]], dict(os.environ))
+    cli(
+        ["--db", str(tmp / "merged.duckdb"), "merge", *[str(tmp / f"s{i}.duckdb") for i in range(a.shards)]],
+        dict(os.environ),
+    )
     merge_s = time.perf_counter() - t0
     ref, merged = Store(tmp / "ref.duckdb"), Store(tmp / "merged.duckdb")
     run = ref.runs()[0]
     equal = bool(np.array_equal(ref.prompt_activations(run.run_id), merged.prompt_activations(run.run_id)))
     for layer in range(run.n_layers):
-        equal &= bool(np.array_equal(ref.firing_bits(run.run_id, layer), merged.firing_bits(run.run_id, layer)))
+        equal &= bool(
+            np.array_equal(ref.firing_bits(run.run_id, layer), merged.firing_bits(run.run_id, layer))
+        )
     q = "SELECT layer, neuron, rank, prompt_idx, pos, value FROM top_examples WHERE run_id = ? ORDER BY ALL"
-    equal &= ref.cursor().execute(q, [run.run_id]).fetchall() == merged.cursor().execute(q, [run.run_id]).fetchall()
+    equal &= (
+        ref.cursor().execute(q, [run.run_id]).fetchall()
+        == merged.cursor().execute(q, [run.run_id]).fetchall()
+    )
     print(json.dumps({"shards": a.shards, "gpus": a.gpus, "device": a.device, "prompts": a.limit,
                       "single_s": single_s, "sharded_s": sharded_s, "merge_s": merge_s,
                       "merged_equals_single": equal, "run_id": run.run_id}))  # fmt: skip

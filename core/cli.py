@@ -63,7 +63,9 @@ def _shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(part) for part in text.split("/"))
     except ValueError as exc:
-        raise BricklabError(f"--shard '{text}' is not I/N.", "Write e.g. --shard 0/4 for the first of four.") from exc
+        raise BricklabError(
+            f"--shard '{text}' is not I/N.", "Write e.g. --shard 0/4 for the first of four."
+        ) from exc
     if not 0 <= i < n:
         raise BricklabError(f"--shard {text}: I must be in 0..N-1.", "Number shards from 0.")
     return i, n
@@ -76,7 +78,9 @@ def _capture_ray(args, prompt_set) -> int:
     store = Store(args.db)
     try:
         config = capture.CaptureConfig(batch_size=args.batch_size)
-        run_id = shards.capture_ray(args.model, prompt_set, store, config, args.shards, args.address, args.device)
+        run_id = shards.capture_ray(
+            args.model, prompt_set, store, config, args.shards, args.address, args.device
+        )
         run = store.require_run(run_id)
         print(f"run {run_id}: captured in {args.shards} Ray shards and merged ({run.n_tokens:,} tokens)")
     finally:
@@ -151,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="capture only shard I of N (chunks c with c %% N == I)")
-    p.add_argument("--backend", choices=("local", "ray"), default="local", help="ray: fan shards out as Ray tasks")
+    p.add_argument(
+        "--backend", choices=("local", "ray"), default="local", help="ray: fan shards out as Ray tasks"
+    )
     p.add_argument("--shards", type=_positive, default=2, help="shards for --backend ray (default 2)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
     p.set_defaults(func=cmd_capture)

@@ -89,9 +89,7 @@ def parse_prompts(data: bytes, filename: str, name: str | None = None) -> Prompt
     kind = Path(filename).suffix.lower()
     parser = {".jsonl": _parse_jsonl, ".csv": _parse_csv, ".txt": _parse_txt}.get(kind)
     if parser is None:
-        raise BricklabError(
-            f"'{filename}' has an unknown extension.", "Use .jsonl, .csv or .txt."
-        )
+        raise BricklabError(f"'{filename}' has an unknown extension.", "Use .jsonl, .csv or .txt.")
     prompts, warnings = parser(text)
     if not prompts:
         raise BricklabError(f"'{filename}' holds no prompts.", "Add at least one non-empty prompt.")
@@ -128,7 +126,9 @@ def _decode(data: bytes, filename: str) -> str:
                 f"'{filename}' is not valid UTF-8 text (byte {exc.start}).",
                 "Save it as UTF-8 (or UTF-16 with a BOM) and upload it again.",
             ) from exc
-    raise BricklabError(f"'{filename}' looks like a binary file, not text.", "Upload a .jsonl, .csv or .txt file.")
+    raise BricklabError(
+        f"'{filename}' looks like a binary file, not text.", "Upload a .jsonl, .csv or .txt file."
+    )
 
 
 def _clean(text: str, where: str, warnings: list[str]) -> str:
@@ -147,15 +147,17 @@ def _parse_jsonl(text: str) -> tuple[list[Prompt], list[str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BricklabError(f"Line {lineno} is not valid JSON ({exc.msg}).", "Fix or remove that line.") from exc
+            raise BricklabError(
+                f"Line {lineno} is not valid JSON ({exc.msg}).", "Fix or remove that line."
+            ) from exc
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise BricklabError(
-                f"Line {lineno} has no string field \"text\".",
+                f'Line {lineno} has no string field "text".',
                 'Each line must look like {"id": "...", "category": "...", "text": "..."}.',
             )
         category = row.get("category")
         if category is not None and not isinstance(category, str):
-            raise BricklabError(f"Line {lineno}: \"category\" must be a string.", "Fix that line.")
+            raise BricklabError(f'Line {lineno}: "category" must be a string.', "Fix that line.")
         body = _clean(row["text"], f"Line {lineno}", warnings)
         if body:
             prompts.append(Prompt(str(row.get("id", f"p{lineno:05d}")), category or None, body))

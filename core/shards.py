@@ -30,11 +30,18 @@ def export_shard(path: str | Path) -> dict[str, pa.Table]:
     try:
         con = duckdb.connect(str(path), read_only=True)
     except duckdb.Error as exc:
-        raise BricklabError(f"'{path}' is not a bricklab shard ({exc}).", "Give shard files written by capture --shard.") from exc
+        raise BricklabError(
+            f"'{path}' is not a bricklab shard ({exc}).", "Give shard files written by capture --shard."
+        ) from exc
     try:
-        tables = {name: con.sql(f"SELECT * FROM {name}").to_arrow_table() for name in ("runs", "prompts", *CHUNK_TABLES)}
+        tables = {
+            name: con.sql(f"SELECT * FROM {name}").to_arrow_table()
+            for name in ("runs", "prompts", *CHUNK_TABLES)
+        }
     except duckdb.Error as exc:
-        raise BricklabError(f"'{path}' is not a bricklab shard ({exc}).", "Give shard files written by capture --shard.") from exc
+        raise BricklabError(
+            f"'{path}' is not a bricklab shard ({exc}).", "Give shard files written by capture --shard."
+        ) from exc
     finally:
         con.close()
     return tables
@@ -48,14 +55,18 @@ def merge_tables(store: Store, tables: dict[str, pa.Table]) -> list[str]:
         run_ids.append(run_id)
         existing = store.run(run_id)
         if existing is not None and existing.settings != json.loads(run["settings"]):
-            raise BricklabError(f"Shards of run {run_id} disagree on capture settings.", "Capture all shards alike.")
+            raise BricklabError(
+                f"Shards of run {run_id} disagree on capture settings.", "Capture all shards alike."
+            )
         done = store.done_chunks(run_id)
         with store.write() as cur:
             if existing is None:
                 row = {k: v for k, v in run.items() if k not in ("created", "finished")}
                 row.update(status="incomplete", n_tokens=None, seconds=None)
                 prompts = [r for r in tables["prompts"].to_pylist() if r["run_id"] == run_id]
-                store.create_run(cur, row, [(p["prompt_idx"], p["prompt_id"], p["category"], p["text"]) for p in prompts])
+                store.create_run(
+                    cur, row, [(p["prompt_idx"], p["prompt_id"], p["category"], p["text"]) for p in prompts]
+                )
             new_chunks = [c for c in _chunks_of(tables["chunks"], run_id) if c not in done]
             for name in CHUNK_TABLES:
                 _insert_chunk_rows(store, cur, name, tables, run_id, new_chunks)
@@ -77,9 +88,16 @@ def _insert_chunk_rows(store, cur, name, tables, run_id, new_chunks) -> None:
             where = "chunk IN (SELECT unnest(?))"
         else:
             where = "prompt_idx // ? IN (SELECT unnest(?))"
-        params = [run_id, new_chunks] if "chunk" in table.column_names else [run_id, _chunk_size(tables, run_id), new_chunks]
+        params = (
+            [run_id, new_chunks]
+            if "chunk" in table.column_names
+            else [run_id, _chunk_size(tables, run_id), new_chunks]
+        )
         columns = ", ".join(table.column_names)
-        cur.execute(f"INSERT INTO {name} ({columns}) SELECT {columns} FROM _shard_rows WHERE run_id = ? AND {where}", params)
+        cur.execute(
+            f"INSERT INTO {name} ({columns}) SELECT {columns} FROM _shard_rows WHERE run_id = ? AND {where}",
+            params,
+        )
     finally:
         cur.unregister("_shard_rows")
 
@@ -125,8 +143,16 @@ def _capture_shard(model_ref, device, name, prompts, settings, shard) -> dict[st
         return export_shard(Path(tmp) / "shard.duckdb")
 
 
-def capture_ray(model_ref, prompt_set: PromptSet, store: Store, config: capture.CaptureConfig,
-                n_shards: int, address: str | None = None, device: str | None = None, progress=None) -> str:  # fmt: skip
+def capture_ray(
+    model_ref,
+    prompt_set: PromptSet,
+    store: Store,
+    config: capture.CaptureConfig,
+    n_shards: int,
+    address: str | None = None,
+    device: str | None = None,
+    progress=None,
+) -> str:
     """Fan the shards out as Ray tasks (one per GPU, or per CPU slot) and merge them into `store`."""
     try:
         import ray
@@ -153,5 +179,7 @@ def capture_ray(model_ref, prompt_set: PromptSet, store: Store, config: capture.
             progress(n_shards - len(pending), n_shards, "shards merged")
     missing = finish(store, run_ids)
     if missing:
-        raise BricklabError(f"Runs {missing} still miss chunks after the merge.", "Re-run the missing shards.")
+        raise BricklabError(
+            f"Runs {missing} still miss chunks after the merge.", "Re-run the missing shards."
+        )
     return run_ids[0]

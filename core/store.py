@@ -61,8 +61,15 @@ CREATE TABLE IF NOT EXISTS results (      -- cached derived results (bricks, map
 """
 
 RUN_TABLES = (
-    "prompts", "chunks", "tokens", "prompt_acts", "firing", "chunk_arrays", "layer_arrays",
-    "top_examples", "results",
+    "prompts",
+    "chunks",
+    "tokens",
+    "prompt_acts",
+    "firing",
+    "chunk_arrays",
+    "layer_arrays",
+    "top_examples",
+    "results",
 )
 
 
@@ -155,11 +162,15 @@ class Store:
         if run_id is None:
             done = [r for r in self.runs() if r.complete]
             if not done:
-                raise BricklabError("There is no complete captured run yet.", "Capture one first: `python -m core capture`.")
+                raise BricklabError(
+                    "There is no complete captured run yet.", "Capture one first: `python -m core capture`."
+                )
             return done[0]
         run = self.run(run_id)
         if run is None:
-            raise BricklabError(f"There is no run '{run_id}' in the cache.", "List runs with `python -m core runs`.")
+            raise BricklabError(
+                f"There is no run '{run_id}' in the cache.", "List runs with `python -m core runs`."
+            )
         if complete and not run.complete:
             raise BricklabError(
                 f"Run '{run_id}' is incomplete (its capture was interrupted).",
@@ -260,7 +271,10 @@ class Store:
 
     def put_result(self, run_id: str, kind: str, params: dict, payload: bytes) -> None:
         with self.write() as cur:
-            cur.execute("DELETE FROM results WHERE run_id = ? AND kind = ? AND params = ?", [run_id, kind, _canon(params)])
+            cur.execute(
+                "DELETE FROM results WHERE run_id = ? AND kind = ? AND params = ?",
+                [run_id, kind, _canon(params)],
+            )
             cur.execute(
                 "INSERT INTO results (run_id, kind, params, payload) VALUES (?, ?, ?, ?)",
                 [run_id, kind, _canon(params), payload],

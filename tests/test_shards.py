@@ -13,12 +13,18 @@ def snapshot(store: Store, run_id: str) -> dict:
     run = store.require_run(run_id)
     out = {
         "acts": store.prompt_activations(run_id),
-        "top": store.cursor().execute(
+        "top": store.cursor()
+        .execute(
             "SELECT layer, neuron, rank, prompt_idx, pos, value FROM top_examples WHERE run_id = ? "
-            "ORDER BY layer, neuron, rank", [run_id]).fetchall(),  # fmt: skip
-        "tokens": store.cursor().execute(
+            "ORDER BY layer, neuron, rank",
+            [run_id],
+        )
+        .fetchall(),  # fmt: skip
+        "tokens": store.cursor()
+        .execute(
             "SELECT prompt_idx, pos, token_id FROM tokens WHERE run_id = ? ORDER BY prompt_idx, pos", [run_id]
-        ).fetchall(),
+        )
+        .fetchall(),
         "n_tokens": run.n_tokens,
     }
     for layer in range(run.n_layers):
