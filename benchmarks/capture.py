@@ -1,0 +1,168 @@
+"""Capture overhead: a bare forward pass of the decoder stack vs a full capture into a fresh DuckDB file.
+
+Both run the same prompts in the same batches; repetitions are interleaved so machine load hits both
+alike. Prints every timing, then as its last line one JSON object. Target on CPU: ratio <= 1.25.
+Run: python benchmarks/capture.py [--quick] [--prompts N] [--reps R] [--threads T] [--profile]
+     python benchmarks/capture.py --device cuda --shape llama3-8b   (random weights, see gpu_capture.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import capture, models, prompts  # noqa: E402
+from core.store import Store  # noqa: E402
+
+
+def padded_batches(lm, encoded, config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (ids, mask) batches capture builds: per chunk, prompts sorted by length, right-padded."""
+    pad = lm.tokenizer.pad_token_id or 0
+    out = []
+    for lo in range(0, len(encoded), config.chunk_prompts):
+        chunk = encoded[lo : lo + config.chunk_prompts]
+        order = sorted(range(len(chunk)), key=lambda i: len(chunk[i].ids))
+        for b in range(0, len(order), config.batch_size):
+            rows = [chunk[i].ids for i in order[b : b + config.batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, r in enumerate(rows):
+                ids[row, : len(r)], mask[row, : len(r)] = torch.tensor(r), 1
+            out.append((ids, mask))
+    return out
+
+
+class Clock:
+    """Wall time and this process's CPU time: on a shared machine the CPU time is the steadier one."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+@torch.inference_mode()
+def time_bare(lm, batches) -> Clock:
+    """The decoder-stack call capture makes (`model.base_model`), without hooks or reductions."""
+    with Clock() as clock:
+        for ids, mask in batches:
+            lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return clock
+
+
+def time_capture(lm, prompt_set, config, folder: Path) -> Clock:
+    """A whole capture (tokenising, hooks, reductions, every cache write, finalising) into a new file."""
+    store = Store(Path(tempfile.mkdtemp(dir=folder)) / "bench.duckdb")
+    try:
+        with Clock() as clock:
+            result = capture.capture(lm, prompt_set, store, config)
+    finally:
+        store.close()
+    assert not result.cache_hit
+    return clock
+
+
+def run_cpu(n_prompts: int, reps: int, batch_size: int, threads: int | None, profile: bool) -> dict:
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    lm = models.load_model(None, device="cpu")
+    prompt_set = prompts.default_prompt_set().head(n_prompts)
+    config = capture.CaptureConfig(batch_size=batch_size)
+    limit = min(config.max_tokens, lm.model.config.max_position_embeddings)
+    encoded = [capture.encode(lm.tokenizer, p.text, config, limit) for p in prompt_set.prompts]
+    batches = padded_batches(lm, encoded, config)
+    bare, full = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        time_bare(lm, batches[:1])  # warm-up: allocator, kernels, lazy imports
+        time_capture(lm, prompt_set.head(batch_size), config, folder)
+        for rep in range(reps):  # interleaved; the order alternates so neither always runs second
+            first_bare = rep % 2 == 0
+            if first_bare:
+                bare.append(time_bare(lm, batches))
+            full.append(time_capture(lm, prompt_set, config, folder))
+            if not first_bare:
+                bare.append(time_bare(lm, batches))
+            b, c = bare[-1], full[-1]
+            print(
+                f"rep {rep}: bare {b.wall:.3f} s (cpu {b.cpu:.3f}), "
+                f"capture {c.wall:.3f} s (cpu {c.cpu:.3f}), "
+                f"ratio {c.wall / b.wall:.3f} (cpu {c.cpu / b.cpu:.3f})",
+                flush=True,
+            )
+        if profile:
+            profile_capture(lm, prompt_set, config, folder)
+    n_tokens = sum(len(e.ids) for e in encoded)
+    bare_s, capture_s = min(c.wall for c in bare), min(c.wall for c in full)
+    bare_cpu, capture_cpu = min(c.cpu for c in bare), min(c.cpu for c in full)
+    return {
+        "device": "cpu", "model": lm.info.model_id, "threads": torch.get_num_threads(),
+        "n_prompts": len(prompt_set), "n_tokens": n_tokens,
+        "n_prompt_tokens": sum(e.end - e.start for e in encoded),
+        "n_padded_tokens": sum(ids.numel() for ids, _ in batches), "batch_size": batch_size, "reps": reps,
+        "bare_s": bare_s, "capture_s": capture_s, "ratio": capture_s / bare_s,
+        "ratio_median": statistics.median(c.wall for c in full) / statistics.median(c.wall for c in bare),
+        "ratio_per_rep": [c.wall / b.wall for b, c in zip(bare, full, strict=True)],
+        "cpu_ratio": capture_cpu / bare_cpu, "bare_cpu_s": bare_cpu, "capture_cpu_s": capture_cpu,
+        "bare_all": [c.wall for c in bare], "capture_all": [c.wall for c in full],
+        "tokens_per_s": n_tokens / capture_s, "bare_tokens_per_s": n_tokens / bare_s,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "load_avg_1min": os.getloadavg()[0], "wall_s": time.perf_counter() - started,
+    }  # fmt: skip
+
+
+def profile_capture(lm, prompt_set, config, folder: Path) -> None:
+    """Where capture's time goes beyond the forward pass: torch operators, then Python functions."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_capture(lm, prompt_set, config, folder)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    profiler = cProfile.Profile()
+    profiler.runcall(time_capture, lm, prompt_set, config, folder)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="48 prompts, 2 repetitions (under a minute)")
+    p.add_argument("--prompts", type=int, default=160, help="prompts of the default set (default 160)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    p.add_argument("--batch-size", type=int, default=capture.CaptureConfig().batch_size)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    p.add_argument("--profile", action="store_true", help="also profile one capture")
+    p.add_argument("--device", default="cpu", help="cpu (the default model) or cuda (needs --shape)")
+    p.add_argument("--shape", help="a random-weight model of this shape instead (benchmarks/gpu_capture.py)")
+    args = p.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    n_prompts, reps = (48, 2) if args.quick else (args.prompts, args.reps)
+    if args.shape or args.device != "cpu":
+        import gpu_capture
+
+        result = gpu_capture.run(args.shape or "llama3-8b", args.device, n_prompts, 512, 16, reps, True)
+    else:
+        result = run_cpu(n_prompts, reps, args.batch_size, args.threads, args.profile)
+    print(f"peak RSS {result['peak_rss_gib']:.2f} GiB")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

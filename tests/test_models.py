@@ -1,0 +1,198 @@
+"""The architecture table on tiny random-weight models of every entry, the fingerprint, and load errors."""
+
+import functools
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from core import interventions, models
+from core.errors import BricklabError
+
+D_MODEL, D_FF, N_LAYERS, VOCAB = 32, 48, 2, 128
+_LLAMA_SHAPE = dict(
+    vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_FF, num_hidden_layers=N_LAYERS,
+    num_attention_heads=4, max_position_embeddings=64,
+)  # fmt: skip
+_GPT_SHAPE = dict(vocab_size=VOCAB, n_embd=D_MODEL, n_inner=D_FF, n_layer=N_LAYERS, n_head=4, n_positions=64)
+
+# model_type -> (config class, tiny sizes); every entry of models.ARCHITECTURES must be here
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", {**_LLAMA_SHAPE, "num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", {**_LLAMA_SHAPE, "num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", {**_LLAMA_SHAPE, "num_key_value_heads": 2}),
+    "qwen3": ("Qwen3Config", {**_LLAMA_SHAPE, "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma": ("GemmaConfig", {**_LLAMA_SHAPE, "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", {**_LLAMA_SHAPE, "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma3_text": ("Gemma3TextConfig", {**_LLAMA_SHAPE, "num_key_value_heads": 2, "head_dim": 8}),
+    "olmo": ("OlmoConfig", _LLAMA_SHAPE),
+    "olmo2": ("Olmo2Config", _LLAMA_SHAPE),
+    "granite": ("GraniteConfig", _LLAMA_SHAPE),
+    "phi3": ("Phi3Config", {**_LLAMA_SHAPE, "pad_token_id": 0}),
+    "phi": ("PhiConfig", _LLAMA_SHAPE),
+    "gpt2": ("GPT2Config", _GPT_SHAPE),
+    "gpt_neox": ("GPTNeoXConfig", _LLAMA_SHAPE),
+    "gptj": ("GPTJConfig", {**_GPT_SHAPE, "rotary_dim": 4}),
+    "opt": ("OPTConfig", {**_LLAMA_SHAPE, "ffn_dim": D_FF, "word_embed_proj_dim": D_MODEL}),
+    "falcon": ("FalconConfig", {**_LLAMA_SHAPE, "ffn_hidden_size": D_FF}),
+}
+
+
+@functools.cache
+def tiny_model(model_type: str) -> torch.nn.Module:
+    """Built once per session; tests only read it (transforms leave no hooks behind)."""
+    cls, sizes = TINY_CONFIGS[model_type]
+    config = getattr(transformers, cls)(**sizes)
+    assert config.model_type == model_type
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def out_features(module: torch.nn.Module, model_type: str) -> int:
+    weight = module.weight
+    return weight.shape[1] if models.site_for(model_type).conv1d else weight.shape[0]
+
+
+def test_every_table_entry_has_a_tiny_model():
+    assert set(TINY_CONFIGS) == set(models.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("model_type", sorted(models.ARCHITECTURES))
+def test_describe_and_down_weight(model_type):
+    model = tiny_model(model_type)
+    info = models.describe(model, "tiny")
+    assert (info.model_type, info.n_layers, info.d_ff, info.d_model) == (model_type, N_LAYERS, D_FF, D_MODEL)
+    assert info.n_neurons == N_LAYERS * D_FF
+    site = models.site_for(model_type)
+    for layer in range(N_LAYERS):
+        assert tuple(models.down_weight(model, layer).shape) == (D_MODEL, D_FF)
+        norms = models.down_column_norms(model, layer)
+        assert norms.shape == (D_FF,) and bool((norms > 0).all())
+        block = models.blocks(model)[layer]
+        up = models._attr(block, site.up)
+        assert out_features(up, model_type) == D_FF * (2 if site.fused_gate_up else 1)
+        if site.gate:
+            assert out_features(models._attr(block, site.gate), model_type) == D_FF
+
+
+def _recording_pass(model, ids, layer):
+    """Run the model, recording the down projection's input (after any transform) and output."""
+    seen = {}
+
+    def record(module, args, output):
+        seen["a"], seen["out"] = args[0].detach().clone(), output.detach().clone()
+
+    handle = models.down_proj(model, layer).register_forward_hook(record)
+    try:
+        logits = model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    return seen["a"], seen["out"], logits
+
+
+@pytest.mark.parametrize("model_type", sorted(models.ARCHITECTURES))
+def test_down_proj_input_is_the_ffn_activation(model_type):
+    model, ids, layer, neuron = tiny_model(model_type), torch.randint(0, VOCAB, (2, 5)), 0, 7
+    with torch.no_grad():
+        a, out, logits = _recording_pass(model, ids, layer)
+        assert a.shape[-1] == D_FF and a.numel() == 2 * 5 * D_FF  # (B, T, d_ff), OPT flattens to (B*T, d_ff)
+
+        def zero_one(x):
+            x = x.clone()
+            x[..., neuron] = 0
+            return x
+
+        with interventions.transforms(model, {layer: zero_one}):
+            a_zeroed, out_zeroed, logits_zeroed = _recording_pass(model, ids, layer)
+    assert interventions.hook_count(model) == 0
+    assert bool((a_zeroed[..., neuron] == 0).all()) and bool(a[..., neuron].abs().gt(0).any())
+    others = [i for i in range(D_FF) if i != neuron]
+    torch.testing.assert_close(a_zeroed[..., others], a[..., others])
+    # the projection is linear: removing neuron i removes exactly a_i * W_down[:, i] from its output
+    column = models.down_weight(model, layer)[:, neuron]
+    torch.testing.assert_close(out - out_zeroed, a[..., neuron : neuron + 1] * column, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits, logits_zeroed)
+
+
+def _llama(**changes):
+    cls, sizes = TINY_CONFIGS["llama"]
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(getattr(transformers, cls)(**{**sizes, **changes}))
+
+
+def test_fingerprint_sees_one_changed_weight_and_the_config():
+    model = _llama()
+    before = models.fingerprint(model)
+    assert models.fingerprint(model) == before
+    with torch.no_grad():
+        models.down_proj(model, 1).weight[5, 17] += 1e-3
+    assert models.fingerprint(model) != before
+    assert models.fingerprint(_llama(rms_norm_eps=1e-5)) != models.fingerprint(_llama(rms_norm_eps=1e-6))
+
+
+def test_fingerprint_is_stable_across_save_and_load(tiny_dir, tiny_lm, tmp_path):
+    again = models.load_model(tiny_dir, device="cpu")
+    assert again.info.fingerprint == tiny_lm.info.fingerprint == models.fingerprint(tiny_lm.model)
+    again.model.save_pretrained(tmp_path, safe_serialization=True)
+    again.tokenizer.save_pretrained(tmp_path)
+    assert models.load_model(str(tmp_path), device="cpu").info.fingerprint == tiny_lm.info.fingerprint
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    with pytest.raises(BricklabError) as err:
+        models.site_for("bloom")
+    assert "bloom" in str(err.value) and all(name in str(err.value) for name in models.ARCHITECTURES)
+    transformers.BloomConfig(vocab_size=VOCAB, hidden_size=D_MODEL, n_layer=2, n_head=4).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(BricklabError, match="'bloom' is not supported.*llama"):
+        models.load_model(str(tmp_path), device="cpu")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(BricklabError, match="does not exist"):
+        models.load_model(str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(BricklabError, match="no config.json"):
+        models.load_model(str(tmp_path), device="cpu")
+
+
+def test_remote_code_config_is_refused(tmp_path):
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x_custom", "auto_map": auto_map}))
+    with pytest.raises(BricklabError, match="custom code") as err:
+        models.load_model(str(tmp_path), device="cpu")
+    assert "remote code" in err.value.hint
+
+
+def test_unknown_model_type_is_unsupported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "frobnicator"}))
+    with pytest.raises(BricklabError, match="'frobnicator' is not supported.*llama"):
+        models.load_model(str(tmp_path), device="cpu")
+
+
+class _Trap:
+    """Unpickling this creates a marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickled_weights_are_never_loaded(tiny_dir, tmp_path):
+    folder, marker = tmp_path / "model", tmp_path / "unpickled"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((Path(tiny_dir) / name).read_bytes())
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
+    with pytest.raises(BricklabError, match="safetensors"):
+        models.load_model(str(folder), device="cpu")
+    assert not marker.exists()
