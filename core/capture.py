@@ -46,7 +46,17 @@ class CaptureConfig:
             raise ValueError("fire_fraction must be in (0, 1]")
         if self.fire_indicator not in ("output", "abs"):
             raise ValueError("fire_indicator must be 'output' or 'abs'")
-        if min(self.top_k, self.max_tokens, self.hist_bins, self.hist_stride, self.batch_size, self.chunk_prompts) < 1:
+        if (
+            min(
+                self.top_k,
+                self.max_tokens,
+                self.hist_bins,
+                self.hist_stride,
+                self.batch_size,
+                self.chunk_prompts,
+            )
+            < 1
+        ):
             raise ValueError("the sizes and counts in CaptureConfig must be >= 1")
 
     def key(self) -> dict:
@@ -128,11 +138,14 @@ def capture(
         started = time.perf_counter()
         limit = min(config.max_tokens, getattr(lm.model.config, "max_position_embeddings", 10**9))
         encoded = [encode(lm.tokenizer, p.text, config, limit) for p in prompt_set.prompts]
-        warnings = tuple(
-            f"Prompt '{p.id}' is longer than {limit} tokens and was truncated."
-            for p, e in zip(prompt_set.prompts, encoded, strict=True)
-            if e.truncated
-        ) + prompt_set.warnings
+        warnings = (
+            tuple(
+                f"Prompt '{p.id}' is longer than {limit} tokens and was truncated."
+                for p, e in zip(prompt_set.prompts, encoded, strict=True)
+                if e.truncated
+            )
+            + prompt_set.warnings
+        )
         n_chunks = math.ceil(len(encoded) / config.chunk_prompts)
         if existing is None:
             _create_run(store, run_id, lm, prompt_set, config, n_chunks)
@@ -151,12 +164,16 @@ def capture(
             t0 = time.perf_counter()
             reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms, device=lm.info.device)
             _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total)
-            _write_chunk(store, run_id, chunk, lo, encoded[lo:hi], lm.tokenizer, reducer, time.perf_counter() - t0)
+            _write_chunk(
+                store, run_id, chunk, lo, encoded[lo:hi], lm.tokenizer, reducer, time.perf_counter() - t0
+            )
             reported += hi - lo
         if shard is not None:
             sql = "SELECT coalesce(sum(n_tokens), 0) FROM chunks WHERE run_id = ?"
             n_tokens = store.cursor().execute(sql, [run_id]).fetchone()[0]
-            return CaptureResult(run_id, False, bool(done), int(n_tokens), time.perf_counter() - started, warnings)
+            return CaptureResult(
+                run_id, False, bool(done), int(n_tokens), time.perf_counter() - started, warnings
+            )
         n_tokens = finalise(store, run_id, info.n_layers, config)
         seconds = time.perf_counter() - started
         if progress:
@@ -269,9 +286,7 @@ def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds)
                 "data": blobs([r[2] for r in rows]),
             },
         )
-        cur.execute(
-            "INSERT INTO chunks VALUES (?, ?, ?, ?)", [run_id, chunk, reducer.n_tokens, seconds]
-        )
+        cur.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", [run_id, chunk, reducer.n_tokens, seconds])
 
 
 def finalise(store: Store, run_id: str, n_layers: int, config: CaptureConfig) -> int:

@@ -13,7 +13,16 @@ import torch
 
 from core import interventions
 
-PARTIAL_NAMES = ("sum_act", "sum_abs", "fire_count", "hist_abs", "hist_out", "top_val", "top_prompt", "top_pos")
+PARTIAL_NAMES = (
+    "sum_act",
+    "sum_abs",
+    "fire_count",
+    "hist_abs",
+    "hist_out",
+    "top_val",
+    "top_prompt",
+    "top_pos",
+)
 
 
 class ChunkReducer:
@@ -65,7 +74,9 @@ class ChunkReducer:
 
     def hooks(self, model):
         """Observe every layer through the shared dispatcher: other sessions' passes are not seen."""
-        return interventions.transforms(model, {layer: self._observer(layer) for layer in range(self.n_layers)})
+        return interventions.transforms(
+            model, {layer: self._observer(layer) for layer in range(self.n_layers)}
+        )
 
     def _observer(self, layer: int):
         def observe(a: torch.Tensor) -> torch.Tensor:
