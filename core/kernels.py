@@ -3,6 +3,7 @@
 Bits are token-major uint64 words: neuron j of a token is bit j % 64 of word j // 64.
 """
 
+import sys
 import threading
 
 import numpy as np
@@ -12,7 +13,29 @@ from numba.extending import intrinsic
 NORMALISATIONS = ("pmi", "jaccard")
 # numba's fallback "workqueue" threading layer aborts the process when two threads (two browser
 # sessions) run parallel kernels at once; the kernels use every core anyway, so take turns.
-_PARALLEL = threading.Lock()
+
+
+class _Parallel:
+    """One parallel kernel at a time (numba's workqueue layer aborts on concurrent use), and torch's
+    thread count put back afterwards: numba's OpenMP layer resets the setting the two share."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._threads = None
+
+    def __enter__(self):
+        self._lock.acquire()
+        torch = sys.modules.get("torch")
+        self._threads = torch.get_num_threads() if torch else None
+
+    def __exit__(self, *exc):
+        torch = sys.modules.get("torch")
+        if torch is not None and self._threads:
+            torch.set_num_threads(self._threads)
+        self._lock.release()
+
+
+_PARALLEL = _Parallel()
 
 
 @intrinsic

@@ -210,3 +210,20 @@ def test_parallel_kernels_survive_concurrent_sessions():
         [sys.executable, "-c", CONCURRENT_SCRIPT], cwd=root, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_parallel_kernels_leave_torch_thread_count_alone():
+    """numba's OpenMP layer used to reset torch's thread count (2x-6x slower model passes)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, numpy as np\n"
+        "from core import kernels\n"
+        "before = torch.get_num_threads()\n"
+        "kernels.average_precision(np.random.rand(40, 200).astype(np.float32), np.arange(40) % 3, 3)\n"
+        "assert torch.get_num_threads() == before, (before, torch.get_num_threads())\n"
+    )
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
