@@ -28,7 +28,7 @@ run: setup
 
 # Headless Chromium for the end-to-end test (Debian packages; never a browser download).
 browser:
-	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-noto-color-emoji >/dev/null; }
 
 test: setup browser $(VENV)/.installed-scale
 	$(PY) -m pytest

@@ -1,0 +1,64 @@
+"""The session's brick configuration: which bricks are changed and how, kept in st.session_state.
+
+It holds core.configuration.Brick objects keyed by name, for the model of the run they came from;
+switching to a run of another model starts an empty configuration.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core import bricks as core_bricks
+from core import configuration
+from core.configuration import BrickConfig
+from core.store import Run
+
+KEY = "config_bricks"  # name -> configuration.Brick
+OWNER = "config_fingerprint"  # the model fingerprint the configuration belongs to
+
+
+def _mine(run: Run) -> dict[str, configuration.Brick]:
+    if st.session_state.get(OWNER) != run.fingerprint:
+        st.session_state[OWNER] = run.fingerprint
+        st.session_state[KEY] = {}
+    return st.session_state[KEY]
+
+
+def chosen(run: Run) -> dict[str, configuration.Brick]:
+    return dict(_mine(run))
+
+
+def set_brick(run: Run, brick: core_bricks.Brick, mode: str, factor: float = 1.0) -> None:
+    """Put a computed brick in the configuration with a mode (off, mean, scale, keep)."""
+    _mine(run)[brick.brick_id] = core_bricks.brick_to_config(brick, run.n_layers, run.d_ff, mode, factor)
+
+
+def remove(run: Run, name: str) -> None:
+    _mine(run).pop(name, None)
+
+
+def set_mode(run: Run, name: str, mode: str, factor: float = 1.0) -> None:
+    """Change the mode of a brick already in the configuration."""
+    bricks = _mine(run)
+    old = bricks[name]
+    bricks[name] = configuration.Brick(
+        old.name, old.neurons, mode, factor if mode == "scale" else 1.0, old.label
+    )
+
+
+def clear(run: Run) -> None:
+    _mine(run).clear()
+
+
+def replace_with(run: Run, config: BrickConfig) -> None:
+    """Adopt an uploaded configuration (already validated against the run's model)."""
+    _mine(run).clear()
+    _mine(run).update({b.name: b for b in config.bricks})
+
+
+def build(run: Run, note: str | None = None) -> BrickConfig:
+    """The session's configuration as a BrickConfig for the run's model."""
+    return BrickConfig(
+        model_id=run.model_id, fingerprint=run.fingerprint, n_layers=run.n_layers, d_ff=run.d_ff,
+        bricks=tuple(_mine(run).values()), source={"run_id": run.run_id}, note=note,
+    )  # fmt: skip
