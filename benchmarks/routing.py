@@ -1,0 +1,197 @@
+"""Dynamic configuration on the default model: quality, active neurons and generation speed of
+routers against the dense model, measured in one run on the held-out half of the default run.
+
+Settings: dense; static keep-only; category routing; token routing over co-activation bricks
+(MoEfication: oracle and learned router) and over single neurons (oracle: exact top-k |a| with a
+sparse down projection; learned: a low-rank map proposes neurons, optionally verified) at several
+budgets. Loss: mean next-token loss of the held-out prompts (per category and overall) relative to
+dense. Speed: greedy generation of a fixed number of new tokens on a few held-out prompts,
+repetitions interleaved across settings; fastest repetition per prompt (least disturbed by other
+work) as wall-time and process-CPU-time ratios to dense, medians too. One torch thread by default.
+Last line: one JSON object {"settings": [{"name", "active_share", "loss_ratio", "speedup", ...}]}.
+Run: python benchmarks/routing.py [--quick] [--db PATH] [--run RUN_ID] [--threads N]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from core import evaluate, models, routing, scores, sparse
+from core.routing import RouterParams
+from core.store import Store
+
+
+def settings(budgets: list[float], set_budgets: list[float], fit_prompts: int) -> dict:
+    """name -> RouterParams (None: dense). Neuron sets also at `set_budgets`, where they get near dense."""
+    out: dict[str, RouterParams | None] = {"dense": None}
+    learned = {"fit_prompts": fit_prompts}
+    for b in sorted(set(budgets) | set(set_budgets)):
+        tag = f"{round(100 * b)}%"
+        out[f"static {tag}"] = RouterParams(kind="static", budget=b)
+        out[f"category {tag}"] = RouterParams(kind="category", budget=b)
+        if b not in budgets:
+            continue
+        out[f"bricks oracle {tag}"] = RouterParams(kind="token", budget=b, oracle=True)
+        out[f"bricks learned {tag}"] = RouterParams(kind="token", budget=b, **learned)
+        out[f"neurons oracle {tag}"] = RouterParams(kind="token", budget=b, brick_size=1, oracle=True)
+        out[f"neurons learned {tag}"] = RouterParams(kind="token", budget=b, brick_size=1, **learned)
+        if b < 0.5:  # proposing 2 x 50% is the oracle
+            out[f"neurons learned x2 {tag}"] = RouterParams(
+                kind="token", budget=b, brick_size=1, proposed=2, **learned
+            )
+    return out
+
+
+def held_out(store: Store, run_id: str, per_category: int | None):
+    """(texts, category names) of the held-out half, at most `per_category` per category."""
+    half = routing.selection_half(store, run_id)
+    labels, names = scores.category_labels(store, run_id)
+    rows = store.prompts(run_id)
+    picked = []
+    for c in range(len(names)):
+        members = np.flatnonzero(~half & (labels == c))
+        picked += list(members[:per_category] if per_category else members)
+    picked.sort()
+    return [rows[i][3] for i in picked], [names[labels[i]] for i in picked]
+
+
+def compute_share(params: RouterParams | None) -> float:
+    """Share of the FFN's multiply-adds done per generated token (gate+up are 2/3, down 1/3)."""
+    if params is None:
+        return 1.0
+    if params.kind != "token":
+        return params.budget
+    if params.oracle:
+        return 2 / 3 + params.budget / 3
+    return (2 * min(1.0, params.proposed * params.budget) + params.budget) / 3
+
+
+@torch.inference_mode()
+def generate(lm, ids: list[int], n: int) -> int:
+    inputs = torch.tensor([ids])
+    out = lm.model.generate(
+        inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,
+        do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+    )  # fmt: skip
+    return out.shape[1] - len(ids)
+
+
+def timed(lm, router, text: str, n: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds to route the prompt and generate n tokens under the router."""
+    ids, span = routing.prompt_span(lm, text)
+    start, cpu = time.perf_counter(), time.process_time()
+    if router is None:
+        made = generate(lm, ids, n)
+    else:
+        with routing.routed(lm, router, ids, span):
+            made = generate(lm, ids, n)
+    assert made == n
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one budget, few prompts (under 2 minutes)")
+    parser.add_argument("--db", help="the cache (default: BRICKLAB_DB or data/bricklab.duckdb); use a copy")
+    parser.add_argument("--run", help="run id of a complete default-model run (default: the newest)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--tokens", type=int, help="new tokens per generation (default 32; quick 16)")
+    parser.add_argument("--reps", type=int, help="interleaved repetitions (default 5; quick 2)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    budgets = [0.35] if quick else [0.2, 0.35, 0.5]
+    n_tokens, reps = args.tokens or (16 if quick else 32), args.reps or (2 if quick else 3)
+    store = Store(args.db) if args.db else Store()
+    lm = models.load_model(None, device="cpu")
+    run = store.require_run(args.run)
+    texts, cats = held_out(store, run.run_id, 2 if quick else None)
+    gen_texts = held_out(store, run.run_id, 1)[0][:: 7 if quick else 3]  # 1 (quick) or 3 categories
+    print(f"run {run.run_id}: {len(texts)} held-out prompts for loss, {len(gen_texts)} for speed, "
+          f"{n_tokens} new tokens, {reps} reps, {args.threads} thread(s)", flush=True)  # fmt: skip
+
+    started = time.perf_counter()
+    routers = {
+        name: None if p is None else routing.fit(lm, store, run.run_id, p)
+        for name, p in settings(budgets, [] if quick else [0.65, 0.8], 32 if quick else 0).items()
+    }
+    print(f"routers ready in {time.perf_counter() - started:.0f} s (fitted or from the cache)", flush=True)
+
+    losses, shares = {}, {}
+    for name, router in routers.items():
+        t = time.perf_counter()
+        if router is None:
+            losses[name], shares[name] = evaluate.loss_per_prompt(lm, texts), 1.0
+        else:
+            losses[name], chosen = routing.routed_losses(lm, router, texts)
+            per_text = [routing.active_share(router, c) for c in chosen]
+            shares[name] = float(np.mean(per_text))
+        print(f"  loss {name}: {np.nanmean(losses[name]):.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
+
+    times = {name: [[] for _ in gen_texts] for name in routers}
+    names = list(routers)
+    for rep in range(reps + 1):  # rep 0 warms up (gathers, caches) and is not counted
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            for i, text in enumerate(gen_texts):
+                measured = timed(lm, routers[name], text, n_tokens)
+                if rep:
+                    times[name][i].append(measured)
+    assert sparse.patched_count(lm.model) == 0
+    report(routers, losses, shares, times, cats, n_tokens)
+
+
+def report(routers, losses, shares, times, cats, n_tokens) -> None:
+    categories = sorted(set(cats), key=cats.index)
+    base = losses["dense"]
+
+    def total(name, which, pick):  # summed over prompts of the best (or median) repetition
+        return sum(pick([t[which] for t in per_prompt]) for per_prompt in times[name])
+
+    dense_wall, dense_cpu = total("dense", 0, min), total("dense", 1, min)
+    dense_median = total("dense", 0, statistics.median)
+    n_gen = len(times["dense"]) * n_tokens
+    head = (
+        f"{'setting':<24} {'active':>6} {'compute':>7} {'loss':>6} {'speedup':>7} {'median':>6} {'cpu':>6}  "
+    )
+    print(head + " ".join(f"{c[:6]:>6}" for c in categories))
+    rows = []
+    for name, router in routers.items():
+        per_cat = {
+            c: float(np.nanmean([x for x, k in zip(losses[name], cats, strict=True) if k == c]))
+            / float(np.nanmean([x for x, k in zip(base, cats, strict=True) if k == c]))
+            for c in categories
+        }
+        row = {
+            "name": name,
+            "active_share": round(shares[name], 4),
+            "ffn_compute_share": round(compute_share(None if router is None else router.params), 4),
+            "loss_ratio": round(float(np.nanmean(losses[name]) / np.nanmean(base)), 4),
+            "speedup": round(dense_wall / total(name, 0, min), 3),
+            "speedup_median": round(dense_median / total(name, 0, statistics.median), 3),
+            "cpu_ratio": round(dense_cpu / total(name, 1, min), 3),
+            "sparse": router is not None,
+            "loss_ratio_per_category": {c: round(v, 4) for c, v in per_cat.items()},
+        }
+        rows.append(row)
+        cells = [row["active_share"], row["ffn_compute_share"], row["loss_ratio"], row["speedup"]]
+        cells += [row["speedup_median"], row["cpu_ratio"]]
+        widths = (6, 7, 6, 7, 6, 6)
+        line = " ".join(f"{v:>{w}.3f}" for v, w in zip(cells, widths, strict=True))
+        print(f"{name:<24} {line}  " + " ".join(f"{per_cat[c]:>6.3f}" for c in categories))
+    good = [r for r in rows if r["loss_ratio"] <= 1.10 and r["name"] != "dense"]
+    best = max(good, key=lambda r: r["speedup"], default=None)
+    print(f"dense: {n_gen / dense_wall:.1f} tokens/s (fastest repetitions, wall); "
+          f"best within 10% of dense loss: {best['name'] if best else 'none'}")  # fmt: skip
+    print(json.dumps({"settings": rows, "dense_tokens_per_s": round(n_gen / dense_wall, 2),
+                      "best_within_10pct": best["name"] if best else None}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
