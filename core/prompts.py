@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,16 +94,20 @@ def parse_prompts(data: bytes, filename: str, name: str | None = None) -> Prompt
     prompts, warnings = parser(text)
     if not prompts:
         raise BricklabError(f"'{filename}' holds no prompts.", "Add at least one non-empty prompt.")
-    if len(prompts) > MAX_PROMPTS:
+    if len(prompts) > MAX_PROMPTS:  # parsers stop one past the limit: a huge file is not read whole
         raise BricklabError(
-            f"'{filename}' holds {len(prompts):,} prompts; the limit is {MAX_PROMPTS:,}.",
+            f"'{filename}' holds more than {MAX_PROMPTS:,} prompts; the limit is {MAX_PROMPTS:,}.",
             "Split the file or capture a sample.",
         )
-    ids = [p.id for p in prompts]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
+    dup = next((i for i, n in Counter(p.id for p in prompts).items() if n > 1), None)
+    if dup is not None:
         raise BricklabError(f"'{filename}': the id '{dup}' appears more than once.", "Make ids unique.")
-    return PromptSet(name or Path(filename).stem, tuple(prompts), tuple(warnings))
+    return PromptSet(name or _display_name(filename), tuple(prompts), tuple(warnings))
+
+
+def _display_name(filename: str) -> str:
+    """The set's name from an uploaded file's name: its stem, printable characters only."""
+    return "".join(ch for ch in Path(filename).stem if ch.isprintable()) or "prompts"
 
 
 def _too_big(size: int) -> BricklabError:
@@ -141,7 +146,11 @@ def _clean(text: str, where: str, warnings: list[str]) -> str:
 
 def _parse_jsonl(text: str) -> tuple[list[Prompt], list[str]]:
     prompts, warnings = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Only \n ends a JSONL line: str.splitlines would also split on U+2028 etc., which JSON
+    # allows unescaped inside strings.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if len(prompts) > MAX_PROMPTS:
+            break
         if not line.strip():
             continue
         try:
@@ -150,6 +159,8 @@ def _parse_jsonl(text: str) -> tuple[list[Prompt], list[str]]:
             raise BricklabError(
                 f"Line {lineno} is not valid JSON ({exc.msg}).", "Fix or remove that line."
             ) from exc
+        except RecursionError as exc:
+            raise BricklabError(f"Line {lineno} is nested too deeply.", "Fix or remove that line.") from exc
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise BricklabError(
                 f'Line {lineno} has no string field "text".',
@@ -160,11 +171,28 @@ def _parse_jsonl(text: str) -> tuple[list[Prompt], list[str]]:
             raise BricklabError(f'Line {lineno}: "category" must be a string.', "Fix that line.")
         body = _clean(row["text"], f"Line {lineno}", warnings)
         if body:
-            prompts.append(Prompt(str(row.get("id", f"p{lineno:05d}")), category or None, body))
+            prompt = Prompt(str(row.get("id", f"p{lineno:05d}")), (category or "").strip() or None, body)
+            prompts.append(_encodable(prompt, lineno))
     return prompts, warnings
 
 
+def _encodable(prompt: Prompt, lineno: int) -> Prompt:
+    """JSON escapes can spell lone surrogates (\\ud800), which no tokenizer or database takes."""
+    try:
+        for value in (prompt.id, prompt.category or "", prompt.text):
+            value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BricklabError(
+            f"Line {lineno} holds an invalid character escape ({exc.object[exc.start]!a}).",
+            "Escapes \\ud800-\\udfff must come in valid pairs; fix or remove that line.",
+        ) from exc
+    return prompt
+
+
 def _parse_csv(text: str) -> tuple[list[Prompt], list[str]]:
+    # The default 128 KiB field limit would refuse a long prompt with a misleading quoting error;
+    # texts are cut in _clean instead. (Process-wide, and only ever raised.)
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FILE_BYTES))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = [c.strip().lower() for c in reader.fieldnames or []]
     if "text" not in columns:
@@ -176,6 +204,8 @@ def _parse_csv(text: str) -> tuple[list[Prompt], list[str]]:
     prompts, warnings = [], []
     try:
         for rowno, row in enumerate(reader, 2):
+            if len(prompts) > MAX_PROMPTS:
+                break
             body = _clean(row.get("text") or "", f"Row {rowno}", warnings)
             if body:
                 category = (row.get("category") or "").strip() or None
@@ -188,6 +218,8 @@ def _parse_csv(text: str) -> tuple[list[Prompt], list[str]]:
 def _parse_txt(text: str) -> tuple[list[Prompt], list[str]]:
     prompts, warnings = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
+        if len(prompts) > MAX_PROMPTS:
+            break
         body = _clean(line, f"Line {lineno}", warnings)
         if body:
             prompts.append(Prompt(f"p{lineno:05d}", None, body))
