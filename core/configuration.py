@@ -37,7 +37,7 @@ _VALIDATOR = validators.extend(Draft202012Validator, type_checker=_TYPES)(SCHEMA
 _TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string"}
 _TYPE_NAMES |= {"object": "an object", "array": "a list", "null": "null"}
 _IDENT = re.compile(r"[A-Za-z_]\w*", re.ASCII)
-_EXTRA = ("source", "note", "created")  # optional top-level fields, carried through
+_EXTRA = ("source", "note", "created", "operations")  # optional top-level fields, carried through
 _RANK = {"keep": 0, "scale": 1, "mean": 2, "off": 3}  # applied in order; last wins
 _FIX = "load the model it was made for, or export it again from this one"
 
@@ -141,12 +141,14 @@ class BrickConfig:
     source: dict | None = None  # e.g. {"run_id": ..., "method": ...}; kept as is
     note: str | None = None
     created: str | None = None  # ISO 8601 timestamp
+    operations: list | None = None  # brick operations that made the bricks (core.brick_ops.Operation)
 
     def __post_init__(self):
         self._check_fields()
         object.__setattr__(self, "bricks", tuple(self.bricks))
-        if self.source is not None:  # a JSON round trip makes it plain and comparable
-            object.__setattr__(self, "source", json.loads(json.dumps(self.source)))
+        for name in ("source", "operations"):  # a JSON round trip makes them plain and comparable
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
         seen = {}
         for i, brick in enumerate(self.bricks):
             if not isinstance(brick, Brick):
@@ -159,7 +161,7 @@ class BrickConfig:
 
     def _check_fields(self) -> None:
         for name, value in vars(self).items():
-            kind, optional = (dict if name == "source" else str), name in _EXTRA
+            kind, optional = {"source": dict, "operations": list}.get(name, str), name in _EXTRA
             if name in ("bricks", "n_layers", "d_ff") or (optional and value is None):
                 continue
             if not isinstance(value, kind) or not (value or optional):
