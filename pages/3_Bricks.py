@@ -5,7 +5,7 @@ import streamlit as st
 
 from core import bricks, neurons
 from core.errors import BricklabError
-from ui import config_state, figures, layout, neuron_view, queries, resources
+from ui import brick_ops_view, config_state, figures, layout, neuron_view, queries, resources
 
 METHODS = {
     "coact": "co-activation (per layer, METIS)",
@@ -78,3 +78,5 @@ if brick is not None:
         format_func=lambda i: f"{i // run.d_ff}:{i % run.d_ff}",
     )
     neuron_view.show_neuron(run, *divmod(int(pick), run.d_ff), brick=brick.brick_id, shade=False, n=5)
+
+brick_ops_view.show(run, found)

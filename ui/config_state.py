@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core import brick_ops, configuration
 from core import bricks as core_bricks
-from core import configuration
 from core.configuration import BrickConfig
 from core.store import Run
 
 KEY = "config_bricks"  # name -> configuration.Brick
 OWNER = "config_fingerprint"  # the model fingerprint the configuration belongs to
+HISTORY = "config_history"  # core.brick_ops.OpLog: the brick operations on the configuration
 
 
 def _mine(run: Run) -> dict[str, configuration.Brick]:
     if st.session_state.get(OWNER) != run.fingerprint:
         st.session_state[OWNER] = run.fingerprint
         st.session_state[KEY] = {}
+        st.session_state[HISTORY] = brick_ops.OpLog()
     return st.session_state[KEY]
 
 
@@ -54,6 +56,19 @@ def replace_with(run: Run, config: BrickConfig) -> None:
     """Adopt an uploaded configuration (already validated against the run's model)."""
     _mine(run).clear()
     _mine(run).update({b.name: b for b in config.bricks})
+    st.session_state[HISTORY] = brick_ops.OpLog.of_records(config.operations)
+
+
+def history(run: Run) -> brick_ops.OpLog:
+    _mine(run)
+    return st.session_state.setdefault(HISTORY, brick_ops.OpLog())
+
+
+def adopt(run: Run, bricks: dict[str, configuration.Brick], log: brick_ops.OpLog) -> None:
+    """Take the bricks and the history that a brick operation (or its undo) left."""
+    _mine(run).clear()
+    _mine(run).update(bricks)
+    st.session_state[HISTORY] = log
 
 
 def build(run: Run, note: str | None = None) -> BrickConfig:
@@ -61,4 +76,5 @@ def build(run: Run, note: str | None = None) -> BrickConfig:
     return BrickConfig(
         model_id=run.model_id, fingerprint=run.fingerprint, n_layers=run.n_layers, d_ff=run.d_ff,
         bricks=tuple(_mine(run).values()), source={"run_id": run.run_id}, note=note,
+        operations=history(run).records() or None,
     )  # fmt: skip
