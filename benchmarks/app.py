@@ -3,8 +3,10 @@
 - neuron detail: p95 latency of `neurons.neuron_detail` (stats, category scores, top examples with
   their prompts' tokens) for random neurons of a run;
 - brick toggle: what the Playground does when a brick is switched: serialise and validate the
-  configuration, then `compare.compare` with the cached baseline (configured generation plus the
-  per-token KL passes), against plain generation of the same tokens.
+  configuration, then `compare.compare` with the cached baseline generation (its tokens and
+  log-probabilities): the configured generation, plus one teacher-forced pass over the tokens after
+  the first divergence for the per-token KL; against plain generation of the same tokens. Wall and CPU
+  time, interleaved; the paired ratio is the median over repeats of toggle / plain.
 
 Run on a COPY of a cache (the app may hold the original):
   cp data/bricklab.duckdb /tmp/bench.duckdb && python benchmarks/app.py --db /tmp/bench.duckdb
@@ -55,21 +57,29 @@ def regen_seconds(store: Store, run, lm, tokens: int, repeats: int) -> tuple[dic
     brick toggle as the Playground runs it (validate, configured generation, per-token KL)."""
     config = one_brick_config(store, run, lm)
     ids = compare.prompt_ids(lm, PROMPT)
-    baseline = compare.generate(lm, ids, tokens)  # the Playground caches this once per prompt
-    times = {"plain": [], "configured": [], "toggle": []}
-    for _ in range(repeats):
-        start = time.perf_counter()
-        compare.generate(lm, compare.prompt_ids(lm, PROMPT), tokens)
-        times["plain"].append(time.perf_counter() - start)
-        start = time.perf_counter()
+    baseline = compare.generate_scored(lm, ids, tokens)  # the Playground caches this once per prompt
+    times = {name: [] for name in ("plain", "configured", "toggle")}
+    cpu = {name: [] for name in times}
+
+    def timed(name, fn):
+        wall, proc = time.perf_counter(), time.process_time()
+        fn()
+        times[name].append(time.perf_counter() - wall)
+        cpu[name].append(time.process_time() - proc)
+
+    def configured():
         with interventions.configured(lm, config, store, run.run_id):
             compare.generate(lm, compare.prompt_ids(lm, PROMPT), tokens)
-        times["configured"].append(time.perf_counter() - start)
-        start = time.perf_counter()
+
+    def toggle():
         loaded = configuration.loads(config.to_json(), lm.info)
         compare.compare(lm, PROMPT, loaded, tokens, store, run.run_id, baseline=baseline)
-        times["toggle"].append(time.perf_counter() - start)
-    return times, sum(len(v) for v in config.bricks[0].neurons.values())
+
+    for _ in range(repeats):
+        timed("plain", lambda: compare.generate(lm, compare.prompt_ids(lm, PROMPT), tokens))
+        timed("configured", configured)
+        timed("toggle", toggle)
+    return times, cpu, sum(len(v) for v in config.bricks[0].neurons.values())
 
 
 def main() -> None:
@@ -91,8 +101,10 @@ def main() -> None:
     print(f"neuron detail, {args.queries} random neurons: {spread}")
 
     lm = models.load_model(None if run.model_id == models.DEFAULT_MODEL else run.model_id)
-    times, size = regen_seconds(store, run, lm, args.tokens, args.repeats)
+    times, cpu, size = regen_seconds(store, run, lm, args.tokens, args.repeats)
     median = {name: statistics.median(t) for name, t in times.items()}
+    cpu_median = {name: statistics.median(t) for name, t in cpu.items()}
+    paired = statistics.median(t / p for t, p in zip(times["toggle"], times["plain"], strict=True))
     for name, what in (
         ("plain", "plain generation"),
         ("configured", "generation with the brick off"),
@@ -105,6 +117,8 @@ def main() -> None:
     print(json.dumps({
         "neuron_detail_p50_ms": round(float(p50), 2), "neuron_detail_p95_ms": round(float(p95), 2),
         "regen_ratio": round(median["toggle"] / median["plain"], 3),
+        "regen_ratio_paired_median": round(paired, 3),
+        "regen_cpu_ratio": round(cpu_median["toggle"] / cpu_median["plain"], 3),
         "generation_only_ratio": round(median["configured"] / median["plain"], 3),
         "plain_generation_s": round(median["plain"], 3), "toggle_regeneration_s": round(median["toggle"], 3),
         "tokens": args.tokens, "run_id": run.run_id, "device": lm.info.device,

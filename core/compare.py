@@ -3,8 +3,12 @@ part, and how far the configured model's next-token distribution moves from the 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from core import configuration, interventions
@@ -15,6 +19,14 @@ from core.models import LoadedModel
 
 MAX_NEW_TOKENS = 256  # a side-by-side view, not a long-form generator
 MAX_PROMPT_TOKENS = 1024  # chat template included
+
+
+@dataclass(frozen=True, eq=False)
+class Generation:
+    """A greedy continuation and the model's log-probabilities at each of its steps."""
+
+    tokens: tuple[int, ...]  # generated ids only
+    logprobs: np.ndarray  # (len(tokens), vocab) float32: log-softmax of the logits that chose each token
 
 
 @dataclass(frozen=True)
@@ -60,11 +72,11 @@ def compare(
     store=None,
     run_id: str | None = None,
     chat_template: bool = True,
-    baseline: list[int] | tuple[int, ...] | None = None,
+    baseline: Generation | Sequence[int] | None = None,
 ) -> Comparison:
     """Generate greedily without and with `config`; store and run_id are needed for `mean` bricks.
-    `baseline`: the plain continuation when already known (a UI caches it), so only the configured
-    model generates."""
+    `baseline`: the plain continuation when already known (a UI caches it, best as a Generation with
+    its log-probabilities), so only the configured model generates."""
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
@@ -76,28 +88,37 @@ def compare(
         )
     plan = interventions.plan_for(lm, config, store, run_id)  # validates before generating anything
     ids = prompt_ids(lm, prompt, chat_template)
-    baseline = list(baseline) if baseline is not None else generate(lm, ids, max_new_tokens)
+    if baseline is None:
+        baseline = generate_scored(lm, ids, max_new_tokens)
+    elif not isinstance(baseline, Generation):
+        tokens = tuple(baseline)
+        baseline = Generation(tokens, forced_logprobs(lm, ids, tokens, None, len(tokens)))
     with interventions.apply_plan(lm.model, plan):
-        configured = generate(lm, ids, max_new_tokens)
-    kl = token_kl(lm, ids, baseline, plan)
+        configured = generate_scored(lm, ids, max_new_tokens)
+    b, c = list(baseline.tokens), list(configured.tokens)
     return Comparison(
         prompt=prompt,
         prompt_ids=tuple(ids),
-        baseline_tokens=tuple(baseline),
-        configured_tokens=tuple(configured),
-        baseline_pieces=_pieces(lm.tokenizer, baseline),
-        configured_pieces=_pieces(lm.tokenizer, configured),
-        baseline_text=lm.tokenizer.decode(baseline, skip_special_tokens=True),
-        configured_text=lm.tokenizer.decode(configured, skip_special_tokens=True),
-        first_divergence=first_divergence(baseline, configured),
-        kl=tuple(kl),
+        baseline_tokens=tuple(b),
+        configured_tokens=tuple(c),
+        baseline_pieces=_pieces(lm.tokenizer, b),
+        configured_pieces=_pieces(lm.tokenizer, c),
+        baseline_text=lm.tokenizer.decode(b, skip_special_tokens=True),
+        configured_text=lm.tokenizer.decode(c, skip_special_tokens=True),
+        first_divergence=first_divergence(b, c),
+        kl=tuple(token_kl(lm, ids, baseline, configured, plan)),
         active_share=configuration.active_share(config),
     )
 
 
-@torch.inference_mode()
 def generate(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
     """Plain Hugging Face greedy generation; returns the new token ids only."""
+    return list(generate_scored(lm, ids, max_new_tokens).tokens)
+
+
+@torch.inference_mode()
+def generate_scored(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> Generation:
+    """Greedy generation that also keeps the log-probabilities of every step (one generate call)."""
     device = next(lm.model.parameters()).device
     inputs = torch.tensor([ids], device=device)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
@@ -107,27 +128,59 @@ def generate(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad,
+        return_dict_in_generate=True,
+        output_logits=True,
     )
-    return out[0, len(ids) :].tolist()
+    tokens = tuple(out.sequences[0, len(ids) :].tolist())
+    logits = torch.cat([step[:1] for step in out.logits[: len(tokens)]])  # (n_new, vocab)
+    return Generation(tokens, _logprobs(logits))
+
+
+def _logprobs(logits: torch.Tensor) -> np.ndarray:
+    return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
 
 
 @torch.inference_mode()
-def token_kl(lm: LoadedModel, ids: list[int], continuation: list[int], plan: dict) -> list[float]:
-    """KL(p_baseline || p_configured) at each position that predicts a continuation token, both
-    models reading the same (baseline) text, so the numbers compare like with like."""
-    if not continuation:
-        return []
+def forced_logprobs(lm: LoadedModel, ids: list[int], tokens, plan: dict | None, keep: int) -> np.ndarray:
+    """(keep, vocab) log-probabilities of the last `keep` of `tokens`, the model reading
+    ids + tokens (teacher-forced), with a compiled plan applied (None: the plain model)."""
     device = next(lm.model.parameters()).device
-    inputs = torch.tensor([ids + continuation[:-1]], device=device)
-    rows = slice(len(ids) - 1, None)  # (n_new, vocab): the logits that predict each new token
-    base = torch.log_softmax(lm.model(inputs, use_cache=False).logits[0, rows].float(), dim=-1)
-    with interventions.apply_plan(lm.model, plan):
-        conf = torch.log_softmax(lm.model(inputs, use_cache=False).logits[0, rows].float(), dim=-1)
-    kl = (base.exp() * (base - conf)).sum(dim=-1).clamp_min(0.0)
-    return kl.cpu().tolist()
+    inputs = torch.tensor([list(ids) + list(tokens[:-1])], device=device)
+    kwargs = {"logits_to_keep": keep} if _keeps_logits(lm.model) else {}
+    scope = interventions.apply_plan(lm.model, plan) if plan is not None else contextlib.nullcontext()
+    with scope:
+        logits = lm.model(inputs, use_cache=False, **kwargs).logits[0, -keep:]
+    return _logprobs(logits)
 
 
-def first_divergence(a: list[int], b: list[int]) -> int | None:
+def _keeps_logits(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def token_kl(
+    lm: LoadedModel, ids: list[int], baseline: Generation, configured: Generation, plan: dict
+) -> list[float]:
+    """KL(p_baseline || p_configured) at each position that predicts a baseline token, both models
+    reading the same (baseline) text, so the numbers compare like with like.
+
+    Up to the first divergent token the configured generation read exactly the baseline's text, so its
+    own step log-probabilities are the teacher-forced ones; only the positions after it need one
+    teacher-forced pass of the configured model (and none when nothing diverged)."""
+    n = len(baseline.tokens)
+    if n == 0:
+        return []
+    split = first_divergence(baseline.tokens, configured.tokens)
+    reused = min(n, len(configured.tokens), n if split is None else split + 1)
+    conf = configured.logprobs[:reused]
+    if reused < n:
+        tail = forced_logprobs(lm, ids, baseline.tokens, plan, n - reused)
+        conf = np.concatenate([conf, tail])
+    base = torch.from_numpy(baseline.logprobs[:n])
+    kl = (base.exp() * (base - torch.from_numpy(conf))).sum(dim=-1).clamp_min(0.0)
+    return kl.tolist()
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i

@@ -462,3 +462,44 @@ def _check_means(config: BrickConfig, means) -> np.ndarray | None:
         problem = f"expected finite values of shape {config.shape}, got {means.shape}"
         raise ConfigError("means", f"{problem}; pass the means of a run of this model")
     return means
+
+
+def problems(text: str | bytes, model=None, limit: int = 20) -> list[ConfigError]:
+    """Every problem of a configuration, field by field (at most `limit`); [] when it loads.
+
+    A document-level problem (not JSON, wrong version, too large) comes alone: nothing past it can
+    be checked. Otherwise schema errors are listed together, then each brick is checked on its own."""
+    try:
+        loads(text, model)
+        return []
+    except ConfigError as first:
+        found = [first]
+    try:
+        doc = json.loads(text, object_pairs_hook=_object)
+        if not isinstance(doc, dict):
+            return found
+        _check_values(doc)
+        _check_version(doc)
+        _check_entries(doc, model)
+    except (ConfigError, ValueError, RecursionError):
+        return found
+    found += [_schema_error(e) for e in islice(_VALIDATOR.iter_errors(_skeleton(doc)), limit)]
+    if len(found) == 1:  # the schema holds: check the model and each brick alone
+        found += _brick_problems(doc, model)
+    unique = {str(e): e for e in found}
+    return list(unique.values())[:limit]
+
+
+def _brick_problems(doc: dict, model) -> list[ConfigError]:
+    out, names = [], {}
+    for i, brick in enumerate(doc["bricks"]):
+        try:
+            BrickConfig.from_dict(doc | {"bricks": [brick]}, model)
+        except ConfigError as err:
+            path = err.path.replace("bricks[0]", f"bricks[{i}]", 1)
+            out.append(ConfigError(path, err.problem))
+        if brick["name"] in names:
+            problem = f"name {_short(brick['name'])} is also bricks[{names[brick['name']]}]; rename one"
+            out.append(ConfigError(_path("bricks", i, "name"), problem))
+        names.setdefault(brick["name"], i)
+    return out

@@ -5,9 +5,8 @@ import hashlib
 import streamlit as st
 
 from core import configuration, export, settings
-from core.configuration import ConfigError
 from core.errors import BricklabError
-from ui import config_state, figures, layout, resources
+from ui import config_state, export_view, figures, layout, resources
 
 layout.page("Export", "📦", "Take a configuration away as JSON, bring one back, or write a pruned model.")
 run = layout.require_run()
@@ -24,18 +23,18 @@ with st.expander("JSON"):
 
 st.subheader("Load or compare a configuration")
 upload = st.file_uploader("A bricklab configuration (.json)", type=["json"])
+other = st.file_uploader("Optional: a second one, to compare the two files", type=["json"])
 if upload is not None:
-    try:
-        loaded = configuration.loads(upload.getvalue(), model=run)
-    except ConfigError as exc:
-        st.error(f"**{exc.path}**: {exc.problem}")  # the field first, then what is wrong with it
-        st.caption("Nothing was applied.")
-        st.stop()
-    changes = configuration.diff(config, loaded)
+    loaded = export_view.validated(upload, run)
     share = configuration.active_share(loaded)
     st.success(f"Valid: {len(loaded.bricks)} bricks for {loaded.model_id}, {share:.1%} of neurons active.")
-    st.markdown("**What loading it changes** (added, removed, changed bricks):")
-    st.json(changes, expanded=2)
+    if other is None:
+        st.markdown("**What loading it changes** (added, removed, changed bricks):")
+        st.json(configuration.diff(config, loaded), expanded=2)
+    else:
+        second = export_view.validated(other, run)
+        st.markdown(f"**From {upload.name} to {other.name}** (added, removed, changed bricks):")
+        st.json(configuration.diff(loaded, second), expanded=2)
     if st.button("Use this configuration"):
         config_state.replace_with(run, loaded)
         st.rerun()

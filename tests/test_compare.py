@@ -53,27 +53,64 @@ def test_bricks_off_move_the_distribution(tiny_lm):
     assert hook_count(tiny_lm.model) == 0
 
 
-def test_kl_is_teacher_forced_on_the_baseline(tiny_lm):
-    config = make(tiny_lm, Brick("x", {1: list(range(50))}, "scale", 0.2))
-    result = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=4)
+def _reference_kl(lm, result, config) -> list[float]:
+    """The obvious way: both models read prompt + baseline text in one full pass each."""
     ids = list(result.prompt_ids) + list(result.baseline_tokens)
     with torch.no_grad():
-        base = torch.log_softmax(tiny_lm.model(torch.tensor([ids])).logits[0], -1)
-    with configured(tiny_lm, config), torch.no_grad():
-        conf = torch.log_softmax(tiny_lm.model(torch.tensor([ids])).logits[0], -1)
-    at = len(result.prompt_ids) + 2 - 1  # the position that predicts generated token 2
-    expected = float((base[at].exp() * (base[at] - conf[at])).sum())
-    assert result.kl[2] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+        base = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0], -1)
+    with configured(lm, config), torch.no_grad():
+        conf = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0], -1)
+    rows = slice(len(result.prompt_ids) - 1, len(ids) - 1)  # the positions predicting each new token
+    return (base[rows].exp() * (base[rows] - conf[rows])).sum(-1).clamp_min(0).tolist()
+
+
+@pytest.mark.parametrize(
+    "brick",
+    [
+        Brick("x", {1: list(range(50))}, "scale", 0.2),  # diverges late or not at all
+        Brick("x", {0: list(range(96)), 1: list(range(96))}, "off"),  # diverges early
+        Brick("x", {0: list(range(96)), 1: list(range(96))}, "scale", 3.0),
+    ],
+)
+def test_kl_is_teacher_forced_on_the_baseline(tiny_lm, brick):
+    config = make(tiny_lm, brick)
+    result = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=10)
+    assert result.kl == pytest.approx(_reference_kl(tiny_lm, result, config), rel=1e-3, abs=1e-5)
+
+
+def test_kl_after_divergence_reads_the_baseline_text(tiny_lm):
+    """After the texts part, the configured model's own steps read other text: KL must not use them."""
+    for factor in (0.0, 3.0, 8.0, 0.5):
+        config = make(tiny_lm, Brick("x", {0: list(range(96)), 1: list(range(96))}, "scale", factor))
+        result = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=10)
+        if result.first_divergence is not None and result.first_divergence < 8:
+            break
+    else:
+        pytest.fail("no configuration diverged early; the test needs one")
+    assert result.kl == pytest.approx(_reference_kl(tiny_lm, result, config), rel=1e-3, abs=1e-5)
+    assert hook_count(tiny_lm.model) == 0
 
 
 def test_a_known_baseline_is_reused_not_regenerated(tiny_lm, monkeypatch):
     config = make(tiny_lm, Brick("x", {0: list(range(60))}, "off"))
+    plain = compare.generate_scored(tiny_lm, compare.prompt_ids(tiny_lm, PROMPT), 5)
     fresh = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=5)
     calls = []
-    real = compare.generate
-    monkeypatch.setattr(compare, "generate", lambda *a: calls.append(a) or real(*a))
-    reused = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=5, baseline=fresh.baseline_tokens)
+    real = compare.generate_scored
+    monkeypatch.setattr(compare, "generate_scored", lambda *a: calls.append(a) or real(*a))
+    reused = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=5, baseline=plain)
     assert reused == fresh and len(calls) == 1  # only the configured generation ran
+    tokens_only = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=5, baseline=plain.tokens)
+    assert tokens_only.kl == pytest.approx(fresh.kl, rel=1e-3, abs=1e-5) and len(calls) == 2
+
+
+def test_scored_generation_keeps_one_distribution_per_token(tiny_lm):
+    ids = compare.prompt_ids(tiny_lm, PROMPT)
+    scored = compare.generate_scored(tiny_lm, ids, 6)
+    assert list(scored.tokens) == compare.generate(tiny_lm, ids, 6)
+    assert scored.logprobs.shape == (6, tiny_lm.model.config.vocab_size)
+    assert scored.logprobs.argmax(-1).tolist() == list(scored.tokens)  # greedy picked each argmax
+    assert torch.allclose(torch.from_numpy(scored.logprobs).exp().sum(-1), torch.ones(6), atol=1e-4)
 
 
 def test_first_divergence():

@@ -349,12 +349,15 @@ def paths(value, prefix=()):
 
 
 def only_config_errors(text) -> None:
+    listed = cfg.problems(text)  # the field-by-field listing agrees with loads, first error first
     try:
         result = loads(text)
     except ConfigError as err:
         assert err.path and err.problem
+        assert listed and str(listed[0]) == str(err) and all(isinstance(e, ConfigError) for e in listed)
     else:
         assert isinstance(result, BrickConfig) and loads(result.to_json()) == result
+        assert listed == []
 
 
 @settings(max_examples=300, deadline=None)
@@ -435,3 +438,32 @@ def test_random_configs_round_trip_and_match_the_reference_plan(bricks):
         np.testing.assert_array_equal(scale[layer], np.ones(D) if plan is None else plan.scale)
         np.testing.assert_array_equal(add[layer], np.zeros(D) if plan is None else plan.add)
     assert cfg.active_share(c) == pytest.approx(np.count_nonzero(scale) / (L * D))
+
+
+# --- every problem at once, for the upload form -------------------------------------------------
+
+
+def test_problems_lists_every_bad_field_not_just_the_first():
+    doc = make_doc()
+    doc["bricks"][0]["mode"] = "explode"
+    doc["bricks"][1]["factor"] = "big"
+    doc["note"] = 5
+    listed = [e.path for e in cfg.problems(json.dumps(doc))]
+    assert set(listed) == {"bricks[0].mode", "bricks[1].factor", "note"}
+
+
+def test_problems_checks_each_brick_against_the_model():
+    doc = make_doc()
+    doc["bricks"][0]["neurons"]["0"] = [D + 4]
+    doc["bricks"][1]["neurons"] = {str(L + 1): [0]}
+    doc["bricks"].append({"name": "a", "neurons": {"0": [1]}, "mode": "off"})
+    listed = {e.path: e.problem for e in cfg.problems(json.dumps(doc), Model())}
+    assert set(listed) == {'bricks[0].neurons["0"]', f'bricks[1].neurons["{L + 1}"]', "bricks[2].name"}
+    assert "out of range for d_ff" in listed['bricks[0].neurons["0"]']
+    assert "rename" in listed["bricks[2].name"]
+
+
+def test_problems_is_empty_for_a_valid_document_and_alone_for_broken_json():
+    assert cfg.problems(json.dumps(make_doc()), Model()) == []
+    (only,) = cfg.problems('{"schema_version": 1, "bricks": [')
+    assert "invalid JSON" in only.problem

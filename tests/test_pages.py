@@ -279,6 +279,36 @@ def test_export_upload_names_the_bad_field_and_applies_nothing(on_small_run, sma
     assert not [b for b in at.button if b.label == "Use this configuration"]
 
 
+def test_export_upload_lists_every_problem_field_by_field(on_small_run, small_run):
+    at = app("6_Export.py")
+    one_brick_config(at.session_state, small_run)
+    at.run()
+    doc = json.loads(at.code[0].value)
+    doc["bricks"][0]["mode"] = "explode"
+    doc["bricks"].append({"name": "b1", "neurons": {"0": [1]}, "mode": "scale"})  # no factor
+    at.file_uploader[0].set_value(("bad.json", json.dumps(doc).encode(), "application/json")).run()
+    shown = texts(at.error)
+    assert not at.exception and "2 problems" in shown
+    assert "bricks[0].mode" in shown and "bricks[1].factor" in shown
+    assert not [b for b in at.button if b.label == "Use this configuration"]
+
+
+def test_export_diffs_two_uploaded_files(on_small_run, small_run):
+    at = app("6_Export.py")
+    one_brick_config(at.session_state, small_run)
+    at.run()
+    first = json.loads(at.code[0].value)
+    second = json.loads(at.code[0].value)
+    second["bricks"][0]["neurons"]["0"] = [1, 2, 3, 4]
+    second["bricks"].append({"name": "new", "neurons": {"1": [0]}, "mode": "off"})
+    at.file_uploader[0].set_value(("a.json", json.dumps(first).encode(), "application/json"))
+    at.file_uploader[1].set_value(("b.json", json.dumps(second).encode(), "application/json")).run()
+    assert not at.exception and not at.error
+    changes = json.loads(at.json[0].value)
+    assert "new" in json.dumps(changes["added"]) and "b0" in changes["changed"]
+    assert "From a.json to b.json" in " ".join(m.value for m in at.markdown)
+
+
 def test_export_writes_a_pruned_model(on_small_run, small_run, tmp_path):
     at = app("6_Export.py")
     one_brick_config(at.session_state, small_run)
@@ -308,6 +338,7 @@ def test_paper_computes_on_request_then_shows_every_section(on_small_run):
         "1 · Activations are sparse", "2 · Neurons specialise by category",
         "3 · Ablation: removing a category's neurons hurts that category",
         "4 · The categories' neurons barely overlap", "5 · Recombination: keep only some categories' neurons",
+        "6 · Routing: run only the neurons an input needs",
     ]  # fmt: skip
     assert len(at.get("plotly_chart")) == 5
     rows = 1 + 2 * len(analysis.ReportConfig().recombine_percents)  # baseline + (kept, random) per share
@@ -316,6 +347,6 @@ def test_paper_computes_on_request_then_shows_every_section(on_small_run):
     again.session_state["run_id"] = on_small_run
     again.run()
     again.toggle[0].set_value(True).run()
-    assert not [b for b in again.button if b.label.startswith("Compute")] and len(again.header) == 5  # cached
+    assert not [b for b in again.button if b.label.startswith("Compute")] and len(again.header) == 6  # cached
     again.toggle[1].set_value(True).run()  # resident neurons excluded
     assert not again.exception

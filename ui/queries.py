@@ -68,11 +68,12 @@ def brick_of_neuron(run_id: str, params: dict, n_neurons: int) -> np.ndarray:
     return index
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def baseline(model_ref: str, prompt: str, max_new_tokens: int) -> tuple[int, ...]:
-    """The plain model's greedy continuation: computed once per prompt, reused by every toggle."""
+@st.cache_data(max_entries=16, show_spinner=False)  # ~6 MB each on the default model (log-probs)
+def baseline(model_ref: str, prompt: str, max_new_tokens: int) -> compare.Generation:
+    """The plain model's greedy continuation and its log-probabilities: computed once per prompt,
+    reused by every toggle."""
     lm = resources.model(model_ref)
-    return tuple(compare.generate(lm, compare.prompt_ids(lm, prompt), max_new_tokens))
+    return compare.generate_scored(lm, compare.prompt_ids(lm, prompt), max_new_tokens)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
