@@ -7,12 +7,20 @@ import streamlit as st
 
 from core import configuration
 from core.errors import BricklabError
-from ui import config_state, figures, layout, queries, resources
+from ui import config_state, figures, layout, queries, resources, routing_view
 
 INTRO = "Pick bricks and a mode for each; the configured model writes next to the plain one."
 layout.page("Playground", "🎛️", INTRO)
 run = layout.require_run()
 lm = layout.run_model(run)
+if routing_view.auto_mode():  # a router picks the bricks for each prompt; the manual controls are below
+    params = routing_view.router_picker()
+    routing_view.require_router(run, lm, params)
+    prompt, max_new = routing_view.prompt_input(run)
+    result = routing_view.compare(run, params, prompt, max_new)
+    routing_view.outcome(result)
+    routing_view.choice(run, result)
+    st.stop()
 found = {b.brick_id: b for b in queries.bricks_of(run.run_id, queries.session_brick_params())}
 chosen = config_state.chosen(run)
 

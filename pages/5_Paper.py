@@ -5,7 +5,7 @@ import streamlit as st
 
 from core import analysis
 from core.errors import BricklabError
-from ui import figures, layout, paper_text, resources
+from ui import figures, layout, paper_text, resources, routing_view
 
 layout.page("Paper", "📄", paper_text.INTRO)
 run = layout.require_run()
@@ -87,3 +87,7 @@ for row in rc["rows"]:
         {"kept": "  random, same size", **dict(zip(rc["categories"], row["random_loss"], strict=True))}
     )
 st.dataframe(table, hide_index=True)
+
+st.header("6 · Routing: run only the neurons an input needs")
+st.markdown(paper_text.ROUTING)
+routing_view.curve_section(run)

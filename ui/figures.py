@@ -110,3 +110,19 @@ def token_strip(tokens: tuple[str, ...], values: np.ndarray | None, mark: int | 
     # pre-wrap keeps a token's spaces and still wraps; "anywhere" breaks runs without spaces
     style = "font: 15px monospace; line-height: 1.9; white-space: pre-wrap; overflow-wrap: anywhere;"
     return f'<div style="{style}">{"".join(spans)}</div>'
+
+
+def tradeoff(lines: dict[str, tuple[list, list]], title: str) -> go.Figure:
+    """Quality against compute: one line per router kind (x: share of neurons that ran, y: loss
+    relative to dense), the dense model as a star at (1, 1)."""
+    fig = go.Figure()
+    for i, (name, (x, y)) in enumerate(lines.items()):
+        fig.add_trace(
+            go.Scatter(x=x, y=y, name=name, mode="lines+markers", line={"color": PALETTE[i % len(PALETTE)]})
+        )
+    star = {"symbol": "star", "size": 16, "color": "black"}
+    fig.add_trace(go.Scatter(x=[1.0], y=[1.0], name="dense", mode="markers", marker=star))
+    fig.add_hline(y=1.1, line_dash="dot", line_color="grey", annotation_text="10% above dense")
+    fig.update_xaxes(title="share of FFN neurons that ran", tickformat=".0%", range=[0, 1.05])
+    fig.update_yaxes(title="loss / dense loss")
+    return _layout(fig, title, height=460)

@@ -43,3 +43,16 @@ RECOMBINATION = (
     "**Read the table.** Mean loss per category (lower is better): compare each kept row with the random "
     "row under it, column by column."
 )
+
+ROUTING = (
+    "**The promise.** If a model's knowledge sits in bricks, it need not run all of them for every input: "
+    "a *router* picks the bricks an input needs, and the skipped neurons are not computed at all, which "
+    "saves real time. **The routers.** *static* runs one fixed set for every input; *category* guesses "
+    "the prompt's category from its first layers and runs that category's neurons; *token · oracle* "
+    "picks, per token, the bricks with the most activation (it has to compute them all to know, so it "
+    "shows the best quality routing could reach); *token · learned* predicts those bricks with a small "
+    "map. **Read the chart.** Each line is one router at budgets from 20% to 80% of each layer's "
+    "neurons: left is less compute, up is worse quality, and the star is the full model. A line that "
+    "stays near 1 far to the left means the work of the model really splits into bricks; try one in the "
+    "Playground's auto mode."
+)

@@ -1,0 +1,178 @@
+"""Routing on the pages: pick a router and fit it on request (then it is read from the cache), the
+Playground's auto mode (what the router chose, dense and routed output side by side) and the Paper's
+quality–compute curve."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import streamlit as st
+
+from core import models, routing, tradeoff
+from core.errors import BricklabError
+from core.routing import Router, RouterParams
+from core.store import Run
+from ui import figures, layout, queries, resources
+
+MODES = ("Manual bricks", "Auto (router)")
+ABOUT = {
+    "category": "guesses the prompt's category from its first {layers} layers and runs that category's "
+    "neurons (plus the neurons every category uses)",
+    "static": "runs one fixed set for every prompt: the neurons that matter most to any category",
+    "token · oracle": "per token and layer, runs the co-activation bricks ({size} neurons) with the most "
+    "activation; it must compute every neuron's gate to know, so it bounds quality rather than saving time",
+    "token · learned": "per token and layer, a small linear map predicts which co-activation bricks "
+    "({size} neurons) will be most active, and only those run",
+}
+
+
+def auto_mode() -> bool:
+    """The Playground's mode switch; True for the router."""
+    return st.pills("Mode", MODES, default=MODES[0], key="pg-mode") == MODES[1]
+
+
+def router_picker() -> RouterParams:
+    left, right = st.columns([3, 2])
+    preset = left.radio("Router", list(tradeoff.PRESETS), horizontal=True, key="auto-kind")
+    percent = right.slider("Budget: share of each layer's neurons", 10, 90, 35, 5, format="%d%%")
+    params = tradeoff.router_params(preset, percent / 100)
+    left.caption(f"The **{preset}** router " + ABOUT[preset].format(layers=params.profile_layers,
+                                                                     size=params.brick_size))  # fmt: skip
+    return params
+
+
+def stored_router(run_id: str, params: RouterParams) -> Router | None:
+    return routing.load(resources.store(), {"run_id": run_id, "params": params.key()})
+
+
+def require_router(run: Run, lm: models.LoadedModel, params: RouterParams) -> None:
+    """Go on when the router is in the cache, else offer a button that fits it (on the run's
+    selection half) and stop."""
+    if stored_router(run.run_id, params) is not None:
+        return
+    name = f"{params.kind} router, {params.budget:.0%}"
+    st.info(f"The {name} is not fitted on this run yet. Fitting reads the run's cached activations "
+            "(token routers also run the model); it is stored in the cache afterwards.")  # fmt: skip
+    if not st.button(f"Fit the {name}", type="primary"):
+        st.stop()
+    with st.spinner(f"Fitting the {name}…"):
+        try:
+            routing.fit(lm, resources.store(), run.run_id, params, layout.progress_bar("fitting…"))
+        except BricklabError as exc:
+            resources.show_error(exc)
+    st.rerun()  # redraw from the cache, without the button
+
+
+def prompt_input(run: Run) -> tuple[str, int]:
+    """(prompt, new tokens): typed, or one of the run's prompts."""
+    source = st.radio("Prompt", ["Type one", "Pick one from the run"], horizontal=True, key="auto-source")
+    if source == "Type one":
+        prompt = st.text_area("Prompt", "What is the capital of France?", height=80, key="auto-prompt")
+    else:
+        rows = resources.store().prompts(run.run_id)
+        pick = st.selectbox("Prompt", rows, format_func=lambda p: f"{p[1]} · {p[2]} · {p[3][:90]}",
+                            key="auto-pick")  # fmt: skip
+        prompt = pick[3]
+    return prompt, st.slider("New tokens", 4, 128, 32, key="auto-new")
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def routed_run(model_ref: str, run_id: str, key: str, prompt: str, max_new: int) -> tradeoff.RoutedRun:
+    router = routing.load(resources.store(), {"run_id": run_id, "params": json.loads(key)})
+    return tradeoff.routed_run(resources.model(model_ref), router, prompt, max_new)
+
+
+def compare(run: Run, params: RouterParams, prompt: str, max_new: int) -> tradeoff.RoutedRun:
+    with st.spinner("Generating dense and routed, twice each to time them…"):
+        try:
+            return routed_run(run.model_id, run.run_id, json.dumps(params.key()), prompt, max_new)
+        except BricklabError as exc:
+            resources.show_error(exc)
+
+
+def outcome(result: tradeoff.RoutedRun) -> None:
+    """Metrics, then the dense and the routed continuation side by side."""
+    route, div = result.route, result.first_divergence
+    chose = {"category": route.category, "static": "one fixed set", "token": "bricks per token"}
+    c = st.columns(5)
+    c[0].metric("router chose", chose[route.kind])
+    c[1].metric("neurons that ran", f"{route.active_share:.1%}", help="Share of the model's FFN neurons; "
+                "token routing: per token, at most")  # fmt: skip
+    c[2].metric("time per token", f"{1000 * result.routed_seconds:.1f} ms",
+                f"dense {1000 * result.dense_seconds:.1f} ms", delta_color="off")  # fmt: skip
+    timing = f"fastest of {tradeoff.TIMING_REPEATS} runs each on this machine, so it varies with its load"
+    c[3].metric(
+        "time saved", f"{result.time_saved:.0%}", help=f"Per generated token, prompt included; {timing}"
+    )
+    c[4].metric("first divergent token", "none" if div is None else div + 1)
+    left, right = st.columns(2)
+    left.markdown("**Dense** (every neuron runs)")
+    left.html(figures.token_strip(result.dense_pieces, None, div, 1.0))
+    right.markdown(f"**Routed** ({route.active_share:.0%} of the neurons" + (")" if route.sparse else
+                   ", masked: this MLP cannot skip them)"))  # fmt: skip
+    right.html(figures.token_strip(result.routed_pieces, None, div, 1.0))
+
+
+def choice(run: Run, result: tradeoff.RoutedRun) -> None:
+    """What the router chose for the prompt: the category, and the bricks that ran."""
+    st.subheader("What the router chose")
+    if result.brick_use is not None:
+        layers = [str(layer) for layer in range(len(result.brick_use))]
+        bricks = list(range(result.brick_use.shape[1]))
+        title = "Share of the prompt's tokens that ran each brick (layer × co-activation brick)"
+        st.plotly_chart(figures.heatmap(result.brick_use, bricks, layers, title, zfmt=".0%"))
+        return
+    left, right = st.columns(2)
+    if result.route.probabilities:
+        p = result.route.probabilities
+        left.plotly_chart(figures.bars(list(p), list(p.values()), "Category probabilities for this prompt"))
+    per_layer = result.kept.mean(axis=1)
+    title = "Share of each layer's neurons that ran"
+    right.plotly_chart(figures.bars([str(i) for i in range(len(per_layer))], per_layer.tolist(), title))
+    brick_table(run, result.kept)
+
+
+def brick_table(run: Run, kept: np.ndarray) -> None:
+    """The run's bricks (as formed on the Bricks page), by the share of their neurons that ran."""
+    found = queries.bricks_of(run.run_id, queries.session_brick_params())
+    flat = kept.reshape(-1)
+    rows = sorted(
+        ({"brick": b.brick_id, "label": b.label or "", "layers": layout.span(b.layers), "size": b.size,
+          "ran": float(flat[b.neurons].mean())} for b in found),
+        key=lambda r: -r["ran"],
+    )  # fmt: skip
+    ran = sum(r["ran"] >= 0.5 for r in rows)
+    st.markdown(f"**{ran} of {len(rows)} bricks** ran at least half of their neurons for this prompt.")
+    bar = st.column_config.ProgressColumn("ran", format="percent", min_value=0, max_value=1)
+    st.dataframe(rows, hide_index=True, column_config={"ran": bar})
+
+
+def curve_section(run: Run, params: tradeoff.CurveParams = tradeoff.CurveParams()) -> None:
+    """The Paper's quality–compute curve: from the cache, else measured on request."""
+    store = resources.store()
+    result = tradeoff.stored_curve(store, run.run_id, params)
+    if result is None:
+        n = len(tradeoff.held_out(store, run.run_id, params.per_category))
+        routers = len(params.presets) * len(params.budgets)
+        st.info(f"Measuring fits {routers} routers (or reads them from the cache) and runs the model on "
+                f"{n} held-out prompts under each; the result is cached.")  # fmt: skip
+        if not st.button(f"Measure the quality–compute curve ({routers} routers, {n} prompts)"):
+            return
+        try:
+            lm = layout.run_model(run)
+            tradeoff.curve(lm, store, run.run_id, params, layout.progress_bar())
+        except BricklabError as exc:
+            resources.show_error(exc)
+        st.rerun()  # redraw from the cache, without the button and the progress bar
+    lines = {
+        name: ([p["active_share"] for p in points], [p["loss_ratio"] for p in points])
+        for name, points in result["lines"].items()
+    }
+    title = "Loss relative to dense vs share of FFN neurons that ran"
+    st.plotly_chart(figures.tradeoff(lines, title))
+    budgets = ", ".join(f"{b:.0%}" for b in params.budgets)
+    st.caption(
+        f"Measured on {result['n_prompts']} held-out prompts ({params.per_category} per category) that no "
+        f"router was fitted on; budgets {budgets}; dense loss {result['dense_loss']:.3f}."
+    )
