@@ -21,6 +21,7 @@ from core.errors import BricklabError
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MODES = ("off", "mean", "scale", "keep")
+ADAPTER_MODES = ("on", "off", "scale")  # for adapter bricks (core.adapters)
 MAX_BYTES = 50 * 2**20  # largest document loads() reads
 MAX_DEPTH = 32  # nesting levels, e.g. inside `source`
 ENTRY_FACTOR = 4  # cap on bricks + neuron entries, times n_layers * d_ff
@@ -130,6 +131,37 @@ class Brick:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A trained low-rank adapter brick (core.adapters), named by the sha256 of its safetensors file."""
+
+    name: str  # unique among the configuration's bricks and adapters
+    sha256: str  # 64 lowercase hex digits: the file adapters/<sha256>.safetensors
+    layers: tuple[int, ...]  # layers it changes
+    modules: tuple[str, ...]  # which of gate, up, down it changes
+    rank: int
+    mode: str = "on"  # on: added; off: not added; scale: added times factor
+    factor: float = 1.0  # for mode "scale"; 1.0 for the other modes
+    label: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError("name", f"not a non-blank string: {_short(self.name)}")
+        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ConfigError("sha256", f"{_short(self.sha256)} is not 64 lowercase hex digits")
+        if self.mode not in ADAPTER_MODES:
+            raise ConfigError("mode", f"unknown mode {_short(self.mode)}; use {ADAPTER_MODES}")
+        object.__setattr__(self, "factor", _factor(self.factor, self.mode))
+        object.__setattr__(self, "layers", tuple(sorted({_index(x, "layers", "layer") for x in self.layers})))
+        object.__setattr__(self, "modules", tuple(self.modules))
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "label": self.label, "mode": self.mode}
+        out |= {"factor": self.factor} if self.mode == "scale" else {}
+        out |= {"sha256": self.sha256, "layers": list(self.layers), "modules": list(self.modules)}
+        return out | {"rank": self.rank}
+
+
+@dataclass(frozen=True)
 class BrickConfig:
     """Bricks for one model, identified by its fingerprint and FFN shape."""
 
@@ -142,6 +174,7 @@ class BrickConfig:
     note: str | None = None
     created: str | None = None  # ISO 8601 timestamp
     operations: list | None = None  # brick operations that made the bricks (core.brick_ops.Operation)
+    adapters: tuple[AdapterRef, ...] = ()  # adapter bricks (core.adapters), referenced by file hash
 
     def __post_init__(self):
         self._check_fields()
@@ -158,11 +191,12 @@ class BrickConfig:
                 raise ConfigError(_path("bricks", i, "name"), f"{problem}; rename one")
             seen[brick.name] = i
             self._check_ranges(i, brick)
+        self._check_adapters(seen)
 
     def _check_fields(self) -> None:
         for name, value in vars(self).items():
             kind, optional = {"source": dict, "operations": list}.get(name, str), name in _EXTRA
-            if name in ("bricks", "n_layers", "d_ff") or (optional and value is None):
+            if name in ("bricks", "n_layers", "d_ff", "adapters") or (optional and value is None):
                 continue
             if not isinstance(value, kind) or not (value or optional):
                 problem = f"expected a non-empty {kind.__name__}, got {_short(value)}"
@@ -182,6 +216,18 @@ class BrickConfig:
                 problem = f"neuron {indices[-1]} is out of range for d_ff {d}"
                 raise ConfigError(where, f"{problem} (0-{d - 1}); {_FIX}")
 
+    def _check_adapters(self, names: dict) -> None:
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+        for i, ref in enumerate(self.adapters):
+            if not isinstance(ref, AdapterRef):
+                raise ConfigError(_path("adapters", i), f"not an AdapterRef: {_short(ref)}")
+            if ref.name in names or any(r.name == ref.name for r in self.adapters[:i]):
+                problem = f"{_short(ref.name)} is used twice (bricks and adapters share names)"
+                raise ConfigError(_path("adapters", i, "name"), f"{problem}; rename one")
+            if ref.layers and ref.layers[-1] >= self.n_layers:
+                problem = f"layer {ref.layers[-1]} is out of range for a model with {self.n_layers} layers"
+                raise ConfigError(_path("adapters", i, "layers"), f"{problem}; {_FIX}")
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.n_layers, self.d_ff
@@ -192,6 +238,7 @@ class BrickConfig:
         out = {"schema_version": SCHEMA_VERSION, "model": model}
         out["bricks"] = [brick.to_dict() for brick in self.bricks]
         extra = {k: getattr(self, k) for k in _EXTRA}
+        out |= {"adapters": [a.to_dict() for a in self.adapters]} if self.adapters else {}
         return out | {k: json.loads(json.dumps(v)) for k, v in extra.items() if v is not None}
 
     def to_json(self) -> str:
@@ -214,7 +261,8 @@ class BrickConfig:
             _check_model(doc["model"], model)
         bricks = tuple(_brick(i, b) for i, b in enumerate(doc["bricks"]))
         m, extra = doc["model"], [doc.get(k) for k in _EXTRA]
-        return cls(m["id"], m["fingerprint"], m["n_layers"], m["d_ff"], bricks, *extra)
+        adapters = tuple(_adapter(i, a) for i, a in enumerate(doc.get("adapters", [])))
+        return cls(m["id"], m["fingerprint"], m["n_layers"], m["d_ff"], bricks, *extra, adapters=adapters)
 
 
 def _brick(i: int, doc: dict) -> Brick:
@@ -227,6 +275,14 @@ def _brick(i: int, doc: dict) -> Brick:
         return Brick(*args)
     except ConfigError as err:
         raise ConfigError(f"{_path('bricks', i)}.{err.path}", err.problem) from None
+
+
+def _adapter(i: int, doc: dict) -> AdapterRef:
+    keys = ("name", "sha256", "layers", "modules", "rank", "mode")
+    try:
+        return AdapterRef(*(doc[k] for k in keys), doc.get("factor", 1.0), doc.get("label"))
+    except ConfigError as err:
+        raise ConfigError(f"{_path('adapters', i)}.{err.path}", err.problem) from None
 
 
 class _Duplicated(dict):
@@ -367,7 +423,9 @@ def merge(a: BrickConfig, b: BrickConfig) -> BrickConfig:
     theirs = {brick.name: brick for brick in b.bricks}
     bricks = [theirs.pop(brick.name, brick) for brick in a.bricks]
     extra = {k: getattr(b if getattr(b, k) is not None else a, k) for k in _EXTRA}
-    return replace(a, bricks=(*bricks, *theirs.values()), **extra)
+    new = {ref.name: ref for ref in b.adapters}
+    adapters = (*(new.pop(ref.name, ref) for ref in a.adapters), *new.values())
+    return replace(a, bricks=(*bricks, *theirs.values()), adapters=adapters, **extra)
 
 
 def diff(a: BrickConfig, b: BrickConfig) -> dict:

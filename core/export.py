@@ -5,8 +5,11 @@ physically removed from gate/up/down (scales folded into W_down, run means into 
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import interventions, models
-from core.configuration import BrickConfig
+from core import adapters, configuration, interventions, models
+from core.configuration import BrickConfig, ConfigError
 from core.errors import BricklabError
 from core.models import FfnSite, LoadedModel
 
@@ -75,7 +78,7 @@ def prune(
         raise BricklabError(f"'{out}' already exists and is not an empty folder.", "Choose a new folder.")
     info = lm.info
     kept = [_kept(plan.get(layer), info.d_ff) for layer in range(info.n_layers)]
-    pruned = _pruned_model(lm.model, plan, kept, progress)
+    pruned = _pruned_model(_with_adapters(lm.model, plan), plan, kept, progress)
     staging = _write(pruned, lm.tokenizer, config, out)
     (before, bytes_before), (after, bytes_after) = _sizes(lm.model), _sizes(pruned)
     site = models.site_for(lm.model.config.model_type)
@@ -94,6 +97,7 @@ def prune(
         folded_means=any(bool(np.any(lp.add)) for lp in plan.values()),
     )
     detail = report.to_dict() | {"kept_neurons": {str(i): k.tolist() for i, k in enumerate(kept)}}
+    detail["merged_adapters"] = [adapter.sha256 for adapter, _ in getattr(plan, "adapters", ())]
     (staging / "bricklab_prune.json").write_text(json.dumps(detail) + "\n")
     if out.exists():
         out.rmdir()  # empty, checked above
@@ -118,6 +122,22 @@ def _pruned_model(model, plan: dict, kept: list[np.ndarray], progress: Progress 
     pruned = _build(new_config, state)
     pruned.generation_config = copy.deepcopy(model.generation_config)
     return pruned
+
+
+def _with_adapters(model, plan):
+    """The model to prune: `model` itself, or a copy with the switched-on adapters merged into its
+    weights (dropping a removed neuron's gate/up rows and W_down column afterwards drops its LoRA
+    rows and columns with it)."""
+    active = getattr(plan, "adapters", ())
+    if not active:
+        return model
+    try:
+        return adapters.merged(model, active)
+    except BricklabError as exc:
+        raise BricklabError(
+            f"The adapter bricks cannot be merged into a pruned '{model.config.model_type}' model: {exc}",
+            "Switch the adapters off for the pruned model, or apply them live instead.",
+        ) from exc
 
 
 def _width_key(config) -> str:
@@ -234,6 +254,52 @@ def _sizes(model) -> tuple[int, int]:
     """(unique parameters, their bytes); tied weights count once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+# --- bundles: configuration + adapter files -----------------------------------------------------
+
+BUNDLE_CONFIG = "brick_config.json"
+MAX_ADAPTER_BYTES = 2**31  # per file inside a bundle; a rank-8 adapter of the default model is ~6 MB
+
+
+def bundle(config: BrickConfig, directory=None) -> bytes:
+    """One zip holding brick_config.json and adapters/<sha256>.safetensors for each adapter it names."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(BUNDLE_CONFIG, config.to_json())
+        for i, ref in enumerate(config.adapters):
+            data = adapters.read(ref.sha256, directory, f"adapters[{i}].sha256")
+            zf.writestr(f"adapters/{ref.sha256}.safetensors", data)
+    return buffer.getvalue()
+
+
+def unbundle(data: bytes, model=None, directory=None) -> BrickConfig:
+    """Check a bundle whole (configuration, every adapter file and its hash), then store its adapters
+    in the cache and return the configuration; on any problem nothing is stored."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise BricklabError("This file is not a zip bundle.", "Upload a .zip exported by bricklab.") from exc
+    with zf:
+        if BUNDLE_CONFIG not in zf.namelist():
+            raise BricklabError(f"The bundle has no {BUNDLE_CONFIG}.", "Upload a .zip exported by bricklab.")
+        config = configuration.loads(zf.read(BUNDLE_CONFIG), model)
+        files = [_bundled(zf, i, ref, config.fingerprint) for i, ref in enumerate(config.adapters)]
+    for blob in files:
+        adapters.save(blob, directory)
+    return config
+
+
+def _bundled(zf: zipfile.ZipFile, i: int, ref, fingerprint: str) -> bytes:
+    name, where = f"adapters/{ref.sha256}.safetensors", f"adapters[{i}].sha256"
+    if name not in zf.namelist() or zf.getinfo(name).file_size > MAX_ADAPTER_BYTES:
+        raise ConfigError(where, f"the bundle holds no usable {name}; export the bundle again")
+    blob = zf.read(name)
+    if hashlib.sha256(blob).hexdigest() != ref.sha256:
+        raise ConfigError(where, f"{name} in the bundle does not match its hash; export the bundle again")
+    if adapters.header_meta(blob).get("fingerprint") != fingerprint:
+        raise ConfigError(where, "the adapter was trained on other weights than the configuration's model")
+    return blob
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from core import configuration, models
+from core import adapters, configuration, models
 from core.configuration import BrickConfig, ConfigError
 from core.errors import BricklabError
 
@@ -106,16 +106,23 @@ def affine(scale: torch.Tensor, add: torch.Tensor | None = None) -> Transform:
     return fn
 
 
+class Plan(dict):
+    """{layer: LayerPlan} and the adapter bricks switched on, as (core.adapters.Adapter, factor) pairs."""
+
+    adapters: tuple = ()
+
+
 @contextmanager
 def apply_plan(model, plan: dict):
-    """Apply a compiled brick configuration: {layer: LayerPlan(scale, add)} from core.configuration."""
+    """Apply a compiled brick configuration: {layer: LayerPlan(scale, add)} from core.configuration,
+    and the adapters of a Plan."""
     per_layer = {}
     for layer, lp in plan.items():
         # copies: LayerPlan arrays are read-only, which torch.as_tensor warns about
         scale = torch.from_numpy(np.array(lp.scale, dtype=np.float32))
         add = torch.from_numpy(np.array(lp.add, dtype=np.float32))
         per_layer[int(layer)] = affine(scale, add if bool(add.any()) else None)
-    with transforms(model, per_layer):
+    with transforms(model, per_layer), adapters.applied(model, getattr(plan, "adapters", ())):
         yield
 
 
@@ -149,9 +156,12 @@ def run_means(config: BrickConfig, info: models.ModelInfo, store=None, run_id=No
 
 
 def plan_for(lm: models.LoadedModel, config: BrickConfig, store=None, run_id=None) -> dict:
-    """Validate `config` against the loaded model and compile it: {layer: LayerPlan}."""
+    """Validate `config` against the loaded model and compile it: {layer: LayerPlan}, with its adapters
+    checked (file present, hash right) and loaded."""
     check_model(config, lm.info)
-    return configuration.compile_plan(config, run_means(config, lm.info, store, run_id))
+    plan = Plan(configuration.compile_plan(config, run_means(config, lm.info, store, run_id)))
+    plan.adapters = adapters.resolve(lm, config)
+    return plan
 
 
 @contextmanager
