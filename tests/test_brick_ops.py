@@ -61,12 +61,13 @@ def test_affinity_and_member_counts_match_the_numpy_twins():
 
 
 def planted(n_groups=4, per_group=8, n_tokens=2000, seed=0):
-    """One layer of n_groups * per_group neurons; neuron j belongs to group j // per_group."""
+    """One layer of n_groups * per_group neurons in shuffled order, and the members of each group."""
     rng = np.random.default_rng(seed)
-    group = np.repeat(np.arange(n_groups), per_group)
+    group = rng.permutation(np.repeat(np.arange(n_groups), per_group))
     active = rng.random((n_tokens, n_groups)) < 0.2
     fired = active[:, group] & (rng.random((n_tokens, len(group))) < 0.8)
-    return firing_of({0: kernels.pack_bits(fired)}, len(group))
+    members = [tuple(np.flatnonzero(group == g).tolist()) for g in range(n_groups)]
+    return firing_of({0: kernels.pack_bits(fired)}, len(group)), members
 
 
 def brick(name, *indices, layer=0, mode="scale", factor=1.0, label=None):
@@ -74,26 +75,26 @@ def brick(name, *indices, layer=0, mode="scale", factor=1.0, label=None):
 
 
 def test_grow_adds_the_missing_members_of_a_planted_group():
-    firing, b = planted(), brick("g", *range(6))
-    out = brick_ops.grow(firing, {"g": b}, "g", 2)
-    assert out.bricks[0].neurons == {0: tuple(range(8))}
+    firing, groups = planted()
+    out = brick_ops.grow(firing, {"g": brick("g", *groups[0][:6])}, "g", 2)
+    assert out.bricks[0].neurons == {0: groups[0]}
     (before,), (after,) = out.operation.coherence_before, out.operation.coherence_after
     assert after > before > 1
 
 
 def test_shrink_drops_the_intruders():
-    firing = planted()
-    out = brick_ops.shrink(firing, {"g": brick("g", *range(8), 9, 20)}, "g", 2)
-    assert out.bricks[0].neurons == {0: tuple(range(8))}
+    firing, groups = planted()
+    out = brick_ops.shrink(firing, {"g": brick("g", *groups[0], *groups[1][:2])}, "g", 2)
+    assert out.bricks[0].neurons == {0: groups[0]}
     assert out.operation.coherence_after[0] > out.operation.coherence_before[0]
 
 
 def test_split_separates_two_planted_groups_and_merge_joins_them():
-    firing = planted()
-    both = {"x": brick("x", *range(16), label="math")}
+    firing, groups = planted()
+    both = {"x": brick("x", *groups[0], *groups[1], label="math")}
     out = brick_ops.split(firing, both, "x")
     assert [b.name for b in out.bricks] == ["x-a", "x-b"]
-    assert sorted(b.neurons[0] for b in out.bricks) == [tuple(range(8)), tuple(range(8, 16))]
+    assert sorted(b.neurons[0] for b in out.bricks) == sorted(groups[:2])
     assert all(b.label == "math" and b.mode == "scale" for b in out.bricks)
     assert min(out.operation.coherence_after) > out.operation.coherence_before[0]
     halves = {b.name: b for b in out.bricks}
