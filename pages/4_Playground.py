@@ -7,7 +7,7 @@ import streamlit as st
 
 from core import configuration
 from core.errors import BricklabError
-from ui import config_state, figures, layout, queries, resources, routing_view
+from ui import adapter_view, config_state, figures, layout, queries, resources, routing_view
 
 INTRO = "Pick bricks and a mode for each; the configured model writes next to the plain one."
 layout.page("Playground", "🎛️", INTRO)
@@ -48,6 +48,7 @@ for name, brick in config_state.chosen(run).items():
     factor = c.slider("factor", 0.0, 4.0, brick.factor, 0.1, key=f"factor-{name}", disabled=mode != "scale")
     if mode and (mode, factor if mode == "scale" else 1.0) != (brick.mode, brick.factor):
         config_state.set_mode(run, name, mode, factor)
+adapter_view.toggles(run)  # adapter bricks added on the Custom bricks page
 
 prompts = resources.store().prompts(run.run_id)
 source = st.radio("Prompt", ["Type one", "Pick one from the run"], horizontal=True)

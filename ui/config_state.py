@@ -16,6 +16,8 @@ from core.store import Run
 KEY = "config_bricks"  # name -> configuration.Brick
 OWNER = "config_fingerprint"  # the model fingerprint the configuration belongs to
 HISTORY = "config_history"  # core.brick_ops.OpLog: the brick operations on the configuration
+ADAPTERS = "config_adapters"  # name -> configuration.AdapterRef (adapter bricks, core.adapters)
+ADAPTERS_OWNER = "config_adapters_fingerprint"
 
 
 def _mine(run: Run) -> dict[str, configuration.Brick]:
@@ -57,6 +59,8 @@ def replace_with(run: Run, config: BrickConfig) -> None:
     _mine(run).clear()
     _mine(run).update({b.name: b for b in config.bricks})
     st.session_state[HISTORY] = brick_ops.OpLog.of_records(config.operations)
+    adapters(run).clear()
+    adapters(run).update({a.name: a for a in config.adapters})
 
 
 def history(run: Run) -> brick_ops.OpLog:
@@ -76,5 +80,22 @@ def build(run: Run, note: str | None = None) -> BrickConfig:
     return BrickConfig(
         model_id=run.model_id, fingerprint=run.fingerprint, n_layers=run.n_layers, d_ff=run.d_ff,
         bricks=tuple(_mine(run).values()), source={"run_id": run.run_id}, note=note,
-        operations=history(run).records() or None,
+        operations=history(run).records() or None, adapters=tuple(adapters(run).values()),
     )  # fmt: skip
+
+
+def adapters(run: Run) -> dict[str, configuration.AdapterRef]:
+    """The session's adapter bricks (for the run's model), by name."""
+    if st.session_state.get(ADAPTERS_OWNER) != run.fingerprint:
+        st.session_state[ADAPTERS_OWNER] = run.fingerprint
+        st.session_state[ADAPTERS] = {}
+    return st.session_state[ADAPTERS]
+
+
+def set_adapter(run: Run, ref: configuration.AdapterRef) -> None:
+    """Add an adapter brick to the configuration, or change its mode (on, off, scale)."""
+    adapters(run)[ref.name] = ref
+
+
+def remove_adapter(run: Run, name: str) -> None:
+    adapters(run).pop(name, None)
