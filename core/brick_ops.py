@@ -105,7 +105,7 @@ def grow(firing: Firing, bricks: Bricks, name: str, n: int, neighbours: bool = F
         candidates += [(-s, layer, int(j)) for j, s in enumerate(sums) if s > 0]
     if not candidates:
         where = f"layer{'s' * (len(layers) > 1)} {sorted(layers)}"
-        raise BricklabError(f"No neuron in {where} fires together with {name!r}.", "Try neighbouring layers.")
+        raise BricklabError(f"No neuron in {where} fires together with {name!r}.", "Try another brick.")
     neurons = {layer: list(indices) for layer, indices in brick.neurons.items()}
     for _, layer, j in sorted(candidates)[:n]:
         neurons.setdefault(layer, []).append(j)

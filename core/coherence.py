@@ -60,7 +60,8 @@ class Firing:
 
     @property
     def n_tokens(self) -> int:
-        return len(self.layer(0)[0])
+        bits, _ = next(iter(self._layers.values())) if self._layers else self.layer(0)
+        return len(bits)  # every layer covers the same tokens
 
     def check(self, neurons: Neurons, name: str) -> None:
         for layer, indices in neurons.items():

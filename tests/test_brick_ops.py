@@ -187,6 +187,13 @@ def test_invalid_operations_are_refused_clearly(run_firing, call, message):
         call(run_firing[0], start())
 
 
+def test_grow_refuses_a_brick_that_never_fires_with_anything():
+    silent = {"s": brick("s", 1)}  # neuron 1 of layer 0 never fires
+    with pytest.raises(BricklabError, match="No neuron in layer"):
+        brick_ops.grow(firing_of(random_bits(), 70), silent, "s", 1)
+    assert brick_ops.grow(firing_of(random_bits(), 70), silent | {"t": brick("t", 2)}, "t", 1)
+
+
 # --- undo and the configuration record ----------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from ui import config_state, resources
 INTRO = (
     "Edited bricks join the configuration unchanged (scale × 1); pick their mode in the Playground. "
     "Coherence = mean normalised co-activation C_ij/√(C_ii·C_jj) between a brick's neurons, divided by "
-    "the mean between them and the other neurons of their layers (1 = no more than chance)."
+    "the mean between them and the other neurons of their layers (about 1 for a random set of neurons)."
 )
 LABELS = {"grow": "Grow", "shrink": "Shrink", "merge": "Merge", "split": "Split", "rename": "Rename/label"}
 LAST, ERROR = "edit-last", "edit-error"  # the last operation (applied or undone), the last refusal
