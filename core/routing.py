@@ -1,282 +1,42 @@
-"""Routers: per input, which FFN neurons run. Static (one set), category (classify the prompt from
-its first layers, keep that category's neurons) and token routing (per token and layer, the top-k
-bricks by true or predicted activation mass, as in MoEfication); fitted on the selection half of a
-run, stored in the cache and referenced from a brick configuration's `source`.
+"""Running routers: per input, which FFN neurons run. Category routing classifies the prompt from
+its first layers; token routing picks the top-k bricks per token and layer (core.topk); skipped
+neurons are not computed (core.sparse). Fitting and the cache are in core.routers, re-exported here.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import weakref
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
-from core import bricks, evaluate, interventions, models, scores, sparse
+from core import evaluate, interventions, models, sparse, topk
 from core.capture import CaptureConfig, encode
 from core.configuration import Brick, BrickConfig
 from core.errors import BricklabError
+from core.routers import (  # noqa: F401 (the public names of core.routing)
+    KINDS,
+    MAP_FIELDS,
+    RESULT_KIND,
+    Kind,
+    Router,
+    RouterParams,
+    _profile_features,
+    brick_assignment,
+    fit,
+    load,
+    selection_half,
+)
 from core.store import Store
+from core.token_map import MAP_ARRAYS, MAP_KIND  # noqa: F401
 
-Kind = Literal["static", "category", "token"]
-KINDS = ("static", "category", "token")
-RESULT_KIND = "router"  # store.put_result kind of routers
-MAP_KIND = "router_map"  # ... and of learned token maps, shared by routers of every budget
-MAP_FIELDS = ("brick_size", "router_rank", "fit_prompts")
-MAP_ARRAYS = ("w_in", "w_out", "bias")
-Progress = Callable[[int, int, str], None]
 _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # router -> its layer functions
 _lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class RouterParams:
-    kind: Kind = "category"
-    budget: float = 0.35  # share of each layer's FFN neurons that run (token: per token)
-    rank: Literal["mass", "score"] = "mass"  # static/category: order neurons by the category's mean
-    # output magnitude |a| * ||W_down[:, i]|| ("mass") or by its functionality score ("score")
-    profile_layers: int = 4  # category: layers whose mean |a| profile classifies a prompt
-    brick_size: int = 32  # token: co-activation brick size (BrickParams "coact"); 1 routes neurons
-    oracle: bool = False  # token: the true activation mass picks the bricks (a quality bound)
-    proposed: float = 1.0  # token, learned: bricks the map proposes per kept brick; above 1 their
-    # true mass picks the kept ones among them (only proposed bricks are computed)
-    router_rank: int = 128  # token: rank of the learned linear map x -> brick mass (0: full rank)
-    fit_prompts: int = 0  # token: selection-half prompts the learned map is fitted on (0: all)
-    seed: int = 0  # the selection/held-out halves (scores.prompt_halves) and the fit sample
-
-    def __post_init__(self):
-        problems = [
-            (self.kind not in KINDS, f"kind {self.kind!r} is not one of {KINDS}"),
-            (not 0 < self.budget <= 1, f"budget {self.budget} must be in (0, 1]"),
-            (self.rank not in ("mass", "score"), f"rank {self.rank!r} is not 'mass' or 'score'"),
-            (self.profile_layers < 1, f"profile_layers {self.profile_layers} must be >= 1"),
-            (self.brick_size < 1, f"brick_size {self.brick_size} must be >= 1"),
-            (min(self.router_rank, self.fit_prompts) < 0, "router_rank and fit_prompts must be >= 0"),
-            (not self.proposed >= 1, f"proposed {self.proposed} must be >= 1"),
-        ]
-        for bad, problem in problems:
-            if bad:
-                raise BricklabError(f"Invalid router parameters: {problem}.", "Fix the value and try again.")
-
-    def key(self) -> dict:
-        """The fields that shape this kind of router: its cache key."""
-        own = {
-            "static": ("budget", "rank"),
-            "category": ("budget", "rank", "profile_layers"),
-            "token": ("budget", "brick_size", "oracle") + (() if self.oracle else ("proposed", *MAP_FIELDS)),
-        }[self.kind]
-        return {k: v for k, v in asdict(self).items() if k in (*own, "kind", "seed")}
-
-    def map_key(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k in (*MAP_FIELDS, "seed")}
-
-
-@dataclass(frozen=True, eq=False)
-class Router:
-    params: RouterParams
-    run_id: str
-    fingerprint: str  # the model it was fitted for
-    shape: tuple[int, int]  # (n_layers, d_ff)
-    categories: tuple[str, ...]
-    arrays: dict[str, np.ndarray]  # static: keep (L, d_ff); category: keep (C, L, d_ff) and the
-    # classifier coef (C, F), intercept (C,), mean/std (F,); token: brick_of (L, d_ff), and for the
-    # learned map w_in (L, d_model, r), w_out (L, r, n_bricks), bias (L, n_bricks)
-
-    def ref(self) -> dict:
-        """What a configuration's `source` holds to find this router again."""
-        return {"kind": RESULT_KIND, "run_id": self.run_id, "params": self.params.key()}
-
-
-def fit(
-    lm: models.LoadedModel, store: Store, run_id: str | None, params: RouterParams, progress=None
-) -> Router:
-    """The router for (run, params): read from the cache, else fitted on the selection half and stored."""
-    run = store.require_run(run_id)
-    if run.fingerprint != lm.info.fingerprint:
-        raise BricklabError(
-            f"Run '{run.run_id}' was captured with {run.model_id}, not the loaded model {lm.info.model_id}.",
-            "Fit routers on a run of the loaded model.",
-        )
-    if (cached := load(store, {"run_id": run.run_id, "params": params.key()})) is not None:
-        return cached
-    with store.run_lock(f"{run.run_id}:router"):
-        if (cached := load(store, {"run_id": run.run_id, "params": params.key()})) is not None:
-            return cached
-        fitter = {"static": _fit_static, "category": _fit_category, "token": _fit_token}[params.kind]
-        arrays = fitter(lm, store, run, params, progress)
-        router = Router(
-            params, run.run_id, run.fingerprint, (run.n_layers, run.d_ff), tuple(run.categories), arrays
-        )
-        store.put_result(run.run_id, RESULT_KIND, params.key(), _dump(router))
-    return router
-
-
-def selection_half(store: Store, run_id: str, seed: int = 0) -> np.ndarray:
-    """bool (n_prompts,): the prompts routers are fitted on; the rest is held out for evaluation."""
-    return scores.prompt_halves(store, run_id, seed)
-
-
-def _ranking(store: Store, run, params: RouterParams, lm) -> np.ndarray:
-    """float (C, L, d_ff): per category, higher = kept first."""
-    half = selection_half(store, run.run_id, params.seed)
-    if params.rank == "score":
-        out = scores.functionality_scores(store, run.run_id, half=0, seed=params.seed)
-        return np.nan_to_num(out, nan=-1.0).reshape(-1, run.n_layers, run.d_ff)
-    acts = store.prompt_activations(run.run_id)[half].astype(np.float32)
-    labels, names = scores.category_labels(store, run.run_id)
-    norms = torch.stack([models.down_column_norms(lm.model, layer) for layer in range(run.n_layers)]).numpy()
-    means = [acts[labels[half] == c].mean(axis=0) for c in range(len(names))]
-    return np.stack(means).reshape(-1, run.n_layers, run.d_ff) * norms
-
-
-def _top_per_layer(rank: np.ndarray, budget: float, resident: np.ndarray) -> np.ndarray:
-    """bool (L, d_ff): the resident neurons, then the best-ranked, up to `budget` of each layer."""
-    n_layers, d_ff = rank.shape
-    k = max(1, int(round(budget * d_ff)))
-    keep = np.zeros((n_layers, d_ff), dtype=bool)
-    keep.reshape(-1)[resident] = True
-    for layer in range(n_layers):
-        order = np.argsort(-rank[layer], kind="stable")
-        room = max(0, k - int(keep[layer].sum()))
-        keep[layer, order[~keep[layer, order]][:room]] = True
-    return keep
-
-
-def _category_keep(lm, store, run, params) -> np.ndarray:
-    rank = _ranking(store, run, params, lm)
-    resident = scores.resident_neurons(store, run.run_id)
-    return np.stack([_top_per_layer(r, params.budget, resident) for r in rank])
-
-
-def _fit_static(lm, store, run, params, progress) -> dict:
-    """One set for every input: ranks are per-layer percentiles, best over categories (the union
-    of the categories' top neurons)."""
-    percentile = _ranking(store, run, params, lm).argsort(axis=2).argsort(axis=2)
-    resident = scores.resident_neurons(store, run.run_id)
-    return {"keep": _top_per_layer(percentile.max(axis=0), params.budget, resident)}
-
-
-def _profile_features(acts: np.ndarray) -> np.ndarray:
-    return np.log1p(10 * acts.astype(np.float32))  # mean |a| is long-tailed
-
-
-def _fit_category(lm, store, run, params, progress) -> dict:
-    from sklearn.linear_model import LogisticRegression
-
-    half = selection_half(store, run.run_id, params.seed)
-    labels, names = scores.category_labels(store, run.run_id)
-    rows = half & (labels >= 0)
-    if len(np.unique(labels[rows])) < 2:
-        raise BricklabError(
-            "A category router needs prompts of at least two categories.", "Capture a categorised prompt set."
-        )
-    width = min(params.profile_layers, run.n_layers) * run.d_ff
-    feats = _profile_features(store.prompt_activations(run.run_id)[rows, :width])
-    mean, std = feats.mean(axis=0), feats.std(axis=0) + 1e-3
-    model = LogisticRegression(C=0.05, max_iter=300).fit((feats - mean) / std, labels[rows])
-    weights, bias = model.coef_, model.intercept_
-    if len(model.classes_) == 2:  # sklearn keeps one row for two classes
-        weights, bias = np.vstack([-weights, weights]) / 2, np.array([-bias[0], bias[0]]) / 2
-    coef = np.zeros((len(names), width), np.float32)
-    intercept = np.full(len(names), -np.inf, np.float32)  # a category absent from the half never wins
-    coef[model.classes_], intercept[model.classes_] = weights, bias
-    keep = _category_keep(lm, store, run, params)
-    return {"keep": keep, "coef": coef, "intercept": intercept, "mean": mean, "std": std}
-
-
-def brick_assignment(store: Store, run, size: int) -> np.ndarray:
-    """int (L, d_ff): each neuron's brick within its layer; size 1 makes every neuron a brick."""
-    if size == 1:
-        return np.tile(np.arange(run.d_ff), (run.n_layers, 1))
-    found = bricks.compute_bricks(store, run.run_id, bricks.BrickParams(method="coact", size=size))
-    brick_of = np.full((run.n_layers, run.d_ff), -1)
-    for brick in found:
-        layer, index = brick.neurons // run.d_ff, brick.neurons % run.d_ff
-        brick_of[layer, index] = brick_of[layer].max() + 1
-    for layer in range(run.n_layers):  # a neuron in no brick becomes one of its own
-        loose = np.flatnonzero(brick_of[layer] < 0)
-        brick_of[layer, loose] = brick_of[layer].max() + 1 + np.arange(len(loose))
-    return brick_of
-
-
-class _Normal:
-    """Least-squares normal equations x -> brick mass for one layer, accumulated over tokens."""
-
-    def __init__(self, brick_of: np.ndarray, d_model: int):
-        self.brick_of = torch.from_numpy(brick_of)
-        self.n_bricks = int(brick_of.max()) + 1
-        self.xtx = torch.zeros(d_model + 1, d_model + 1, dtype=torch.float64)
-        self.xty = torch.zeros(d_model + 1, self.n_bricks, dtype=torch.float64)
-        self.valid: torch.Tensor | None = None  # (B, T) bool: positions of the current batch to use
-
-    def __call__(self, f: sparse.Ffn, x: torch.Tensor) -> torch.Tensor:
-        a = f.activations(x)
-        valid = self.valid.to(x.device)
-        rows, acts = x[valid].float(), a[valid].abs().float()  # (n, d), (n, d_ff)
-        mass = acts.new_zeros((len(acts), self.n_bricks)).index_add_(1, self.brick_of.to(x.device), acts)
-        rows = torch.cat([rows, rows.new_ones(len(rows), 1)], dim=1)
-        self.xtx += (rows.T @ rows).double().cpu()  # float32 within a batch, float64 across batches
-        self.xty += (rows.T @ mass).double().cpu()
-        return f.down(a)
-
-    def solve(self, rank: int, ridge: float = 1e-2) -> dict:
-        """Ridge regression of the masses on x with an intercept, cut to `rank` by reduced-rank
-        regression (the top principal directions of the fitted masses), so routing costs about
-        rank * (d_model + n_bricks) multiply-adds per token."""
-        n = self.xtx[-1, -1]
-        mx, my = self.xtx[:-1, -1] / n, self.xty[-1] / n
-        cxx = self.xtx[:-1, :-1] - n * torch.outer(mx, mx)  # centred sums of squares
-        cxy = self.xty[:-1] - n * torch.outer(mx, my)
-        eye = torch.eye(len(cxx), dtype=cxx.dtype)
-        w = torch.linalg.solve(cxx + ridge * torch.trace(cxx) / len(cxx) * eye, cxy)  # (d, n_bricks)
-        v = torch.eye(self.n_bricks, dtype=w.dtype)
-        if 0 < rank < self.n_bricks:
-            v = torch.linalg.eigh(w.T @ cxx @ w)[1][:, -rank:]  # (n_bricks, r), largest eigenvalues
-        bias = my - mx @ w @ v @ v.T
-        return {"w_in": (w @ v).float(), "w_out": v.T.float(), "bias": bias.float()}
-
-
-def _fit_token(lm, store, run, params, progress) -> dict:
-    brick_of = brick_assignment(store, run, params.brick_size)
-    if params.oracle:
-        return {"brick_of": brick_of}
-    if (cached := store.get_result(run.run_id, MAP_KIND, params.map_key())) is not None:
-        return {"brick_of": brick_of} | _unpack(cached)
-    half = np.flatnonzero(selection_half(store, run.run_id, params.seed))
-    if params.fit_prompts:
-        half = np.sort(np.random.default_rng(params.seed).permutation(half)[: params.fit_prompts])
-    rows = store.prompts(run.run_id)
-    config = CaptureConfig(**{k: run.settings[k] for k in ("chat_template", "max_tokens")})
-    encoded = [encode(lm.tokenizer, rows[i][3], config, config.max_tokens) for i in half]
-    normals = {layer: _Normal(brick_of[layer], lm.info.d_model) for layer in range(run.n_layers)}
-    device = next(lm.model.parameters()).device
-    with torch.inference_mode(), sparse.sparse(lm.model, normals):
-        for b in range(0, len(encoded), 8):
-            ids, mask = _padded([e.ids for e in encoded[b : b + 8]], lm.tokenizer.pad_token_id or 0)
-            for normal in normals.values():
-                normal.valid = mask.bool()
-            lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            if progress:
-                progress(min(b + 8, len(encoded)), len(encoded), "fitting the token router")
-    solved = [normals[layer].solve(params.router_rank) for layer in range(run.n_layers)]
-    learned = {k: torch.stack([s[k] for s in solved]).numpy() for k in MAP_ARRAYS}
-    store.put_result(run.run_id, MAP_KIND, params.map_key(), _pack(learned))
-    return {"brick_of": brick_of} | learned
-
-
-def _padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return ids, mask
 
 
 @dataclass(frozen=True)
@@ -349,11 +109,16 @@ def _build_fns(router: Router, category: str | None) -> dict[int, sparse.LayerFn
         }
     brick_of, k = router.arrays["brick_of"], _bricks_per_token(router)
     if router.params.oracle:
-        return {layer: sparse.TopBricks(row, k) for layer, row in enumerate(brick_of)}
+        return {layer: topk.TopBricks(row, k) for layer, row in enumerate(brick_of)}
     proposed = int(round(router.params.proposed * k))
+    if router.params.gate:
+        return {
+            layer: topk.TopBricks(row, k, proposed=min(proposed, row.max() + 1), gate=True)
+            for layer, row in enumerate(brick_of)
+        }
     learned = [router.arrays[name] for name in MAP_ARRAYS]
     return {
-        layer: sparse.TopBricks(row, k, [w[layer] for w in learned], min(proposed, row.max() + 1))
+        layer: topk.TopBricks(row, k, [w[layer] for w in learned], min(proposed, row.max() + 1))
         for layer, row in enumerate(brick_of)
     }
 
@@ -367,10 +132,13 @@ def _keep(router: Router, category: str | None) -> np.ndarray:
     return keep if router.params.kind == "static" else keep[router.categories.index(category)]
 
 
-def _running(lm: models.LoadedModel, router: Router, category: str | None):
+def _running(lm: models.LoadedModel, router: Router, category: str | None, prefill: str = "routed"):
     """The context that runs the router: sparse execution, or masks where the MLP is not gated."""
     if sparse.supported(lm.model) or router.params.kind == "token":
-        return sparse.sparse(lm.model, layer_fns(router, category))  # token: raises on a plain MLP
+        fns = layer_fns(router, category)  # token: raises on a plain MLP
+        if prefill == "dense" and router.params.kind == "token":
+            fns = {layer: _DecodeOnly(fn) for layer, fn in fns.items()}
+        return sparse.sparse(lm.model, fns)
     kept = np.flatnonzero(_keep(router, category))
     return interventions.transforms(lm.model, evaluate.kept_neurons(*router.shape, kept))
 
@@ -384,11 +152,32 @@ def active_share(router: Router, category: str | None = None) -> float:
     return float(sum(largest) / brick_of.size)
 
 
+class _DecodeOnly:
+    """A token router's layer function for one token at a time (generation); passes of several
+    tokens (the prompt) run dense."""
+
+    def __init__(self, fn: topk.TopBricks):
+        self.fn = fn
+
+    def __call__(self, f: sparse.Ffn, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(f, x) if x.numel() == x.shape[-1] else f.down(f.activations(x))
+
+
 @contextmanager
-def routed(lm: models.LoadedModel, router: Router, ids: list[int] | None = None, span=None):
+def routed(
+    lm: models.LoadedModel,
+    router: Router,
+    ids: list[int] | None = None,
+    span=None,
+    prefill: Literal["routed", "dense"] = "routed",
+):
     """Run `lm` under `router` in this context (forward and generate); yields the Route. Category
     routing classifies the prompt first (its token ids and the span of its own tokens, as
-    `prompt_span` gives them). Skipped neurons are not computed where the MLP is gated."""
+    `prompt_span` gives them). Skipped neurons are not computed where the MLP is gated. With
+    prefill="dense", a token router routes only passes of one token (each generated token) and runs
+    the prompt's pass dense: a prompt is computed in one batch, where skipping neurons saves little."""
+    if prefill not in ("routed", "dense"):
+        raise BricklabError(f"Unknown prefill {prefill!r}.", "Use 'routed' or 'dense'.")
     check(router, lm.info)
     category = probabilities = None
     if router.params.kind == "category":
@@ -397,7 +186,7 @@ def routed(lm: models.LoadedModel, router: Router, ids: list[int] | None = None,
         probabilities = classify(lm, router, ids, span)
         category = max(probabilities, key=probabilities.get)
     share, fast = active_share(router, category), sparse.supported(lm.model)
-    with _running(lm, router, category):
+    with _running(lm, router, category, prefill):
         yield Route(router.params.kind, category, probabilities, share, fast)
 
 
@@ -460,57 +249,3 @@ def from_config(store: Store, config: BrickConfig) -> Router | None:
             "The configuration's router belongs to another model.", "Fit a router for this model."
         )
     return router
-
-
-def load(store: Store, ref: dict) -> Router | None:
-    """A stored router by reference ({"run_id", "params"}); None when it is not in the cache."""
-    if (
-        not isinstance(ref, dict)
-        or not isinstance(ref.get("run_id"), str)
-        or not isinstance(ref.get("params"), dict)
-    ):
-        raise BricklabError(
-            f"Not a router reference: {json.dumps(ref)[:80]}.", 'Use {"run_id": ..., "params": {...}}.'
-        )
-    try:
-        params = RouterParams(**ref["params"])
-    except TypeError as err:
-        raise BricklabError(
-            f"Unknown router parameters in {json.dumps(ref)[:80]}: {err}.", "Export it again."
-        ) from None
-    payload = store.get_result(ref["run_id"], RESULT_KIND, params.key())
-    if payload is None:
-        return None
-    with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files if k != "meta"}
-        meta = json.loads(data["meta"].tobytes())
-    if params.kind == "token" and not params.oracle:
-        learned = store.get_result(ref["run_id"], MAP_KIND, params.map_key())
-        if learned is None:
-            return None
-        arrays |= _unpack(learned)
-    return Router(
-        params, ref["run_id"], meta["fingerprint"], tuple(meta["shape"]), tuple(meta["categories"]), arrays
-    )
-
-
-def _dump(router: Router) -> bytes:
-    """The router's own arrays and identity; a learned token map is stored once, under MAP_KIND."""
-    meta = {
-        "fingerprint": router.fingerprint,
-        "shape": list(router.shape),
-        "categories": list(router.categories),
-    }
-    own = {k: v for k, v in router.arrays.items() if k not in MAP_ARRAYS}
-    return _pack(own | {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)})
-
-
-def _pack(arrays: dict) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _unpack(payload: bytes) -> dict:
-    with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}

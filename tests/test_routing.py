@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from core import configuration, evaluate, interventions, routing, sparse
+from core import configuration, evaluate, interventions, routing, scores, sparse, token_map
 from core.errors import BricklabError
 from core.routing import RouterParams
 from core.store import Store
@@ -30,7 +30,7 @@ def test_kept_sets_fill_the_budget_per_layer(tiny_lm, run_store, kind):
     router = routing.fit(tiny_lm, store, run_id, RouterParams(kind=kind, budget=0.25))
     keep = router.arrays["keep"].reshape(-1, *router.shape)  # (sets, L, d_ff)
     resident = np.zeros(router.shape, bool).reshape(-1)
-    resident[routing.scores.resident_neurons(store, run_id)] = True
+    resident[scores.resident_neurons(store, run_id)] = True
     assert keep.reshape(len(keep), -1)[:, resident].all()  # residents always run
     per_layer = keep.sum(axis=2)
     assert (per_layer >= 24).all() and (
@@ -55,7 +55,7 @@ def test_category_routing_classifies_and_keeps_that_category(tiny_lm, run_store)
     store, run_id = run_store
     router = routing.fit(tiny_lm, store, run_id, RouterParams(kind="category", budget=0.3, profile_layers=1))
     train = texts(store, run_id, held_out=False)
-    labels, names = routing.scores.category_labels(store, run_id)
+    labels, names = scores.category_labels(store, run_id)
     half = routing.selection_half(store, run_id)
     right = 0
     for text, label in zip(train, labels[half], strict=True):
@@ -79,7 +79,7 @@ def test_reduced_rank_solve_recovers_a_low_rank_map():
     x = rng.normal(size=(500, 16))
     w = rng.normal(size=(16, 3)) @ rng.normal(size=(3, 10))  # rank 3
     y = x @ w + 0.5
-    normal = routing._Normal(np.arange(10), 16)
+    normal = token_map._Normal(np.arange(10), 16)
     rows = torch.from_numpy(np.c_[x, np.ones(500)])
     normal.xtx, normal.xty = rows.T @ rows, rows.T @ torch.from_numpy(y)
     fitted = normal.solve(rank=3, ridge=1e-8)

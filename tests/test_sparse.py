@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from core import compare, configuration, evaluate, interventions, models, sparse
+from core import compare, configuration, evaluate, interventions, models, sparse, topk
 from core.configuration import Brick, BrickConfig
 from core.errors import BricklabError
 from tests.conftest import save_tiny
@@ -77,7 +77,7 @@ def test_learned_top_bricks_equal_masked_dense(tiny_lm, dense_above):
     f = sparse.ffn(tiny_lm.model, 1)
     x = torch.randn(2, 5, tiny_lm.info.d_model)
     brick_of = np.random.default_rng(0).permutation(np.arange(96) % 12)  # 12 bricks of 8
-    fn = sparse.TopBricks(brick_of, 3, linear_router(tiny_lm.info.d_model, 12), dense_above=dense_above)
+    fn = topk.TopBricks(brick_of, 3, linear_router(tiny_lm.info.d_model, 12), dense_above=dense_above)
     with torch.inference_mode():
         want = layer_reference(f, x, brick_mask(brick_of, fn.top(fn.score(x), 3)))
         assert close(fn(f, x), want)
@@ -89,23 +89,45 @@ def test_oracle_and_verified_proposals_keep_the_true_top_mass(tiny_lm):
     brick_of = np.arange(96) // 8
     with torch.inference_mode():
         mass = torch.zeros(1, 6, 12).index_add_(-1, torch.from_numpy(brick_of), f.activations(x).abs())
-        best = sparse.TopBricks.top(mass, 4)
-        assert close(sparse.TopBricks(brick_of, 4)(f, x), layer_reference(f, x, brick_mask(brick_of, best)))
+        best = topk.TopBricks.top(mass, 4)
+        assert close(topk.TopBricks(brick_of, 4)(f, x), layer_reference(f, x, brick_mask(brick_of, best)))
         # a router that proposes all bricks, verified by their true mass, is the oracle
-        verified = sparse.TopBricks(brick_of, 4, linear_router(tiny_lm.info.d_model, 12), proposed=12)
+        verified = topk.TopBricks(brick_of, 4, linear_router(tiny_lm.info.d_model, 12), proposed=12)
         assert close(verified(f, x), layer_reference(f, x, brick_mask(brick_of, best)))
 
 
+def test_gate_proposals_keep_the_top_gate_mass_then_the_top_true_mass(tiny_lm):
+    f = sparse.ffn(tiny_lm.model, 1)
+    x = torch.randn(2, 5, tiny_lm.info.d_model)
+    brick_of = np.random.default_rng(4).permutation(np.arange(96) // 8)  # 12 bricks of 8
+    by = torch.from_numpy(brick_of)
+    with torch.inference_mode():
+        gate_mass = torch.zeros(2, 5, 12).index_add_(-1, by, f.act(x @ f.gate.T).abs())
+        proposed = topk.TopBricks.top(gate_mass, 3)
+        fn = topk.TopBricks(brick_of, 3, gate=True, dense_above=0.0)
+        assert close(fn(f, x), layer_reference(f, x, brick_mask(brick_of, proposed)))
+        true_mass = torch.zeros(2, 5, 12).index_add_(-1, by, f.activations(x).abs())
+        verified = topk.TopBricks.top(true_mass.masked_fill(~topk.TopBricks.top(gate_mass, 6), -1.0), 3)
+        fn = topk.TopBricks(brick_of, 3, proposed=6, gate=True)
+        assert close(fn(f, x), layer_reference(f, x, brick_mask(brick_of, verified)))
+        assert not torch.equal(verified, topk.TopBricks.top(true_mass, 3))  # not simply the oracle
+
+
 @pytest.mark.parametrize("size", [1, 8])
-@pytest.mark.parametrize(("learned", "proposed"), [(False, None), (True, None), (True, 2)])
-def test_one_token_kernel_equals_its_torch_twin(tiny_lm, size, learned, proposed):
+@pytest.mark.parametrize(
+    ("proposer", "proposed"),
+    [("oracle", None), ("learned", None), ("learned", 2), ("gate", None), ("gate", 2)],
+)
+def test_one_token_kernel_equals_its_torch_twin(tiny_lm, size, proposer, proposed):
     """Generation runs one token at a time through the numba kernel; prompts through torch."""
     f = sparse.ffn(tiny_lm.model, 1)
     n_bricks = 96 // size
     brick_of = np.random.default_rng(1).permutation(np.arange(96) // size)
     k = n_bricks // 4
-    router = linear_router(tiny_lm.info.d_model, n_bricks, seed=2) if learned else None
-    fn = sparse.TopBricks(brick_of, k, router, None if proposed is None else proposed * k)
+    router = linear_router(tiny_lm.info.d_model, n_bricks, seed=2) if proposer == "learned" else None
+    fn = topk.TopBricks(
+        brick_of, k, router, None if proposed is None else proposed * k, gate=proposer == "gate"
+    )
     with torch.inference_mode():
         for seed in range(3):
             x = torch.randn(1, 1, tiny_lm.info.d_model, generator=torch.Generator().manual_seed(seed))
