@@ -79,7 +79,7 @@ def test_auto_mode_fits_the_router_on_request_and_shows_what_it_chose(run_copy, 
     category = shown["router chose"]
     keep = router.arrays["keep"][router.categories.index(category)]
     assert shown["neurons that ran"] == f"{keep.mean():.1%}"
-    assert shown["time saved"].endswith("%") and shown["time per token"].endswith(" ms")
+    assert shown["time saved"].endswith("%") and shown["routed: time per token"].endswith(" ms")
 
     ids, span = routing.prompt_span(tiny_lm, "What is the capital of France?")
     dense = compare.generate(tiny_lm, ids, 32)
