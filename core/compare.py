@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from core import configuration, interventions
 from core.capture import CaptureConfig, encode
@@ -27,6 +28,7 @@ class Generation:
 
     tokens: tuple[int, ...]  # generated ids only
     logprobs: np.ndarray  # (len(tokens), vocab) float32: log-softmax of the logits that chose each token
+    cache: DynamicCache | None = None  # keys/values of prompt + tokens[:-1], when asked for (keep_cache)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def compare(
         tokens = tuple(baseline)
         baseline = Generation(tokens, forced_logprobs(lm, ids, tokens, None, len(tokens)))
     with interventions.apply_plan(lm.model, plan):
-        configured = generate_scored(lm, ids, max_new_tokens)
+        configured = generate_scored(lm, ids, max_new_tokens, keep_cache=True)
     b, c = list(baseline.tokens), list(configured.tokens)
     return Comparison(
         prompt=prompt,
@@ -117,8 +119,9 @@ def generate(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_scored(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> Generation:
-    """Greedy generation that also keeps the log-probabilities of every step (one generate call)."""
+def generate_scored(lm: LoadedModel, ids: list[int], max_new_tokens: int, keep_cache=False) -> Generation:
+    """Greedy generation that also keeps the log-probabilities of every step (one generate call),
+    and with keep_cache its key/value cache."""
     device = next(lm.model.parameters()).device
     inputs = torch.tensor([ids], device=device)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
@@ -133,7 +136,13 @@ def generate_scored(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> Gen
     )
     tokens = tuple(out.sequences[0, len(ids) :].tolist())
     logits = torch.cat([step[:1] for step in out.logits[: len(tokens)]])  # (n_new, vocab)
-    return Generation(tokens, _logprobs(logits))
+    cache = out.past_key_values if keep_cache and _croppable(out.past_key_values) else None
+    return Generation(tokens, _logprobs(logits), cache)
+
+
+def _croppable(cache) -> bool:
+    """A plain full-attention cache, which can be cut back to a prefix and extended again."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _logprobs(logits: torch.Tensor) -> np.ndarray:
@@ -150,6 +159,22 @@ def forced_logprobs(lm: LoadedModel, ids: list[int], tokens, plan: dict | None, 
     scope = interventions.apply_plan(lm.model, plan) if plan is not None else contextlib.nullcontext()
     with scope:
         logits = lm.model(inputs, use_cache=False, **kwargs).logits[0, -keep:]
+    return _logprobs(logits)
+
+
+@torch.inference_mode()
+def _tail_logprobs(lm: LoadedModel, ids, tokens, start: int, plan: dict, cache) -> np.ndarray:
+    """Log-probabilities of tokens[start:], the configured model reading ids + tokens. `cache` (the
+    configured generation's) already holds ids + tokens[:start - 1], the text both generations share,
+    so only the tokens from there on are run."""
+    if cache is None:
+        return forced_logprobs(lm, ids, tokens, plan, len(tokens) - start)
+    shared = len(ids) + start - 1
+    cache.crop(shared - cache.get_seq_length())  # a negative count: drop the configured-only tail
+    device = next(lm.model.parameters()).device
+    inputs = torch.tensor([list(tokens[start - 1 : -1])], device=device)
+    with interventions.apply_plan(lm.model, plan):
+        logits = lm.model(inputs, past_key_values=cache, use_cache=True).logits[0]
     return _logprobs(logits)
 
 
@@ -173,7 +198,7 @@ def token_kl(
     reused = min(n, len(configured.tokens), n if split is None else split + 1)
     conf = configured.logprobs[:reused]
     if reused < n:
-        tail = forced_logprobs(lm, ids, baseline.tokens, plan, n - reused)
+        tail = _tail_logprobs(lm, ids, baseline.tokens, reused, plan, configured.cache)
         conf = np.concatenate([conf, tail])
     base = torch.from_numpy(baseline.logprobs[:n])
     kl = (base.exp() * (base - torch.from_numpy(conf))).sum(dim=-1).clamp_min(0.0)

@@ -89,6 +89,8 @@ def test_kl_after_divergence_reads_the_baseline_text(tiny_lm):
         pytest.fail("no configuration diverged early; the test needs one")
     assert result.kl == pytest.approx(_reference_kl(tiny_lm, result, config), rel=1e-3, abs=1e-5)
     assert hook_count(tiny_lm.model) == 0
+    ids = compare.prompt_ids(tiny_lm, PROMPT)  # the tail reused the generation's cache, not a full pass
+    assert compare.generate_scored(tiny_lm, ids, 3, keep_cache=True).cache is not None
 
 
 def test_a_known_baseline_is_reused_not_regenerated(tiny_lm, monkeypatch):
@@ -97,7 +99,7 @@ def test_a_known_baseline_is_reused_not_regenerated(tiny_lm, monkeypatch):
     fresh = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=5)
     calls = []
     real = compare.generate_scored
-    monkeypatch.setattr(compare, "generate_scored", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(compare, "generate_scored", lambda *a, **k: calls.append(a) or real(*a, **k))
     reused = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=5, baseline=plain)
     assert reused == fresh and len(calls) == 1  # only the configured generation ran
     tokens_only = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=5, baseline=plain.tokens)
