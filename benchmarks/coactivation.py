@@ -1,7 +1,8 @@
-"""Co-activation counts three ways: numba popcounts, float32 BLAS, scipy.sparse.
+"""Co-activation counts three ways: numba popcounts, float32 BLAS, scipy.sparse; or, with --device cuda,
+the torch path of core.coact_gpu on a large layer (default 14336 neurons x 1M tokens) against numba on slices.
 
-All three must agree exactly. Prints the timings and, as its last line, one JSON object
-with the speedups. Run: python benchmarks/coactivation.py [--quick] [--structured]
+All must agree exactly. Prints the timings and, as its last line, one JSON object with the speedups.
+Run: python benchmarks/coactivation.py [--quick] [--structured] [--device cuda]
 """
 
 import argparse
@@ -15,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core import kernels
+from core import coact_gpu, kernels
 
 GROUP = 32  # --structured: neurons that fire together
 
@@ -81,15 +82,82 @@ def time_coactivation(fired, reps, sparse_reps):
     }
 
 
+def random_bits_on_device(n_tokens, n_neurons, rate, device, seed=0):
+    """Host uint64 bits of independent firing at `rate`, drawn and packed on the device in blocks."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = np.empty((n_tokens, -(-n_neurons // 64)), np.uint64)
+    for lo in range(0, n_tokens, 65536):
+        rows = min(65536, n_tokens - lo)
+        fired = torch.rand((rows, n_neurons), generator=g, device=device) < rate
+        out[lo : lo + rows] = coact_gpu.pack(fired).cpu().numpy().view(np.uint64)
+    return out
+
+
+def numba_counts(bits, n_neurons):
+    """The CPU kernel itself, whatever the layer width (kernels.coactivation_counts would pick the GPU)."""
+    with kernels._PARALLEL:
+        return kernels._coactivation_kernel(kernels.transpose_bits(bits, n_neurons))
+
+
+def time_gpu(n_tokens, n_neurons, rate, reps, check_neurons=1024, check_tokens=4096):
+    """End to end (host bits in, host counts out) and device-resident; numba on a neuron and a token slice."""
+    import torch
+
+    bits = random_bits_on_device(n_tokens, n_neurons, rate, "cuda")
+    coact_gpu.coactivation_counts(bits[:4096], n_neurons)  # warm-up: cuBLAS handles, allocator
+    torch.cuda.reset_peak_memory_stats()
+    t_host, counts = best_of(reps, lambda: coact_gpu.coactivation_counts(bits, n_neurons))
+    on_device = torch.from_numpy(bits.view(np.int64)).cuda()
+    t_device, _ = best_of(reps, lambda: coact_gpu.coactivation_counts(on_device, n_neurons))
+    words = check_neurons // 64  # all tokens, the first `check_neurons` neurons: a corner of the matrix
+    start = time.perf_counter()
+    corner = numba_counts(np.ascontiguousarray(bits[:, :words]), check_neurons)
+    t_corner = time.perf_counter() - start
+    start = time.perf_counter()  # all neurons, the first `check_tokens` tokens
+    head = numba_counts(bits[:check_tokens], n_neurons)
+    t_head = time.perf_counter() - start
+    width = 64 * bits.shape[1]
+    return {
+        "device": torch.cuda.get_device_name(),
+        "n_tokens": n_tokens,
+        "n_neurons": n_neurons,
+        "firing_rate": round(float(counts.diagonal().sum() / (n_tokens * n_neurons)), 4),
+        "gpu_s": round(t_host, 4),  # host bits to host counts, transfers included
+        "gpu_device_resident_s": round(t_device, 4),
+        "int8_tops": round(2 * width**2 * n_tokens / t_device / 1e12, 1),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "equal_on_neuron_slice": bool(np.array_equal(counts[:check_neurons, :check_neurons], corner)),
+        "equal_on_token_slice": bool(
+            np.array_equal(coact_gpu.coactivation_counts(bits[:check_tokens], n_neurons), head)
+        ),
+        "check_slices": [f"{check_neurons} neurons x {n_tokens} tokens", f"{n_neurons} x {check_tokens}"],
+        "numba_threads": numba.get_num_threads(),
+        "numba_token_slice_s": round(t_head, 3),
+        "numba_neuron_slice_s": round(t_corner, 3),
+        "numba_extrapolated_s": round(t_head * n_tokens / check_tokens, 1),  # linear in tokens
+        "speedup_vs_numba_extrapolated": round(t_head * n_tokens / check_tokens / t_host, 1),
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--structured", action="store_true", help="grouped firing")
-    parser.add_argument("--tokens", type=int, default=30_000)
-    parser.add_argument("--neurons", type=int, default=1536)
+    parser.add_argument("--tokens", type=int, help="default 30000, or 1000000 with --device cuda")
+    parser.add_argument("--neurons", type=int, help="default 1536, or 14336 with --device cuda")
     parser.add_argument("--rate", type=float, default=0.1)
+    parser.add_argument("--device", default="cpu", help="cpu (three CPU ways) or cuda (core.coact_gpu)")
     args = parser.parse_args(argv)
     reps, sparse_reps = (3, 1) if args.quick else (7, 3)
+    if args.device != "cpu":
+        result = time_gpu(args.tokens or 1_000_000, args.neurons or 14336, args.rate, reps)
+        for key, value in result.items():
+            print(f"{key:>30}: {value}")
+        print(json.dumps(result))
+        return
+    args.tokens, args.neurons = args.tokens or 30_000, args.neurons or 1536
 
     fired = make_firing(args.tokens, args.neurons, args.rate, args.structured)
     result = {

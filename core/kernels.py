@@ -11,6 +11,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 NORMALISATIONS = ("pmi", "jaccard")
+GPU_MIN_NEURONS = 4096  # co-activation of layers this wide runs on a GPU when one is there (core.coact_gpu)
 # numba's fallback "workqueue" threading layer aborts the process when two threads (two browser
 # sessions) run parallel kernels at once; the kernels use every core anyway, so take turns.
 
@@ -314,6 +315,13 @@ def coactivation_counts(bits, n_neurons: int, *, neuron_major=False) -> np.ndarr
         n_neurons = _check_count("n_neurons", n_neurons)
         bits = _check_bits(bits, (n_neurons, "n_token_words"), "neuron-major bits")
     else:
+        bits, n_neurons = _token_bits(bits, n_neurons)
+    if n_neurons >= GPU_MIN_NEURONS:  # a large layer: the torch path when a GPU is there
+        from core import coact_gpu
+
+        if coact_gpu.available():
+            return coact_gpu.coactivation_counts(bits, n_neurons, neuron_major=neuron_major)
+    if not neuron_major:
         bits = transpose_bits(bits, n_neurons)
     with _PARALLEL:
         return _coactivation_kernel(bits)
