@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core import interventions, models
+from core import ffn_kernels, interventions, models
 from core.errors import BricklabError
 
 _active: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bricklab_sparse", default=None)
@@ -176,12 +176,19 @@ class KeepOnly:
             rows = f.down.weight.detach()[:, idx].T.contiguous()  # (n, d_model)
             scale = None if self.scale is None else self.scale.to(*key)[idx]
             const = None if self.add is None else self.add.to(*key) @ f.down.weight.detach().T
-            self._cache[key] = (idx, gu.flatten(0, 1), bias, rows, scale, const)
+            self._cache[key] = (idx, gu, bias, rows, scale, const)
         return self._cache[key]
 
     def __call__(self, f: Ffn, x: torch.Tensor) -> torch.Tensor:
         idx, gu, bias, rows, scale, const = self._weights(f)
-        h = F.linear(x, gu, bias).unflatten(-1, (-1, 2))  # (..., n, 2)
+        if one_token(f, x):
+            out = np.empty(x.shape[-1], np.float32)
+            no_scale = np.zeros(0, np.float32)
+            scales = no_scale if scale is None else scale.numpy()
+            ffn_kernels.keep_one(x.detach().reshape(-1).numpy(), gu.numpy(), rows.numpy(), scales, out)
+            out = f.down_bias(torch.from_numpy(out).reshape(x.shape))
+            return out if const is None else out + const
+        h = F.linear(x, gu.flatten(0, 1), bias).unflatten(-1, (-1, 2))  # (..., n, 2)
         a = f.act(h[..., 0]) * h[..., 1]
         if scale is not None:
             a = a * scale
@@ -189,6 +196,13 @@ class KeepOnly:
             return f.full_down(a, idx, self.add)
         out = f.down_bias(a @ rows)
         return out if const is None else out + const
+
+
+def one_token(f: Ffn, x: torch.Tensor) -> bool:
+    """Whether x is one token that the CPU kernels (core.ffn_kernels) can take: float32 on the CPU,
+    a SiLU gate without biases, and no intervention transform on this layer in this context."""
+    one = x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == torch.float32
+    return one and f.silu and f.gate_bias is None and not f.transformed()
 
 
 def _paired(f: Ffn, idx: torch.Tensor | None = None):

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit
 
-from core.sparse import Ffn, down_rows, gate_up
-
-ORACLE, LEARNED, GATE = 0, 1, 2  # how bricks are proposed (the kernel's `mode`)
+from core.ffn_kernels import GATE, LEARNED, ORACLE, route_one
+from core.sparse import Ffn, down_rows, gate_up, one_token
 
 
 class TopBricks:
@@ -67,12 +65,11 @@ class TopBricks:
         return torch.zeros_like(values, dtype=torch.bool).scatter_(-1, picked, True)
 
     def __call__(self, f: Ffn, x: torch.Tensor) -> torch.Tensor:
-        one = x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == torch.float32
-        if one and f.silu and f.gate_bias is None and not f.transformed():
+        if one_token(f, x):
             out = np.empty(x.shape[-1], np.float32)
             gate, up = f.gate.detach().numpy(), f.up.detach().numpy()
             args = (self.order, self.starts, gate, up, down_rows(f).numpy(), self.proposed, self.k, out)
-            _route_one(x.detach().reshape(-1).numpy(), self.mode, *self.router, *args)
+            route_one(x.detach().reshape(-1).numpy(), self.mode, *self.router, *args)
             return f.down_bias(torch.from_numpy(out).reshape(x.shape))
         return self.dense_or_union(f, x)
 
@@ -103,73 +100,3 @@ class TopBricks:
         if f.transformed():
             return f.full_down(a, keep)
         return f.down_bias(a @ down_rows(f).index_select(0, keep))
-
-
-@njit(cache=True, fastmath=True)
-def _route_one(x, mode, w_in, w_out, bias, order, starts, gate, up, rows, proposed, k, out):
-    """One token through a SiLU-gated FFN under top-k brick routing, reading only the weight rows of
-    the neurons it computes: out = sum over the kept bricks' neurons i of a_i * rows[i], with
-    a_i = silu(gate[i] . x) * (up[i] . x). Bricks are proposed (mode: all of them, the learned map's
-    predicted mass, or the gate mass of every neuron) and the `k` with the most true mass are kept."""
-    n_bricks, d_ff = starts.shape[0] - 1, gate.shape[0]
-    silu = np.empty(d_ff if mode == GATE else 0, np.float32)
-    score = np.zeros(n_bricks, np.float32)
-    if mode == GATE:  # every gate row, in memory order
-        for i in range(d_ff):
-            silu[i] = _silu(_dot(gate[i], x))
-        for b in range(n_bricks):
-            for m in range(starts[b], starts[b + 1]):
-                score[b] += abs(silu[order[m]])
-    elif mode == LEARNED:
-        z = np.zeros(w_in.shape[1], np.float32)
-        for t in range(x.shape[0]):
-            _axpy(x[t], w_in[t], z)
-        score[:] = bias
-        for j in range(z.shape[0]):
-            _axpy(z[j], w_out[j], score)
-    prop = np.arange(n_bricks)
-    if proposed < n_bricks:  # sorted, so that weight rows are read in memory order
-        prop = np.sort(np.argpartition(-score, proposed - 1)[:proposed])
-    size = 0
-    for b in prop:
-        size += starts[b + 1] - starts[b]
-    act, mass = np.empty(size, np.float32), np.zeros(prop.shape[0], np.float32)
-    p = 0
-    for q in range(prop.shape[0]):
-        for m in range(starts[prop[q]], starts[prop[q] + 1]):
-            i = order[m]
-            s = silu[i] if mode == GATE else _silu(_dot(gate[i], x))
-            act[p] = s * _dot(up[i], x)
-            mass[q] += abs(act[p])
-            p += 1
-    kept = np.ones(prop.shape[0], np.bool_)
-    if k < prop.shape[0]:
-        kept[:] = False
-        kept[np.argpartition(-mass, k - 1)[:k]] = True
-    out[:] = 0.0
-    p = 0
-    for q in range(prop.shape[0]):
-        for m in range(starts[prop[q]], starts[prop[q] + 1]):
-            if kept[q]:
-                _axpy(act[p], rows[order[m]], out)
-            p += 1
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _dot(a, b):
-    acc = np.float32(0.0)
-    for t in range(a.shape[0]):
-        acc += a[t] * b[t]
-    return acc
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _silu(g):
-    return g / (np.float32(1.0) + np.exp(-g))
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _axpy(a, x, y):
-    """y += a * x, in place without a temporary."""
-    for t in range(y.shape[0]):
-        y[t] += a * x[t]

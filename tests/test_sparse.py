@@ -57,6 +57,26 @@ def test_compiled_plan_runs_sparse_like_apply_plan(tiny_lm):
     assert close(got, want)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_keep_only_one_token_kernel_equals_its_torch_path(tiny_lm, scaled):
+    """A generated token runs through the packed numba kernel; two tokens at once run through torch."""
+    f = sparse.ffn(tiny_lm.model, 1)
+    rng = np.random.default_rng(6)
+    keep = rng.random(96) < 0.4
+    scale = np.where(keep, rng.uniform(0.5, 2.0, 96), 0.0) if scaled else None
+    add = np.where(keep, 0.0, rng.normal(size=96)) if scaled else None
+    fn = sparse.KeepOnly(keep, scale, add)
+    with torch.inference_mode():
+        for seed in range(3):
+            x = torch.randn(1, 1, tiny_lm.info.d_model, generator=torch.Generator().manual_seed(seed))
+            twice = fn(f, torch.cat([x, x], dim=1))[:, :1]  # the torch path
+            assert sparse.one_token(f, x) and not sparse.one_token(f, torch.cat([x, x], dim=1))
+            assert close(fn(f, x), twice)
+            assert close(
+                twice, layer_reference(f, x, torch.from_numpy(keep).float()) if not scaled else twice
+            )
+
+
 def layer_reference(f: sparse.Ffn, x, keep_neurons):
     """The masked dense FFN written out with the model's own modules."""
     mlp = sparse._mlp(f.model, f.layer)
