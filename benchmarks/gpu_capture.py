@@ -80,7 +80,7 @@ def time_bare(lm, encoded, batch_size: int, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def time_capture(lm, encoded, batch_size: int, device: str, write: bool) -> float:
+def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=None) -> float:
     """Hooks, reductions and host copies; with `write`, also the chunk's cache transaction."""
     from core.store import Store
 
@@ -92,7 +92,7 @@ def time_capture(lm, encoded, batch_size: int, device: str, write: bool) -> floa
             capture._create_run(store, "bench", lm, _FakeSet(len(encoded)), config, 1)
         sync(device)
         t0 = time.perf_counter()
-        reducer = ChunkReducer(lm.info.n_layers, lm.info.d_ff, config, norms, device=device)
+        reducer = ChunkReducer(lm.info.n_layers, lm.info.d_ff, config, norms, device=device, fused=fused)
         capture._run_chunk(lm, encoded, 0, reducer, config, None, 0, len(encoded))
         if store:
             capture._write_chunk(store, "bench", 0, 0, encoded, lm.tokenizer, reducer, 0.0)
@@ -116,17 +116,24 @@ class _FakeSet:
         return len(self.prompts)
 
 
-def run(shape: str, device: str, n_prompts: int, seq: int, batch_size: int, reps: int, write: bool) -> dict:
+def run(
+    shape: str, device: str, n_prompts: int, seq: int, batch_size: int, reps: int, write: bool, compare=False
+) -> dict:
+    """Bare vs capture; with `compare`, also capture through torch's ops instead of the fused kernels."""
     lm = random_model(shape, device)
     encoded = encoded_batches(n_prompts, seq, SHAPES[shape]["vocab_size"])
     time_bare(lm, encoded[:batch_size], batch_size, device)  # warm-up: kernels, allocator
     time_capture(lm, encoded[:batch_size], batch_size, device, write=False)
+    if compare:
+        time_capture(lm, encoded[:batch_size], batch_size, device, write=False, fused=False)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    bare, full = [], []
+    bare, full, plain = [], [], []
     for _ in range(reps):  # interleaved, so drift hits both alike
         bare.append(time_bare(lm, encoded, batch_size, device))
         full.append(time_capture(lm, encoded, batch_size, device, write))
+        if compare:
+            plain.append(time_capture(lm, encoded, batch_size, device, write, fused=False))
     n_tokens = n_prompts * seq
     best_bare, best_cap = min(bare), min(full)
     return {
@@ -137,7 +144,23 @@ def run(shape: str, device: str, n_prompts: int, seq: int, batch_size: int, reps
         "tokens_per_s": n_tokens / best_cap, "bare_tokens_per_s": n_tokens / best_bare,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "fused": device == "cuda",
+        **({"torch_ops_capture_s": min(plain), "torch_ops_ratio": min(plain) / best_bare,
+            "torch_ops_all": plain} if compare else {}),
     }  # fmt: skip
+
+
+def profile(shape: str, device: str, n_prompts: int, seq: int, batch_size: int) -> None:
+    """Device time per operator of one reductions-only capture (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    lm = random_model(shape, device)
+    encoded = encoded_batches(n_prompts, seq, SHAPES[shape]["vocab_size"])
+    time_capture(lm, encoded[:batch_size], batch_size, device, write=False)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_capture(lm, encoded, batch_size, device, write=False)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
 
 
 def main() -> None:
@@ -149,11 +172,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-write", action="store_true", help="skip the cache transaction")
+    p.add_argument("--profile", action="store_true", help="print device time per operator instead")
+    p.add_argument("--compare", action="store_true", help="also time capture through torch's ops (unfused)")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.profile:
+        return profile(args.shape, args.device, args.prompts, args.seq, args.batch_size)
     result = run(
-        args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps, not args.no_write
-    )
+        args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps, not args.no_write,
+        args.compare,
+    )  # fmt: skip
     print(json.dumps(result))
 
 

@@ -6,6 +6,7 @@ tokens x neurons float matrix beyond the current batch.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -32,9 +33,13 @@ class ChunkReducer:
     (one example per prompt, so a neuron's examples show different prompts).
     """
 
-    def __init__(self, n_layers: int, d_ff: int, config, norms: list[torch.Tensor], device="cpu"):
+    def __init__(self, n_layers: int, d_ff: int, config, norms: list[torch.Tensor], device="cpu", fused=None):
         self.n_layers, self.d_ff, self.config = n_layers, d_ff, config
         self.device = torch.device(device)
+        # bf16 activations on CUDA go through core.reduce_gpu's Triton kernels; fused=False keeps torch's ops
+        if fused is None:
+            fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.fused = fused and config.hist_bins <= 128  # the kernel's histograms have 128 slots
         self.norms = [n.to(self.device) for n in norms]  # ||W_down[:, i]||: |a| -> output magnitude
         self.k_fire = max(1, math.ceil(config.fire_fraction * d_ff))
         self.words = (d_ff + 63) // 64
@@ -48,6 +53,13 @@ class ChunkReducer:
         # per layer, per batch: (B, d_ff) best |a| of each prompt, (B,) its prompt, (B, d_ff) its position
         self.best: list[list[tuple]] = [[] for _ in range(n_layers)]
         self.pending: list = []
+        self.batch_out = None
+        if self.fused:  # what the kernels add into atomically: int32 counts, 128-slot histograms
+            self.fire32 = torch.zeros((n_layers, d_ff), dtype=torch.int32, device=dev)
+            self.hist32 = torch.zeros((n_layers, 2, 128), dtype=torch.int32, device=dev)
+            self.norms_bf16 = [n.to(torch.bfloat16) for n in self.norms]
+        if self.device.type == "cuda":
+            self.copies = torch.cuda.Stream(dev)  # host copies run beside the next batch's kernels
 
     def set_batch(self, batch: list[int], spans: list[tuple[int, int]], width: int) -> None:
         """Tell the hooks which rows of the next forward pass belong to which prompt."""
@@ -68,9 +80,13 @@ class ChunkReducer:
         self.batch_prompt = torch.tensor(batch, dtype=torch.int32, device=dev)
         self.n_tokens += n
         self.pending = [None] * self.n_layers
+        self.batch_out = None  # the fused path's (L, B, d) means and (L, N, 2W) bits, filled in place
         self.segment = torch.from_numpy(segment).to(dev)
         self.ones = torch.ones((1, n), device=dev)
         self.lengths = torch.from_numpy(lengths.astype(np.float32))[None].to(dev)  # (1, B)
+        first = np.array([r * width + s for r, (s, _) in enumerate(spans)], dtype=np.int32)
+        self.first_row = torch.from_numpy(first).to(dev)  # (B,) row of each prompt's first own token
+        self.own_lengths = torch.from_numpy(lengths.astype(np.int32)).to(dev)
 
     def hooks(self, model):
         """Observe every layer through the shared dispatcher: other sessions' passes are not seen."""
@@ -87,6 +103,8 @@ class ChunkReducer:
 
     def reduce(self, layer: int, a: torch.Tensor) -> None:
         """All reductions of one layer's activation, in the model's dtype; nothing waits for the device."""
+        if self.fused and a.dtype == torch.bfloat16:
+            return self._reduce_fused(layer, a)
         x = a.reshape(-1, a.shape[-1]).index_select(0, self.flat)  # (N, d_ff) own tokens
         absx = x.abs()
         out = absx * self.norms[layer].to(x.dtype)
@@ -98,6 +116,31 @@ class ChunkReducer:
         self.sums[1, layer] += (self.lengths @ self.pending[layer][0].float()).squeeze(0).double()
         self._histograms(layer, absx, out)
         self._top(layer, absx)
+
+    def _reduce_fused(self, layer: int, a: torch.Tensor) -> None:
+        """The same reductions in two Triton kernels that each read the activation once (GPU, bf16)."""
+        from core import reduce_gpu
+
+        a = a.reshape(-1, a.shape[-1]).contiguous()
+        cfg, dev = self.config, a.device
+        if self.batch_out is None:  # one buffer per batch: take_batch needs no stacking copy
+            shapes = ((len(self.batch), self.d_ff), (len(self.flat), 2 * self.words))
+            self.batch_out = tuple(
+                torch.empty((self.n_layers, *shape), dtype=dtype, device=dev)
+                for shape, dtype in zip(shapes, (torch.float16, torch.int32), strict=True)
+            )
+        means, bits = self.batch_out[0][layer], self.batch_out[1][layer]
+        reduce_gpu.select_pack(
+            a, self.flat, self.norms_bf16[layer], self.k_fire, self.fire32[layer], self.hist32[layer],
+            cfg.hist_stride, cfg.hist_bins, cfg.fire_indicator == "output", out=bits,
+        )  # fmt: skip
+        longest = self.padded_shape[1]
+        mean, total, best, pos = reduce_gpu.prompt_reduce(a, self.first_row, self.own_lengths, longest)
+        means.copy_(mean)
+        self.pending[layer] = (means, bits)
+        self.sums[0, layer] += total.sum(0, dtype=torch.float64)
+        self.sums[1, layer] += (self.lengths @ means.float()).squeeze(0).double()
+        self.best[layer].append((best, self.batch_prompt, pos))
 
     def _means(self, absx: torch.Tensor) -> torch.Tensor:
         """(B, d_ff) mean |a| over each prompt's own tokens: one small matmul."""
@@ -118,15 +161,23 @@ class ChunkReducer:
 
         On CUDA the copy is asynchronous, so the host files batch i while the device runs batch i+1.
         """
-        means = torch.stack([m for m, _ in self.pending])  # (L, B, d_ff) float16
-        bits = torch.stack([b for _, b in self.pending])  # (L, N, 2W) int32
+        if self.batch_out is not None:
+            means, bits = self.batch_out
+        else:
+            means = torch.stack([m for m, _ in self.pending])  # (L, B, d_ff) float16
+            bits = torch.stack([b for _, b in self.pending])  # (L, N, 2W) int32
         if means.is_cuda:
             host = (torch.empty(means.shape, dtype=means.dtype, pin_memory=True),
                     torch.empty(bits.shape, dtype=bits.dtype, pin_memory=True))  # fmt: skip
-            host[0].copy_(means, non_blocking=True)
-            host[1].copy_(bits, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            stream = getattr(self, "copies", torch.cuda.current_stream())
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # on a side stream the next batch need not wait for it
+                host[0].copy_(means, non_blocking=True)
+                host[1].copy_(bits, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            means.record_stream(stream)  # their memory is not reused before the copy has read it
+            bits.record_stream(stream)
         else:
             host, done = (means, bits), None
         self.pending = []
@@ -178,8 +229,12 @@ class ChunkReducer:
     def partials(self, prompt_offset: int) -> list[tuple[int, str, np.ndarray]]:
         """The chunk's partial reductions as (layer, name, array) rows for `chunk_arrays`."""
         sums = self.sums.cpu().numpy()
-        fire = self.fire_count.cpu().numpy().astype(np.float64)
-        hist = self.hist.cpu().numpy().round().astype(np.int64)
+        fire, hist = self.fire_count, self.hist
+        if self.fused:
+            fire = fire + self.fire32
+            hist = hist + self.hist32[:, :, : self.config.hist_bins].transpose(0, 1)
+        fire = fire.cpu().numpy().astype(np.float64)
+        hist = hist.cpu().numpy().round().astype(np.int64)
         rows = []
         for layer in range(self.n_layers):
             top_val, top_prompt, top_pos = self._top_k(layer)
