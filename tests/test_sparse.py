@@ -72,9 +72,11 @@ def test_keep_only_one_token_kernel_equals_its_torch_path(tiny_lm, scaled):
             twice = fn(f, torch.cat([x, x], dim=1))[:, :1]  # the torch path
             assert sparse.one_token(f, x) and not sparse.one_token(f, torch.cat([x, x], dim=1))
             assert close(fn(f, x), twice)
-            assert close(
-                twice, layer_reference(f, x, torch.from_numpy(keep).float()) if not scaled else twice
-            )
+            factor = torch.from_numpy(keep if scale is None else scale).float()
+            want = layer_reference(f, x, factor)
+            if add is not None:
+                want = want + torch.from_numpy(add).float() @ f.down.weight.T
+            assert close(twice, want)
 
 
 def layer_reference(f: sparse.Ffn, x, keep_neurons):
