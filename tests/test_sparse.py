@@ -138,7 +138,7 @@ def test_gate_proposals_keep_the_top_gate_mass_then_the_top_true_mass(tiny_lm):
 @pytest.mark.parametrize("size", [1, 8])
 @pytest.mark.parametrize(
     ("proposer", "proposed"),
-    [("oracle", None), ("learned", None), ("learned", 2), ("gate", None), ("gate", 2)],
+    [("oracle", None), ("learned", None), ("learned", 2), ("gate", None), ("gate", 2), ("gate", 3)],
 )
 def test_one_token_kernel_equals_its_torch_twin(tiny_lm, size, proposer, proposed):
     """Generation runs one token at a time through the numba kernel; prompts through torch."""
