@@ -52,6 +52,13 @@ class RoutedRun:
 
 
 def routed_run(lm: models.LoadedModel, router: Router, prompt: str, max_new_tokens: int) -> RoutedRun:
+    cap = compare.MAX_NEW_TOKENS  # the same cap as the manual comparison: a caller may not pass more
+    n = max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cap:
+        raise BricklabError(
+            f"max_new_tokens must be an integer from 1 to {cap}, got {max_new_tokens!r}.",
+            f"Ask for at most {cap} new tokens.",
+        )
     compare.prompt_ids(lm, prompt)  # the same checks (empty, too long) as the manual comparison
     ids, span = routing.prompt_span(lm, prompt)
     best = {"dense": np.inf, "routed": np.inf}
