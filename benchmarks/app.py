@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import bricks, compare, configuration, interventions, models, neurons, scores
@@ -90,7 +91,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (1 is steadier on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     store = Store(args.db)
     run = store.require_run(args.run)
@@ -122,6 +126,7 @@ def main() -> None:
         "generation_only_ratio": round(median["configured"] / median["plain"], 3),
         "plain_generation_s": round(median["plain"], 3), "toggle_regeneration_s": round(median["toggle"], 3),
         "tokens": args.tokens, "run_id": run.run_id, "device": lm.info.device,
+        "threads": torch.get_num_threads(),
     }))  # fmt: skip
 
 
