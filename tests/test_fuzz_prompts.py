@@ -81,6 +81,17 @@ def test_near_valid_jsonl_gives_a_prompt_set_or_a_clear_error(lines, ascii_only)
 
 
 @FUZZ
+@given(
+    st.lists(st.characters(categories=["Cs"]) | st.characters(), min_size=1, max_size=6).map("".join),
+    st.booleans(),
+)
+def test_jsonl_escapes_of_any_code_point_give_a_prompt_set_or_a_clear_error(text, ascii_only):
+    """JSON can spell lone surrogates (\\ud800) that no tokenizer or database takes."""
+    line = json.dumps({"id": text, "category": text, "text": text}, ensure_ascii=ascii_only)
+    parse_or_refuse(line.encode("utf-8", "surrogatepass"), "escapes.jsonl")
+
+
+@FUZZ
 @given(st.lists(st.lists(st.text(max_size=12), max_size=4), min_size=1, max_size=6), st.booleans())
 def test_near_valid_csv_gives_a_prompt_set_or_a_clear_error(cells, with_header):
     out = io.StringIO()
