@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from core import configuration, evaluate, interventions, routing, scores, sparse, token_map
+from core import configuration, evaluate, interventions, routing, scores, sparse, token_map, topk
 from core.errors import BricklabError
 from core.routing import RouterParams
 from core.store import Store
@@ -186,3 +186,40 @@ def test_bad_references_and_foreign_models_are_refused(tiny_lm, run_store):
         pass
     with pytest.raises(BricklabError, match="budget"):
         RouterParams(budget=0)
+
+
+def test_gate_router_needs_no_map_and_round_trips(tiny_lm, run_store):
+    store, run_id = run_store
+    params = RouterParams(kind="token", budget=0.25, brick_size=1, gate=True, proposed=2)
+    router = routing.fit(tiny_lm, store, run_id, params)
+    assert set(router.arrays) == {"brick_of"} and params.key()["gate"] is True
+    assert "gate" not in RouterParams(kind="token", budget=0.25).key()  # keys stored before it still match
+    loaded = routing.from_config(
+        store, configuration.loads(routing.to_config(router, tiny_lm.info).to_json())
+    )
+    assert loaded.params == params
+    fns = routing.layer_fns(loaded)
+    assert all(fn.mode == topk.GATE and (fn.k, fn.proposed) == (24, 48) for fn in fns.values())
+    with pytest.raises(BricklabError, match="exclude"):
+        RouterParams(kind="token", gate=True, oracle=True)
+
+
+def test_dense_prefill_routes_only_one_token_passes(tiny_lm, run_store):
+    store, run_id = run_store
+    router = routing.fit(
+        tiny_lm, store, run_id, RouterParams(kind="token", budget=0.25, brick_size=1, oracle=True)
+    )
+    ids = torch.tensor([routing.prompt_span(tiny_lm, "Name three colours.")[0]])
+
+    def logits(prefill, x):
+        with torch.inference_mode(), routing.routed(tiny_lm, router, prefill=prefill):
+            return tiny_lm.model(x).logits
+
+    dense = tiny_lm.model(ids).logits.detach()
+    assert torch.allclose(logits("dense", ids), dense, atol=1e-5)  # the prompt's pass runs dense
+    assert not torch.allclose(logits("routed", ids), dense, atol=1e-3)
+    one = ids[:, :1]
+    assert torch.equal(logits("dense", one), logits("routed", one))  # one token is routed either way
+    assert not torch.allclose(logits("dense", one), tiny_lm.model(one).logits.detach(), atol=1e-3)
+    with pytest.raises(BricklabError, match="prefill"), routing.routed(tiny_lm, router, prefill="half"):
+        pass
