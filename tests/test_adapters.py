@@ -130,6 +130,7 @@ def test_hash_round_trip_and_catalog(tiny_lm, tmp_path):
     adapter = adapters.load(sha, tiny_lm.info, tmp_path)
     original = adapters.decode(data)
     assert all(torch.equal(adapter.weights[k][1], original.weights[k][1]) for k in original.weights)
+    (tmp_path / "junk.safetensors").write_bytes(b"abc")  # not an adapter: skipped, not an error
     [entry] = adapters.catalog(tmp_path, tiny_lm.info.fingerprint)
     assert entry["sha256"] == sha and entry["bytes"] == len(data) and entry["rank"] == 3
     assert adapters.catalog(tmp_path, "another-model") == []
@@ -320,3 +321,23 @@ def test_threads_with_the_adapter_on_and_off_see_only_their_own(tiny_lm):
     assert all(torch.equal(x, alone_on) for x in results["on"])
     assert all(torch.equal(x, alone_off) for x in results["off"])
     assert not torch.allclose(alone_on, alone_off) and interventions.hook_count(tiny_lm.model) == 0
+
+
+# --- the default model and the bundled facts --------------------------------------------------------
+
+# The default settings (10 steps at lr 1e-2) teach the default model the bundled facts; trained once per
+# test session, on a copy, in this test's own folder.
+DEFAULT_TRAINING = adapter_train.TrainConfig()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~2 min on 2 idle cores; far longer on a shared, oversubscribed machine
+def test_default_model_answers_the_invented_facts_only_with_the_adapter_on(default_lm, tmp_path_factory):
+    facts = adapter_train.default_facts()
+    folder = tmp_path_factory.mktemp("default-adapters")
+    trained = adapter_train.train(default_lm, facts, DEFAULT_TRAINING, directory=folder)
+    on, rows = adapter_train.recall(default_lm, facts.questions, [(trained.adapter, 1.0)], max_new_tokens=16)
+    off, plain = adapter_train.recall(default_lm, facts.questions, max_new_tokens=16)
+    assert on >= 0.5, rows
+    assert off == 0, plain
+    assert interventions.hook_count(default_lm.model) == 0

@@ -45,7 +45,7 @@ def train_form(run: Run, lm: LoadedModel, facts: adapter_train.Facts) -> None:
         "Projections", list(adapters.MODULES), default=list(adapters.MODULES), key="ad-mod"
     )
     rank = c.number_input("Rank", 1, 64, 8, key="ad-rank")
-    steps = d.number_input("Steps", 1, 500, 30, key="ad-steps")
+    steps = d.number_input("Steps", 1, 500, adapter_train.TrainConfig.steps, key="ad-steps")
     if not st.button("Train adapter", type="primary", disabled=not modules):
         return
     try:
