@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context, event
 
 from core import configuration, interventions
 from core.configuration import ConfigError
@@ -60,13 +61,19 @@ def doc_for(lm, run_id) -> dict:
     }
 
 
+def note(outcome: str) -> None:
+    """Count outcomes in hypothesis' statistics (--hypothesis-show-statistics)."""
+    if currently_in_test_context():
+        event(outcome)
+
+
 def check_one(world, text) -> None:
     """Load, list problems and (when valid) apply `text`; no hook is left behind."""
     lm, store, run_id, *_ = world
     try:
         config = configuration.loads(text, model=lm.info)
     except ConfigError as err:
-        event("refused by the loader")
+        note("refused by the loader")
         assert err.path and err.problem
         found = configuration.problems(text, model=lm.info)
         assert found and all(isinstance(e, ConfigError) and e.path and e.problem for e in found)
@@ -75,9 +82,9 @@ def check_one(world, text) -> None:
         try:  # it may still be refused when applied (e.g. an adapter file that is not there) ...
             with interventions.configured(lm, config, store, run_id), torch.no_grad():
                 lm.model(IDS)
-            event("applied")
+            note("applied")
         except BricklabError as err:  # ... but only clearly, and before anything changed
-            event("refused when applied")
+            note("refused when applied")
             assert err.message and err.hint
     assert interventions.hook_count(lm.model) == 0
 
