@@ -254,17 +254,19 @@ class ChunkReducer:
 def merge_partials(store, run_id: str, n_layers: int, top_k: int, n_tokens: int):
     """Sum chunk partials per layer; merge the chunks' top examples (stable, chunk order)."""
     cur = store.cursor()
-    sql = "SELECT chunk, layer, name, data FROM chunk_arrays WHERE run_id = ? ORDER BY chunk, layer"
-    parts: dict[tuple[int, str], list[bytes]] = {}
-    for _, layer, name, data in cur.execute(sql, [run_id]).fetchall():
-        parts.setdefault((layer, name), []).append(bytes(data))
+    # One layer's partials at a time: all of them at once grow with the number of chunks
+    # (about 10 MB per chunk on the default model), so capture memory grew with the prompt set.
+    sql = "SELECT name, data FROM chunk_arrays WHERE run_id = ? AND layer = ? ORDER BY chunk"
     dtypes = {"sum_act": np.float64, "sum_abs": np.float64, "fire_count": np.float64,
               "hist_abs": np.int64, "hist_out": np.int64, "top_val": np.float32,
               "top_prompt": np.int32, "top_pos": np.int32}  # fmt: skip
     layer_rows, top = [], {"layer": [], "neuron": [], "rank": [], "prompt_idx": [], "pos": [], "value": []}
     denom = max(n_tokens, 1)
     for layer in range(n_layers):
-        arr = {name: [np.frombuffer(b, dtypes[name]) for b in parts[(layer, name)]] for name in PARTIAL_NAMES}
+        parts: dict[str, list[bytes]] = {}
+        for name, data in cur.execute(sql, [run_id, layer]).fetchall():
+            parts.setdefault(name, []).append(bytes(data))
+        arr = {name: [np.frombuffer(b, dtypes[name]) for b in parts[name]] for name in PARTIAL_NAMES}
         layer_rows += [
             (layer, "mean_act", (sum(arr["sum_act"]) / denom).astype(np.float32)),
             (layer, "mean_abs", (sum(arr["sum_abs"]) / denom).astype(np.float32)),
