@@ -79,7 +79,7 @@ def page():
 
 def go(page, name: str) -> None:
     """Navigate inside the app (sidebar link): the browser session and its state stay."""
-    page.get_by_test_id("stSidebarNav").get_by_role("link", name=name).click()
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=name, exact=True).click()
     page.wait_for_url(re.compile(name.replace(" ", "_")))
 
 
