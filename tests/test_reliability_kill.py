@@ -83,12 +83,23 @@ def brick_values(b: bricks.Brick) -> tuple:
     return (b.brick_id, b.neurons.tobytes(), b.layers, b.label, b.p_values, b.top_tokens, b.stability)
 
 
+def private_copy(path, dest: Path) -> Path:
+    """A copy of the run's cache without derived results: other tests of the session cache some
+    (e.g. scores), which would skip steps of the computation and so change its events."""
+    shutil.copy(path, dest)
+    store = Store(dest)
+    try:
+        store.cursor().execute("DELETE FROM results")
+    finally:
+        store.close()
+    return dest
+
+
 @pytest.fixture(scope="module")
 def reference(small_run, tmp_path_factory) -> dict:
     """Every result of an uninterrupted computation of each kind, on a private copy of the run."""
     path, run_id = small_run
-    copy = tmp_path_factory.mktemp("reference") / "cache.duckdb"
-    shutil.copy(path, copy)
+    copy = private_copy(path, tmp_path_factory.mktemp("reference") / "cache.duckdb")
     store = Store(copy)
     try:
         out = {}
@@ -107,8 +118,7 @@ def test_a_killed_computation_serves_nothing_partial_and_reruns_to_the_same_resu
 ):
     """Killed at a random event (BRICKLAB_KILL_AT=n picks one, to replay a failure)."""
     path, run_id = small_run
-    db = tmp_path / "killed.duckdb"
-    shutil.copy(path, db)
+    db = private_copy(path, tmp_path / "killed.duckdb")
     n = int(os.environ.get("BRICKLAB_KILL_AT", 0)) or random.SystemRandom().randint(1, EVENTS[what])
     proc = run_child(db, run_id, what, n)
     assert proc.returncode == -9, f"not killed at event {n}: {proc.stdout} {proc.stderr[-2000:]}"
@@ -130,8 +140,7 @@ def test_a_killed_computation_serves_nothing_partial_and_reruns_to_the_same_resu
 def test_the_child_reaches_every_event_when_not_killed(small_run, reference, tmp_path):
     """Without a kill the child runs to the end: a -9 above is the kill, not a crash."""
     path, run_id = small_run
-    db = tmp_path / "whole.duckdb"
-    shutil.copy(path, db)
+    db = private_copy(path, tmp_path / "whole.duckdb")
     proc = run_child(db, run_id, "coact", 0)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(ast.literal_eval(proc.stdout)) == EVENTS["coact"], proc.stdout
