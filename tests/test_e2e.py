@@ -141,6 +141,10 @@ def test_the_app_end_to_end(app_url, page):
     page.get_by_test_id("stMetricValue").first.filter(has_text=re.compile(r"^(?!100\.0%)")).wait_for()
     shot(page, "playground")
 
+    go(page, "Custom bricks")
+    page.get_by_role("heading", name=re.compile("Cached adapters")).wait_for()
+    shot(page, "custom_bricks")
+
     go(page, "Paper")
     page.get_by_text("Quick (fewer prompts").click()
     page.get_by_role("button", name=re.compile("Compute the analysis")).click()
