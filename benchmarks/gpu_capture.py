@@ -94,15 +94,171 @@ def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=N
         t0 = time.perf_counter()
         reducer = ChunkReducer(lm.info.n_layers, lm.info.d_ff, config, norms, device=device, fused=fused)
         capture._run_chunk(lm, encoded, 0, reducer, config, None, 0, len(encoded))
+        forward = time.perf_counter() - t0  # the last batch's copy waited for: the device is idle
         if store:
             capture._write_chunk(store, "bench", 0, 0, encoded, lm.tokenizer, reducer, 0.0)
         else:
             reducer.partials(0)
         sync(device)
         elapsed = time.perf_counter() - t0
+        SPLITS.append({"fused": reducer.fused, "chunk_s": forward, "after_s": elapsed - forward})
         if store:
             store.close()
     return elapsed
+
+
+SPLITS: list[dict] = []  # each capture's time to its last batch's copy, and partials (or the write) after
+
+
+SELECT_TRIES = [  # the paired kernel's warps, rows sharing a reduction, in-kernel counts, rows a program, ...
+    dict(warps=16, rows_at_once=1, count=False, per_program=32),
+    dict(warps=16, rows_at_once=1, count=True, per_program=32),
+    dict(warps=32, rows_at_once=1, count=False, per_program=32),
+    dict(warps=16, rows_at_once=1, count=False, per_program=16),
+    dict(warps=16, rows_at_once=1, count=False, per_program=64),
+    dict(warps=16, rows_at_once=2, count=False, per_program=32),
+    dict(warps=16, rows_at_once=1, count=False, per_program=32, reload_norm=True),
+    dict(warps=16, rows_at_once=1, count=False, per_program=32, reload_norm=True, maxnreg=64),
+    dict(warps=32, rows_at_once=1, count=False, per_program=32, reload_norm=True, maxnreg=32),
+]
+PROMPT_TRIES = [(1024, 4), (512, 4), (256, 4), (512, 2), (2048, 8)]
+
+
+def device_ms(fn, reps: int = 20) -> float:
+    """Mean device milliseconds of fn() over reps back-to-back calls, after one warm-up call."""
+    fn()
+    if not torch.cuda.is_available():  # Triton's interpreter: a smoke test, not a timing
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def kernel_sweep(prompts: int, seq: int, d: int, dev: str = "cuda") -> dict:
+    """Each selection and prompt kernel configuration on one random layer-batch: ms, registers, and
+    whether its output equals the one-lane kernel's (or the default prompt kernel's) bit for bit.
+    The fastest equal ones become reduce_gpu's defaults for the rest of this run."""
+    from core import reduce_gpu as rg
+
+    n = prompts * seq
+    g = torch.Generator(device=dev).manual_seed(0)
+    a = (torch.randn(n, d, device=dev, generator=g) * torch.randn(n, d, device=dev, generator=g)).bfloat16()
+    norm = (torch.rand(d, device=dev, generator=g) + 0.5).bfloat16()
+    rows = torch.arange(n, dtype=torch.int32, device=dev)
+    k = -(-d // 10)
+
+    def select(**kw):
+        counts = torch.zeros(d, dtype=torch.int32, device=dev)
+        hist = torch.zeros((2, rg.HIST_SLOTS), dtype=torch.int32, device=dev)
+        return lambda: rg.select_pack(a, rows, norm, k, counts, hist, 8, 100, True, **kw), counts, hist
+
+    def outputs(**kw):
+        fn, counts, hist = select(**kw)
+        return fn(), counts, hist
+
+    want = outputs(pairs=False)
+    out = {"one_lane": {"ms": device_ms(select(pairs=False)[0])}, "paired": []}
+    for tune in SELECT_TRIES:
+        kw = {"pairs": True, **tune}
+        try:  # one configuration that does not compile must not end the run
+            got = outputs(**kw)
+            same = all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+            out["paired"].append({**kw, "ms": device_ms(select(**kw)[0]), "identical": same})
+        except Exception as e:  # noqa: BLE001
+            out["paired"].append({**kw, "error": repr(e)[:300], "identical": False})
+    bits = want[0]
+    out["count_bits_ms"] = device_ms(
+        lambda: rg.count_bits(bits, torch.zeros(d, dtype=torch.int32, device=dev), d)
+    )
+    good = [c for c in out["paired"] if c["identical"]]
+    if good:
+        best = min(good, key=lambda c: c["ms"])
+        rg.PAIRS.update({key: best[key] for key in rg.PAIRS if key in best})
+    # what the histograms cost: the chosen kernel with no row sampled but the first (not a result)
+    counts = torch.zeros(d, dtype=torch.int32, device=dev)
+    hist = torch.zeros((2, rg.HIST_SLOTS), dtype=torch.int32, device=dev)
+    out["no_histograms_ms"] = device_ms(
+        lambda: rg.select_pack(a, rows, norm, k, counts, hist, 1 << 30, 100, True, pairs=True)
+    )
+    first = torch.arange(prompts, dtype=torch.int32, device=dev) * seq
+    lengths = torch.full((prompts,), seq, dtype=torch.int32, device=dev)
+    base = rg.prompt_reduce(a, first, lengths, seq, block=1024, warps=4)
+    out["prompt"] = []
+    for block, warps in PROMPT_TRIES:
+        try:
+            got = rg.prompt_reduce(a, first, lengths, seq, block=block, warps=warps)
+            same = all(torch.equal(x, y) for x, y in zip(got, base, strict=True))
+            ms = device_ms(
+                lambda b=block, w=warps: rg.prompt_reduce(a, first, lengths, seq, block=b, warps=w)
+            )
+            out["prompt"].append({"block": block, "warps": warps, "ms": ms, "identical": same})
+        except Exception as e:  # noqa: BLE001
+            out["prompt"].append({"block": block, "warps": warps, "error": repr(e)[:300], "identical": False})
+    best = min((c for c in out["prompt"] if c["identical"]), key=lambda c: c["ms"])
+    rg.PROMPT.update(block=best["block"], warps=best["warps"])
+    out["chosen"] = {"select": dict(rg.PAIRS), "prompt": dict(rg.PROMPT)}
+    if dev == "cuda":  # what one batch's firing words cost on the host side: pinning, and the copy
+        words = torch.zeros((32, n, 2 * ((d + 63) // 64)), dtype=torch.int32, device=dev)
+        t0 = time.perf_counter()
+        host = torch.empty(words.shape, dtype=words.dtype, pin_memory=True)
+        pin = time.perf_counter() - t0
+        copy_ms = device_ms(lambda: host.copy_(words, non_blocking=True), reps=3)
+        out["host_copy"] = {"gib": words.numel() * 4 / 2**30, "pin_ms": pin * 1e3, "copy_ms": copy_ms}
+    try:
+        out["registers"] = compiled_registers(rg)
+    except Exception as e:  # noqa: BLE001
+        out["registers"] = repr(e)[:300]
+    return out
+
+
+def compiled_registers(rg) -> list:
+    """Registers and spills of every compiled selection kernel (Triton's cache; best effort)."""
+    found = []
+    for fn in (rg._select_pack_kernel, rg._select_pairs_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for kernel in cache[0].values():
+                consts = {
+                    str(k): v for k, v in getattr(kernel, "constants", {}).items() if isinstance(v, int)
+                }
+                found.append({"kernel": fn.__name__, "warps": kernel.metadata.num_warps, "constants": consts,
+                              "registers": kernel.n_regs, "spills": kernel.n_spills})  # fmt: skip
+    return found
+
+
+def profile_times(lm, encoded, batch_size: int, device: str) -> dict:
+    """Device ms per operator (self time) of one bare pass and one capture over the same prompts: the
+    reduction kernels' ms per call, and which operators the capture adds most time to."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    totals = []
+    for step in (time_bare, time_capture):
+        kwargs = {"write": False} if step is time_capture else {}
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(lm, encoded, batch_size, device, **kwargs)
+        ops = {}
+        for e in prof.key_averages():
+            total = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if total > 0:
+                ops[e.key[:80]] = (e.count, total / 1e3)
+        totals.append(ops)
+    bare, cap = totals
+    delta = {name: cap[name][1] - bare.get(name, (0, 0.0))[1] for name in cap}
+    top = sorted(delta, key=lambda name: -delta[name])[:15]
+    return {
+        "n_prompts": len(encoded),
+        "device_ms_bare": sum(v[1] for v in bare.values()),
+        "device_ms_capture": sum(v[1] for v in cap.values()),
+        "added": [{"name": name, "calls": cap[name][0], "added_ms": delta[name],
+                   "ms_per_call": cap[name][1] / max(cap[name][0], 1)} for name in top],
+    }  # fmt: skip
 
 
 class _FakeSet:
@@ -117,9 +273,20 @@ class _FakeSet:
 
 
 def run(
-    shape: str, device: str, n_prompts: int, seq: int, batch_size: int, reps: int, write: bool, compare=False
+    shape: str,
+    device: str,
+    n_prompts: int,
+    seq: int,
+    batch_size: int,
+    reps: int,
+    write: bool,
+    compare=False,
+    kernels=False,
 ) -> dict:
-    """Bare vs capture; with `compare`, also capture through torch's ops instead of the fused kernels."""
+    """Bare vs capture; with `compare`, also capture through torch's ops instead of the fused kernels; with
+    `kernels`, first time the kernels' configurations (kernel_sweep) and after, profile one capture."""
+    sweep = kernel_sweep(batch_size, seq, SHAPES[shape]["intermediate_size"]) if kernels else None
+    torch.cuda.empty_cache() if kernels else None  # the sweep's layer-batch is not the capture's memory
     lm = random_model(shape, device)
     encoded = encoded_batches(n_prompts, seq, SHAPES[shape]["vocab_size"])
     time_bare(lm, encoded[:batch_size], batch_size, device)  # warm-up: kernels, allocator
@@ -136,6 +303,13 @@ def run(
             plain.append(time_capture(lm, encoded, batch_size, device, write, fused=False))
     n_tokens = n_prompts * seq
     best_bare, best_cap = min(bare), min(full)
+    splits = [x for x in SPLITS if x["fused"]][-reps:]
+    extra = {}
+    if kernels:
+        extra = {
+            "kernels": sweep,
+            "profile": profile_times(lm, encoded[: n_prompts // 2], batch_size, device),
+        }
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "shape": shape, "n_prompts": n_prompts, "seq": seq, "batch_size": batch_size, "reps": reps,
@@ -145,8 +319,10 @@ def run(
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "fused": device == "cuda",
+        "splits_fused": splits,
         **({"torch_ops_capture_s": min(plain), "torch_ops_ratio": min(plain) / best_bare,
             "torch_ops_all": plain} if compare else {}),
+        **extra,
     }  # fmt: skip
 
 
@@ -174,13 +350,14 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="skip the cache transaction")
     p.add_argument("--profile", action="store_true", help="print device time per operator instead")
     p.add_argument("--compare", action="store_true", help="also time capture through torch's ops (unfused)")
+    p.add_argument("--kernels", action="store_true", help="first time kernel configurations; profile after")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.profile:
         return profile(args.shape, args.device, args.prompts, args.seq, args.batch_size)
     result = run(
         args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps, not args.no_write,
-        args.compare,
+        args.compare, args.kernels,
     )  # fmt: skip
     print(json.dumps(result))
 

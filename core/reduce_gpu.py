@@ -79,6 +79,159 @@ def _row_histogram(values, valid, bins, bins_f, SLOTS: tl.constexpr):
     return tl.histogram(idx, SLOTS, mask=valid)
 
 
+# Neuron pairs: a bf16 row read as int32 words holds neurons 2j (low half) and 2j+1 (high half) in word j,
+# and so do the 15-bit magnitude keys computed from it. One add counts both halves against a candidate
+# (SWAR: each half plus 0x8000 - c carries into its own top bit exactly when key >= c), halving the
+# registers a row needs, and R rows share each block-wide reduction of the cut-off search.
+LOW: tl.constexpr = tl.constexpr(0x7FFF)
+HIGH: tl.constexpr = tl.constexpr(0x7FFF0000)
+SIGNS: tl.constexpr = tl.constexpr(0x7FFF7FFF)
+
+
+@triton.jit
+def _select_pairs_kernel(
+    w_ptr, rows_ptr, norm_ptr, bits_ptr, count_ptr, hist_ptr,
+    n_rows, d2, stride2, k, n_words, hist_stride, bins, bins_f,
+    USE_OUTPUT: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, BLOCK2: tl.constexpr,
+    SLOTS: tl.constexpr, HIST_ROW: tl.constexpr, COUNT: tl.constexpr, RELOAD_NORM: tl.constexpr,
+):  # fmt: skip
+    cols = tl.arange(0, BLOCK2)
+    valid = cols < d2
+    norm = tl.load(norm_ptr + cols, mask=valid, other=0).to(tl.uint32, bitcast=True)
+    fired_total = tl.zeros([R, BLOCK2], dtype=tl.uint32)  # per pair: low count | high count << 16
+    hist_abs = tl.zeros([SLOTS], dtype=tl.int32)
+    hist_out = tl.zeros([SLOTS], dtype=tl.int32)
+    shifts = (2 * tl.arange(0, 16)).to(tl.uint32)
+    w = tl.arange(0, BLOCK2 // 16)
+    for i in range(ROWS // R):
+        first = tl.program_id(0) * ROWS + i * R
+        r = first + tl.arange(0, R)
+        live = r < n_rows
+        src = tl.load(rows_ptr + r, mask=live, other=0).to(tl.int64)
+        m = live[:, None] & valid[None, :]
+        row_ptr = w_ptr + src[:, None] * stride2 + cols[None, :]
+        if RELOAD_NORM:  # from L1 each row: 16 registers a thread fewer
+            row_norm = tl.load(norm_ptr + cols, mask=valid, other=0).to(tl.uint32, bitcast=True)
+        else:
+            row_norm = norm
+        key = _pair_keys(tl.load(row_ptr, mask=m, other=0), row_norm[None, :], USE_OUTPUT)
+        t, n_above = _kth_pair_key(key, k, R)
+        fire_lo, fire_hi = _fire_pairs(key, t, k - n_above, m)
+        if COUNT:  # else count_bits counts from the words: 16 more registers a thread spill
+            fired_total += fire_lo | (fire_hi << 16)
+        pairs = tl.reshape(fire_lo | (fire_hi << 1), [R, BLOCK2 // 16, 16])
+        words = tl.sum(pairs << shifts[None, None, :], axis=2).to(tl.int32, bitcast=True)
+        out = bits_ptr + r[:, None].to(tl.int64) * n_words + w[None, :]
+        tl.store(out, words, mask=live[:, None] & (w < n_words)[None, :])
+        hist_first = (first + hist_stride - 1) // hist_stride * hist_stride
+        if hist_first < tl.minimum(first + R, n_rows):  # this tile holds a sampled row
+            sampled = (live & (r % hist_stride == 0))[:, None] & valid[None, :]
+            raw = tl.load(row_ptr, mask=sampled, other=0)  # again: a row kept live spills registers
+            hist_abs += _pair_histogram(
+                _pair_keys(raw, row_norm, False), sampled, bins, bins_f, R, BLOCK2, SLOTS
+            )
+            hist_out += _pair_histogram(
+                _pair_keys(raw, row_norm, True), sampled, bins, bins_f, R, BLOCK2, SLOTS
+            )
+    if COUNT:
+        fired = tl.sum(fired_total, axis=0)
+        tl.atomic_add(count_ptr + 2 * cols, (fired & LOW).to(tl.int32), mask=valid)
+        tl.atomic_add(count_ptr + 2 * cols + 1, (fired >> 16).to(tl.int32), mask=valid)
+    slots = tl.arange(0, SLOTS)
+    tl.atomic_add(hist_ptr + slots, hist_abs, mask=slots < bins)
+    tl.atomic_add(hist_ptr + HIST_ROW + slots, hist_out, mask=slots < bins)
+
+
+@triton.jit
+def _pair_keys(raw, norm, USE_OUTPUT: tl.constexpr):
+    """Packed 15-bit keys of both halves: |a|, or |a| * norm rounded to bf16 (nearest even, as torch's
+    bf16 product)."""
+    absw = raw.to(tl.uint32, bitcast=True) & SIGNS
+    if not USE_OUTPUT:
+        return absw
+    lo = ((absw << 16).to(tl.float32, bitcast=True) * (norm << 16).to(tl.float32, bitcast=True)).to(
+        tl.uint32, bitcast=True
+    )
+    hi = (
+        ((absw >> 16) << 16).to(tl.float32, bitcast=True) * ((norm >> 16) << 16).to(tl.float32, bitcast=True)
+    ).to(tl.uint32, bitcast=True)
+    lo = ((lo + 0x7FFF + ((lo >> 16) & 1)) >> 16) & LOW  # the mask keeps a NaN out of its neighbour
+    hi = ((hi + 0x7FFF + ((hi >> 16) & 1)) >> 16) & LOW
+    return lo | (hi << 16)
+
+
+@triton.jit
+def _count_pairs(key, c):
+    """Per row, how many halves of `key` (R, B) are >= c (R,), c in [1, 0x8000]."""
+    x = key + ((0x8000 - c) * 0x10001)[:, None]
+    total = tl.sum((x >> 15) & 0x10001, axis=1)
+    return (total & 0xFFFF) + (total >> 16)
+
+
+@triton.jit
+def _kth_pair_key(key, k, R: tl.constexpr):
+    """Per row, the largest t with at least k halves >= t, one bit a step, and how many are > t.
+
+    The last candidate turned down is t + 1 (t's lowest clear bit set, the bits below it still clear),
+    so its count is the count above t: no reduction of its own.
+    """
+    t = tl.zeros([R], dtype=tl.uint32)
+    n_above = tl.zeros([R], dtype=tl.uint32)  # t = 0x7FFF: none is above
+    for bit in tl.static_range(14, -1, -1):
+        cand = t | (1 << bit)
+        n = _count_pairs(key, cand)
+        t = tl.where(n >= k, cand, t)
+        n_above = tl.where(n >= k, n_above, n)
+    return t, n_above
+
+
+@triton.jit
+def _fire_pairs(key, t, need, valid):
+    """(low, high) 0/1 per pair: every half above t, and the first `need` ties at t (by index)."""
+    above = key + ((0x7FFF - t) * 0x10001)[:, None]  # top bit set: half > t
+    above_lo, above_hi = (above >> 15) & 1, (above >> 31) & 1
+    tied_lo = ((key & LOW) == t[:, None]) & valid
+    tied_hi = ((key >> 16) == t[:, None]) & valid
+    tied_lo, tied_hi = tied_lo.to(tl.uint32), tied_hi.to(tl.uint32)
+    rank_hi = tl.cumsum(tied_lo + tied_hi, axis=1)  # ties up to and including the high half
+    fire_lo = above_lo | (tied_lo & (rank_hi - tied_hi <= need[:, None]).to(tl.uint32))
+    fire_hi = above_hi | (tied_hi & (rank_hi <= need[:, None]).to(tl.uint32))
+    return fire_lo, fire_hi
+
+
+@triton.jit
+def _pair_histogram(keys, sampled, bins, bins_f, R: tl.constexpr, BLOCK2: tl.constexpr, SLOTS: tl.constexpr):
+    """As _row_histogram for the sampled rows of packed keys; others go to slot SLOTS - 1, never read."""
+    lo = ((keys & LOW) << 16).to(tl.float32, bitcast=True)
+    hi = (keys & HIGH).to(tl.float32, bitcast=True)
+    peak = tl.max(tl.maximum(tl.where(sampled, lo, 0.0), tl.where(sampled, hi, 0.0)), axis=1)
+    peak = tl.maximum(peak, 1e-30)
+    scale = (tl.div_rn(tl.zeros_like(peak) + 1.0, peak) * bins_f)[:, None]
+    idx_lo = tl.where(sampled, tl.minimum((lo * scale).to(tl.int32), bins - 1), SLOTS - 1)
+    idx_hi = tl.where(sampled, tl.minimum((hi * scale).to(tl.int32), bins - 1), SLOTS - 1)
+    return tl.histogram(tl.reshape(idx_lo, [R * BLOCK2], can_reorder=True), SLOTS) + tl.histogram(
+        tl.reshape(idx_hi, [R * BLOCK2], can_reorder=True), SLOTS
+    )
+
+
+@triton.jit
+def _count_bits_kernel(
+    bits_ptr, count_ptr, n_rows, n_words, d, STEPS: tl.constexpr, RB: tl.constexpr, WB: tl.constexpr
+):
+    """Adds each neuron's set bits over rows into counts: a (STEPS * RB rows, WB words) block a program."""
+    words = tl.program_id(1) * WB + tl.arange(0, WB)
+    bit = tl.arange(0, 32).to(tl.uint32)
+    total = tl.zeros([WB, 32], dtype=tl.int32)
+    for step in range(STEPS):
+        rows = (tl.program_id(0) * STEPS + step) * RB + tl.arange(0, RB)
+        m = (rows < n_rows)[:, None] & (words < n_words)[None, :]
+        x = tl.load(bits_ptr + rows.to(tl.int64)[:, None] * n_words + words[None, :], mask=m, other=0)
+        x = x.to(tl.uint32, bitcast=True)
+        total += tl.sum(((x[:, :, None] >> bit[None, None, :]) & 1).to(tl.int32), axis=0)
+    neuron = words[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.atomic_add(count_ptr + neuron, total, mask=neuron < d)
+
+
 @triton.jit
 def _prompt_kernel(
     a_ptr, first_ptr, length_ptr, mean_ptr, sum_ptr, best_ptr, pos_ptr, d, stride,
@@ -114,31 +267,79 @@ def _prompt_kernel(
     tl.store(pos_ptr + out, pos, mask=valid)
 
 
+# The paired kernel's settings; gpu_capture.py --kernels times others (H200, 8192 x 14336: these 0.75 ms,
+# the one-lane kernel 1.11; two rows a reduction, 32 warps or 64 registers spill and ran 1.05-1.12 ms)
+PAIRS = {
+    "per_program": 64,
+    "rows_at_once": 1,
+    "warps": 16,
+    "count": False,
+    "reload_norm": True,
+    "maxnreg": None,
+}
+
+
 def select_pack(
-    a, rows, norm, k, counts, hist, hist_stride, bins, use_output, out=None, per_program=32, warps=16
+    a, rows, norm, k, counts, hist, hist_stride, bins, use_output, out=None, pairs=None, **tune
 ) -> torch.Tensor:
     """(N, 2W) int32 firing words of the own-token rows `rows` of `a` (n, d); adds into counts and hist.
 
     counts is an int32 (d,) vector, hist an int32 (2, HIST_SLOTS) pair (|a|, output magnitude); `out`
-    a contiguous (N, 2W) int32 buffer to fill. 32 rows a program and 16 warps ran fastest on an H200.
+    a contiguous (N, 2W) int32 buffer to fill. Rows of even width read as neuron pairs (the paired
+    kernel, `tune` overrides PAIRS); others, or pairs=False, take the one-neuron-a-lane kernel.
     """
     n, d = len(rows), a.shape[1]
     n_words = 2 * ((d + 63) // 64)
     bits = torch.empty((n, n_words), dtype=torch.int32, device=a.device) if out is None else out
+    if pairs is None:
+        pairs = _pairable(a, norm) and bins < HIST_SLOTS
+    if n == 0:
+        return bits
+    if pairs:
+        cfg = {**PAIRS, **tune}
+        words, norm_words = a.view(torch.int32), norm.contiguous().view(torch.int32)
+        block2 = max(32, triton.next_power_of_2(d // 2))
+        _select_pairs_kernel[(triton.cdiv(n, cfg["per_program"]),)](
+            words, rows, norm_words, bits, counts, hist, n, d // 2, words.stride(0), k, n_words, hist_stride,
+            bins, float(bins), USE_OUTPUT=use_output, ROWS=cfg["per_program"], R=cfg["rows_at_once"],
+            BLOCK2=block2, SLOTS=HIST_SLOTS, HIST_ROW=HIST_SLOTS, COUNT=cfg["count"],
+            RELOAD_NORM=cfg["reload_norm"], num_warps=cfg["warps"],
+            **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}),
+        )  # fmt: skip
+        if not cfg["count"]:
+            count_bits(bits, counts, d)
+        return bits
     block = max(32, triton.next_power_of_2(d))
-    grid = (triton.cdiv(n, per_program),)
-    _select_pack_kernel[grid](
+    _select_pack_kernel[(triton.cdiv(n, 32),)](
         a, rows, norm, bits, counts, hist, n, d, a.stride(0), k, n_words, hist_stride, bins, float(bins),
-        USE_OUTPUT=use_output, ROWS=per_program, BLOCK=block, SLOTS=HIST_SLOTS, num_warps=warps,
+        USE_OUTPUT=use_output, ROWS=32, BLOCK=block, SLOTS=HIST_SLOTS, num_warps=16,
     )  # fmt: skip
     return bits
 
 
-def prompt_reduce(a, first, lengths, longest: int, rows=64, block=1024, warps=4):
+def count_bits(bits, counts, d: int, steps=32, rows=8, words=32) -> None:
+    """Add each neuron's firing count over the (N, 2W) words `bits` into counts (d,) int32."""
+    n, n_words = bits.shape
+    grid = (triton.cdiv(n, steps * rows), triton.cdiv(n_words, words))
+    _count_bits_kernel[grid](bits, counts, n, n_words, d, STEPS=steps, RB=rows, WB=words, num_warps=4)
+
+
+def _pairable(a, norm) -> bool:
+    """Whether `a`'s rows and `norm` read as int32 words: even width, 4-byte aligned rows."""
+    aligned = a.stride(1) == 1 and a.stride(0) % 2 == 0 and a.data_ptr() % 4 == 0
+    return a.shape[1] % 2 == 0 and aligned and norm.data_ptr() % 4 == 0
+
+
+PROMPT = {"block": 2048, "warps": 8}  # neurons a program, warps (gpu_capture.py --kernels tries others)
+
+
+def prompt_reduce(a, first, lengths, longest: int, rows=64, block=None, warps=None):
     """(B, d) float32 mean |a|, sum a, best |a| and int32 its position, over each prompt's own rows.
 
-    Tiles of 64 rows x 1024 neurons: 0.13 ms for 16 x 512 tokens x 14336 on an H200 (8 x 256: 2.1 ms).
+    Tiles of 64 rows x 2048 neurons, 8 warps: 0.121 ms for 16 x 512 tokens x 14336 on an H200 (x 1024,
+    4 warps: 0.128 ms; 512 or 256 neurons a tile sum in another order, so not bit for bit the same).
     """
+    block, warps = block or PROMPT["block"], warps or PROMPT["warps"]
     n_prompts, d = len(first), a.shape[1]
     mean, total, best = (torch.empty((n_prompts, d), device=a.device) for _ in range(3))
     pos = torch.empty((n_prompts, d), dtype=torch.int32, device=a.device)

@@ -87,3 +87,96 @@ def test_top_examples_means_and_sums_match_the_torch_ops(reduced):
                 rtol=1e-2,
                 atol=1e-3,
             )
+
+
+# the one-neuron-a-lane kernel; the paired one as capture runs it; paired with two rows a reduction,
+# in-kernel counts and norms read per row, over programs of 4 rows (15 rows: the last partly empty)
+VARIANTS = {
+    "one": {"pairs": False},
+    "pairs": {"pairs": True},
+    "pairs2": {"pairs": True, "per_program": 4, "rows_at_once": 2, "count": True, "reload_norm": True},
+}
+
+
+def reference_bits(x: torch.Tensor, rows: torch.Tensor, norm: torch.Tensor, k: int, use_output: bool):
+    """(N, d) 0/1: per row the k largest scores (torch's bf16 product), ties to the lower index."""
+    absx = x[rows.long()].abs()
+    score = absx * norm if use_output else absx
+    key = (score.view(torch.int16).cpu().numpy().astype(np.int32)) & 0x7FFF
+    order = np.argsort(-key, axis=1, kind="stable")[:, :k]
+    fired = np.zeros(key.shape, dtype=np.uint8)
+    np.put_along_axis(fired, order, 1, axis=1)
+    return fired
+
+
+def unpacked(bits: torch.Tensor, d: int) -> np.ndarray:
+    return np.unpackbits(bits.cpu().numpy().view(np.uint8), axis=1, bitorder="little")[:, :d]
+
+
+def hard_rows(d: int) -> torch.Tensor:
+    """Rows built to break a selection: ties everywhere, equal or zero rows, denormals, signs."""
+    g = torch.Generator().manual_seed(1)
+    plain = torch.randn(4, d, generator=g)
+    few = torch.tensor([0.0, 0.5, -0.5, 1.0, 2.0])[torch.randint(0, 5, (4, d), generator=g)]
+    tiny = torch.tensor([0.0, 1e-39, -2e-39, 5e-40, 1e-38])[torch.randint(0, 5, (2, d), generator=g)]
+    rows = [plain, few, tiny, torch.full((1, d), 0.75), torch.full((1, d), -3.0), torch.zeros(1, d)]
+    x = torch.cat(rows)
+    x[0, ::7] = x[0, 3]  # one value many times in an otherwise plain row
+    return x.to(torch.bfloat16).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "use_output, d, k",  # k at and beside 32-bit word edges, one, all but one, and a width of odd pairs
+    [(True, 256, 31), (True, 256, 32), (True, 256, 33), (True, 202, 21), (False, 256, 1), (False, 256, 64),
+     (False, 256, 255)],
+)  # fmt: skip
+def test_the_kernels_select_exactly_torchs_top_k_with_ties_to_the_lower_index(use_output, d, k):
+    from core import reduce_gpu
+
+    x = hard_rows(d)
+    g = torch.Generator().manual_seed(2)
+    norm = (torch.rand(d, generator=g) + 0.5).to(torch.bfloat16)
+    norm[:5] = torch.tensor([1e-3, 1.0, 3.0, 1e-30, 0.5])  # products that land in denormals
+    norm = norm.to(DEVICE)
+    rows = torch.tensor([12, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 3], dtype=torch.int32, device=DEVICE)
+    want = reference_bits(x, rows, norm, k, use_output)
+    for name, kwargs in VARIANTS.items():
+        counts = torch.zeros(d, dtype=torch.int32, device=DEVICE)
+        hist = torch.zeros((2, reduce_gpu.HIST_SLOTS), dtype=torch.int32, device=DEVICE)
+        bits = reduce_gpu.select_pack(x, rows, norm, k, counts, hist, 3, 100, use_output, **kwargs)
+        # Triton's CPU interpreter converts subnormal bf16 to float32 wrongly; the one-lane kernel
+        # converts, the paired kernel only shifts bits, so on the interpreter it alone sees those rows
+        seen = np.ones(len(rows), bool) if name != "one" or DEVICE == "cuda" else ~subnormal(x[rows.long()])
+        fired = unpacked(bits, d)
+        np.testing.assert_array_equal(fired[seen], want[seen], err_msg=name)
+        if seen.all():
+            np.testing.assert_array_equal(counts.cpu().numpy(), want.sum(axis=0), err_msg=name)
+            np.testing.assert_array_equal(hist.cpu().numpy()[:, :100], recount(x[rows.long()], norm, 3, 100))
+
+
+def subnormal(x: torch.Tensor) -> np.ndarray:
+    """Rows of bf16 `x` holding a nonzero value below float32's smallest normal."""
+    return ((x.abs().float() < 2.0**-126) & (x != 0)).any(dim=1).cpu().numpy()
+
+
+def recount(x: torch.Tensor, norm: torch.Tensor, stride: int, bins: int) -> np.ndarray:
+    """(2, bins) histograms of |a| and output magnitude over every `stride`-th row, as torch counts them."""
+    absx = x[::stride].abs()
+    out = []
+    for v in (absx.float(), (absx * norm).float()):
+        idx = (v * (bins / v.amax(1, keepdim=True).clamp_min(1e-30))).long().clamp(max=bins - 1)
+        out.append(np.bincount(idx.reshape(-1).cpu().numpy(), minlength=bins))
+    return np.stack(out)
+
+
+def test_odd_widths_take_the_one_neuron_a_lane_kernel():
+    from core import reduce_gpu
+
+    x = hard_rows(202)[:, :201]  # rows 4-byte aligned (even stride), an odd number of neurons
+    norm = torch.ones(201, dtype=torch.bfloat16, device=DEVICE)
+    assert not reduce_gpu._pairable(x, norm) and reduce_gpu._pairable(hard_rows(200), norm[:200])
+    rows = torch.arange(len(x), dtype=torch.int32, device=DEVICE)
+    counts = torch.zeros(201, dtype=torch.int32, device=DEVICE)
+    hist = torch.zeros((2, reduce_gpu.HIST_SLOTS), dtype=torch.int32, device=DEVICE)
+    bits = reduce_gpu.select_pack(x, rows, norm, 20, counts, hist, 3, 100, True)
+    np.testing.assert_array_equal(unpacked(bits, 201), reference_bits(x, rows, norm, 20, True))
