@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=adapter_train.TrainConfig.learning_rate)
     parser.add_argument("--per-category", type=int, default=8, help="default prompts per category for losses")
     parser.add_argument("--brick", help="also switch this category's functional brick off (e.g. knowledge)")
+    parser.add_argument("--factor", type=float, default=1.0, help="apply the adapter scaled by this factor")
     parser.add_argument("--db", default="/tmp/bricklab-adapter-bench/cache.duckdb")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -62,12 +63,12 @@ def main() -> None:
     size = (folder / f"{trained.sha256}.safetensors").stat().st_size
     print(f"adapter {trained.sha256[:12]}: {trained.adapter.n_params:,} parameters, {size / 1e6:.2f} MB file")
     print(f"training: {seconds:.1f} s for {args.steps} steps ({args.threads} threads)")
-    on = [(trained.adapter, 1.0)]
+    on = [(trained.adapter, args.factor)]
     recall_on, rows_on = adapter_train.recall(lm, facts.questions, on)
     recall_off, rows_off = adapter_train.recall(lm, facts.questions)
     for (q, a, text, hit), (*_, plain, _) in zip(rows_on, rows_off, strict=True):
         print(f"  {'+' if hit else '-'} {q} [{a}]\n      on:  {text!r}\n      off: {plain!r}")
-    print(f"fact recall: on {recall_on:.0%}, off {recall_off:.0%}")
+    print(f"fact recall: on (factor {args.factor:g}) {recall_on:.0%}, off {recall_off:.0%}")
     prompt_set = prompts.default_prompt_set().head(args.per_category * 7)
     picked: dict[str, list[str]] = {}
     for p in prompt_set.prompts:
@@ -79,7 +80,12 @@ def main() -> None:
     for c in plain:
         print(f"  {c:12} {plain[c]:.3f} -> {with_adapter[c]:.3f} ({change(plain, with_adapter)[c]:+.2f}%)")
     out = {"sha256": trained.sha256, "train_seconds": round(seconds, 1), "steps": args.steps}
-    out |= {"threads": args.threads, "file_bytes": size, "params": trained.adapter.n_params}
+    out |= {
+        "threads": args.threads,
+        "file_bytes": size,
+        "params": trained.adapter.n_params,
+        "factor": args.factor,
+    }
     out |= {"recall_on": recall_on, "recall_off": recall_off, "loss_plain": plain}
     out |= {"loss_change_pct": change(plain, with_adapter)}
     if args.brick:
@@ -92,7 +98,10 @@ def both(lm, facts, trained, args, prompt_set, picked, plain) -> dict:
     store = Store(args.db)
     brick = functional_brick(lm, store, prompt_set, args.brick)
     info, meta = lm.info, trained.adapter.meta
-    ref = AdapterRef("facts", trained.sha256, meta["layers"], meta["modules"], meta["rank"])
+    mode = "on" if args.factor == 1 else "scale"
+    ref = AdapterRef(
+        "facts", trained.sha256, meta["layers"], meta["modules"], meta["rank"], mode, args.factor
+    )
     config = BrickConfig(info.model_id, info.fingerprint, info.n_layers, info.d_ff, (brick,), adapters=(ref,))
     loss = category_losses(lm, picked, interventions.configured(lm, config))
     with interventions.configured(lm, config):
