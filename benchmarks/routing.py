@@ -14,6 +14,7 @@ fastest repetition per prompt (least disturbed by other work) as wall-time and p
 ratios to dense and to the dense kernel, medians too. One torch thread by default.
 Last line: one JSON object {"settings": [{"name", "active_share", "loss_ratio", "speedup", ...}]}.
 Run: python benchmarks/routing.py [--quick] [--db PATH] [--run RUN_ID] [--threads N] [--per-category N]
+    [--only "name,name"] [--tokens N] [--reps N]
 """
 
 import argparse
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument(
         "--per-category", type=int, help="held-out prompts per category for the loss (default all)"
     )
+    parser.add_argument(
+        "--only", help="comma-separated settings to run (dense and the dense kernel always run)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick
@@ -154,6 +158,7 @@ def main() -> None:
     routers = {
         name: None if p is None else routing.fit(lm, store, run.run_id, p)
         for name, p in settings(budgets, [0.9] if quick else [0.65, 0.8, 0.9], 32 if quick else 0).items()
+        if not args.only or name in ("dense", KERNEL) or name in args.only.split(",")
     }
     print(f"routers ready in {time.perf_counter() - started:.0f} s (fitted or from the cache)", flush=True)
 
