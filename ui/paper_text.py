@@ -50,7 +50,7 @@ ROUTING = (
     "saves real time. **The routers.** *static* runs one fixed set for every input; *category* guesses "
     "the prompt's category from its first layers and runs that category's neurons; *token · oracle* "
     "picks, per token, the bricks with the most activation (it has to compute them all to know, so it "
-    "shows the best quality routing could reach); *token · learned* predicts those bricks with a small "
+    "shows the best quality token routing could reach); *token · learned* predicts those bricks with a small "
     "map. **Read the chart.** Each line is one router at budgets from 20% to 80% of each layer's "
     "neurons: left is less compute, up is worse quality, and the star is the full model. A line that "
     "stays near 1 far to the left means the work of the model really splits into bricks; try one in the "

@@ -21,7 +21,8 @@ ABOUT = {
     "neurons (plus the neurons every category uses)",
     "static": "runs one fixed set for every prompt: the neurons that matter most to any category",
     "token · oracle": "per token and layer, runs the co-activation bricks ({size} neurons) with the most "
-    "activation; it must compute every neuron's gate to know, so it bounds quality rather than saving time",
+    "activation; it must compute every neuron's activation to know, so it shows the quality token routing "
+    "could reach and saves only the down projection's work",
     "token · learned": "per token and layer, a small linear map predicts which co-activation bricks "
     "({size} neurons) will be most active, and only those run",
 }
@@ -37,8 +38,8 @@ def router_picker() -> RouterParams:
     preset = left.radio("Router", list(tradeoff.PRESETS), horizontal=True, key="auto-kind")
     percent = right.slider("Budget: share of each layer's neurons", 10, 90, 35, 5, format="%d%%")
     params = tradeoff.router_params(preset, percent / 100)
-    left.caption(f"The **{preset}** router " + ABOUT[preset].format(layers=params.profile_layers,
-                                                                     size=params.brick_size))  # fmt: skip
+    about = ABOUT[preset].format(layers=params.profile_layers, size=params.brick_size)
+    left.caption(f"The **{preset}** router {about}.")
     return params
 
 
@@ -51,7 +52,8 @@ def require_router(run: Run, lm: models.LoadedModel, params: RouterParams) -> No
     selection half) and stop."""
     if stored_router(run.run_id, params) is not None:
         return
-    name = f"{params.kind} router, {params.budget:.0%}"
+    kind = params.kind if params.kind != "token" else f"token ({'oracle' if params.oracle else 'learned'})"
+    name = f"{kind} router at {params.budget:.0%}"
     st.info(f"The {name} is not fitted on this run yet. Fitting reads the run's cached activations "
             "(token routers also run the model); it is stored in the cache afterwards.")  # fmt: skip
     if not st.button(f"Fit the {name}", type="primary"):
@@ -92,25 +94,37 @@ def compare(run: Run, params: RouterParams, prompt: str, max_new: int) -> tradeo
 
 
 def outcome(result: tradeoff.RoutedRun) -> None:
-    """Metrics, then the dense and the routed continuation side by side."""
+    """The router's choice in a sentence, metrics, then the dense and the routed output side by side."""
     route, div = result.route, result.first_divergence
-    chose = {"category": route.category, "static": "one fixed set", "token": "bricks per token"}
+    st.markdown(choice_sentence(result))
     timing = (f"Per generated token, prompt included; fastest of {tradeoff.TIMING_REPEATS} runs on this "
               "machine, so it varies with its load.")  # fmt: skip
-    c = st.columns(6)
-    c[0].metric("router chose", chose[route.kind])
-    c[1].metric("neurons that ran", f"{route.active_share:.1%}", help="Share of the model's FFN neurons; "
+    c = st.columns(5)
+    c[0].metric("neurons that ran", f"{route.active_share:.1%}", help="Share of the model's FFN neurons; "
                 "token routing: per token, at most")  # fmt: skip
-    c[2].metric("dense: time per token", f"{1000 * result.dense_seconds:.1f} ms", help=timing)
-    c[3].metric("routed: time per token", f"{1000 * result.routed_seconds:.1f} ms", help=timing)
-    c[4].metric("time saved", f"{result.time_saved:.0%}", help=timing)
-    c[5].metric("first divergent token", "none" if div is None else div + 1)
+    c[1].metric("dense, ms per token", f"{1000 * result.dense_seconds:.1f}", help=timing)
+    c[2].metric("routed, ms per token", f"{1000 * result.routed_seconds:.1f}", help=timing)
+    c[3].metric("time saved", f"{result.time_saved:.0%}", help=timing)
+    c[4].metric("first divergent token", "none" if div is None else div + 1)
     left, right = st.columns(2)
     left.markdown("**Dense** (every neuron runs)")
     left.html(figures.token_strip(result.dense_pieces, None, div, 1.0))
     right.markdown(f"**Routed** ({route.active_share:.0%} of the neurons" + (")" if route.sparse else
                    ", masked: this MLP cannot skip them)"))  # fmt: skip
     right.html(figures.token_strip(result.routed_pieces, None, div, 1.0))
+
+
+def choice_sentence(result: tradeoff.RoutedRun) -> str:
+    route, share = result.route, f"{result.route.active_share:.0%}"
+    if route.kind == "category":
+        sure = route.probabilities[route.category]
+        return (f"The router read the prompt as **{route.category}** ({sure:.0%} sure) and ran that "
+                f"category's neurons: {share} of the FFN; the rest was skipped.")  # fmt: skip
+    if route.kind == "static":
+        return f"The router ran its one set for every prompt: {share} of the FFN; the rest was skipped."
+    k, n = round(float(result.brick_use[0].sum())), result.brick_use.shape[1]
+    return (f"Per token, the router ran **{k} of the {n} co-activation bricks** of each layer (at most "
+            f"{share} of the FFN), a different choice at every token.")  # fmt: skip
 
 
 def choice(run: Run, result: tradeoff.RoutedRun) -> None:
@@ -122,14 +136,16 @@ def choice(run: Run, result: tradeoff.RoutedRun) -> None:
         title = "Share of the prompt's tokens that ran each brick (layer × co-activation brick)"
         st.plotly_chart(figures.heatmap(result.brick_use, bricks, layers, title, zfmt=".0%"))
         return
-    left, right = st.columns(2)
-    if result.route.probabilities:
-        p = result.route.probabilities
+    p = result.route.probabilities
+    left, right = st.columns([2, 3]) if p else (None, st.container())
+    if p:
         left.plotly_chart(figures.bars(list(p), list(p.values()), "Category probabilities for this prompt"))
+    with right:
+        brick_table(run, result.kept)
     per_layer = result.kept.mean(axis=1)
-    title = "Share of each layer's neurons that ran"
-    right.plotly_chart(figures.bars([str(i) for i in range(len(per_layer))], per_layer.tolist(), title))
-    brick_table(run, result.kept)
+    if np.ptp(per_layer) > 0.01:  # residents can fill a layer past the budget
+        title = "Share of each layer's neurons that ran"
+        st.plotly_chart(figures.bars([str(i) for i in range(len(per_layer))], per_layer.tolist(), title))
 
 
 def brick_table(run: Run, kept: np.ndarray) -> None:
@@ -141,10 +157,12 @@ def brick_table(run: Run, kept: np.ndarray) -> None:
           "ran": float(flat[b.neurons].mean())} for b in found),
         key=lambda r: -r["ran"],
     )  # fmt: skip
+    if not any(r["label"] for r in rows):  # no brick is enriched for a category on this run
+        rows = [{k: v for k, v in r.items() if k != "label"} for r in rows]
     ran = sum(r["ran"] >= 0.5 for r in rows)
     st.markdown(f"**{ran} of {len(rows)} bricks** ran at least half of their neurons for this prompt.")
     bar = st.column_config.ProgressColumn("ran", format="percent", min_value=0, max_value=1)
-    st.dataframe(rows, hide_index=True, column_config={"ran": bar})
+    st.dataframe(rows, hide_index=True, column_config={"ran": bar}, height=320)
 
 
 def curve_section(run: Run, params: tradeoff.CurveParams = tradeoff.CurveParams()) -> None:
