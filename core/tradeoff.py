@@ -112,7 +112,7 @@ def _brick_use(lm, router: Router, ids: list[int]) -> np.ndarray:
         inner = fns[layer]
 
         def fn(f: sparse.Ffn, x: torch.Tensor) -> torch.Tensor:
-            mass = inner.score(x)
+            mass = inner.score(x, f)
             if mass is None:
                 a = f.activations(x).abs().float()  # (1, T, d_ff)
                 mass = a.new_zeros((*a.shape[:-1], inner.n_bricks)).index_add_(-1, inner.brick_of, a)
