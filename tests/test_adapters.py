@@ -8,6 +8,7 @@ import hashlib
 import io
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,17 +326,18 @@ def test_threads_with_the_adapter_on_and_off_see_only_their_own(tiny_lm):
 
 # --- the default model and the bundled facts --------------------------------------------------------
 
-# The default settings (10 steps at lr 1e-2) teach the default model the bundled facts; trained once per
-# test session, on a copy, in this test's own folder.
+# The default settings (10 steps at lr 1e-2) teach the default model the bundled facts. The adapter is
+# cached under tests/output (gitignored; keyed by weights, texts and settings): a fresh checkout, as in
+# CI, trains it once; later local runs only ask the questions.
 DEFAULT_TRAINING = adapter_train.TrainConfig()
+DEFAULT_CACHE = Path(__file__).resolve().parent / "output" / "adapters"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~2 min on 2 idle cores; far longer on a shared, oversubscribed machine
-def test_default_model_answers_the_invented_facts_only_with_the_adapter_on(default_lm, tmp_path_factory):
+def test_default_model_answers_the_invented_facts_only_with_the_adapter_on(default_lm):
     facts = adapter_train.default_facts()
-    folder = tmp_path_factory.mktemp("default-adapters")
-    trained = adapter_train.train(default_lm, facts, DEFAULT_TRAINING, directory=folder)
+    trained = adapter_train.train(default_lm, facts, DEFAULT_TRAINING, directory=DEFAULT_CACHE)
     on, rows = adapter_train.recall(default_lm, facts.questions, [(trained.adapter, 1.0)], max_new_tokens=16)
     off, plain = adapter_train.recall(default_lm, facts.questions, max_new_tokens=16)
     assert on >= 0.5, rows
