@@ -22,7 +22,10 @@ PRESETS = {  # router kind as the app names it -> RouterParams fields besides th
     "static": {"kind": "static"},
     "token · oracle": {"kind": "token", "oracle": True},
     "token · learned": {"kind": "token", "fit_prompts": 32},  # 32 prompts: a fit of seconds, not minutes
+    # single neurons, not bricks: the best trade-off of benchmarks/routing.py (loss ~1.00x at 35%)
+    "neurons · oracle": {"kind": "token", "oracle": True, "brick_size": 1},
 }
+CURVE_PRESETS = ("category", "static", "token · oracle", "token · learned")  # brick routers
 TIMING_REPEATS = 2  # dense and routed generation, interleaved; the fastest of each counts
 
 
@@ -45,6 +48,7 @@ class RoutedRun:
     # each brick
     dense_seconds: float  # per generated token, prompt included, fastest of TIMING_REPEATS
     routed_seconds: float  # the same under the router, routing included
+    brick_size: int = 0  # token routing: neurons per brick (1: single neurons)
 
     @property
     def time_saved(self) -> float:
@@ -75,7 +79,8 @@ def routed_run(lm: models.LoadedModel, router: Router, prompt: str, max_new_toke
         kept = kept if router.params.kind == "static" else kept[router.categories.index(route.category)]
     pieces = [tuple(lm.tokenizer.decode([i]) for i in tokens) for tokens in (dense, routed)]
     split = compare.first_divergence(dense, routed)
-    return RoutedRun(*pieces, split, route, kept, brick_use, best["dense"], best["routed"])
+    size = router.params.brick_size
+    return RoutedRun(*pieces, split, route, kept, brick_use, best["dense"], best["routed"], size)
 
 
 def _timed(lm, router: Router | None, ids: list[int], span, max_new_tokens: int):
@@ -132,7 +137,7 @@ def _brick_use(lm, router: Router, ids: list[int]) -> np.ndarray:
 class CurveParams:
     budgets: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8)  # share of each layer's neurons that run
     per_category: int = 2  # held-out prompts per category the loss is measured on
-    presets: tuple[str, ...] = tuple(PRESETS)  # one line per router kind
+    presets: tuple[str, ...] = CURVE_PRESETS  # one line per router kind
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -119,6 +119,16 @@ def test_auto_mode_token_router_shows_the_bricks_per_token(run_copy, tiny_lm):
     assert len(at.get("html")) == 2
 
 
+def test_auto_mode_neuron_oracle_runs_k_single_neurons_per_token(run_copy, tiny_lm):
+    at = auto(app("4_Playground.py").run(), "neurons · oracle")
+    next(b for b in at.button if b.label == "Fit the neurons (oracle) router at 35%").click().run()
+    assert not at.exception and not at.error
+    assert "neurons** of each layer" in texts(at.markdown)
+    use = chart_array(json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["z"])
+    d_ff = tiny_lm.info.d_ff
+    assert use.shape == (2, d_ff) and np.allclose(use.sum(axis=1), max(1, round(0.35 * d_ff)))
+
+
 def test_auto_mode_refuses_an_empty_prompt(run_copy):
     at = auto(app("4_Playground.py").run(), "static")
     next(b for b in at.button if b.label.startswith("Fit")).click().run()
@@ -139,7 +149,7 @@ def test_paper_draws_the_quality_compute_curve(run_copy, tiny_lm):
     assert not at.exception and not at.error
     assert len(at.get("plotly_chart")) == 6
     traces = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"]
-    assert [t["name"] for t in traces] == [*tradeoff.PRESETS, "dense"]
+    assert [t["name"] for t in traces] == [*tradeoff.CURVE_PRESETS, "dense"]
     held = tradeoff.held_out(Store(path), run_id, 2)
     assert f"Measured on {len(held)} held-out prompts" in texts(at.caption)
 
