@@ -88,7 +88,10 @@ def _timed(lm, router: Router | None, ids: list[int], span, max_new_tokens: int)
     started = time.perf_counter()
     if router is None:
         return generate(lm, ids, max_new_tokens), time.perf_counter() - started
-    with routing.routed(lm, router, ids, span) as route:
+    # token routers run the prompt dense and route each generated token, as benchmarks/routing.py times
+    # them: routing the chat template's last tokens derails the answer (seen with single neurons at 35%)
+    prefill = "dense" if router.params.kind == "token" else "routed"
+    with routing.routed(lm, router, ids, span, prefill=prefill) as route:
         out = generate(lm, ids, max_new_tokens)
     return (out, route), time.perf_counter() - started
 

@@ -27,7 +27,8 @@ ABOUT = {
     "({size} neurons) will be most active, and only those run",
     "neurons · oracle": "per token and layer, computes every neuron's activation and runs the down "
     "projection only for the most active single neurons; it saves only the down projection's work, "
-    "but at 35% it kept the loss of the dense model on held-out prompts (benchmarks/routing.py)",
+    "but at 35% it kept the loss of the dense model on held-out prompts (benchmarks/routing.py); token "
+    "routers run the prompt dense and route each generated token",
 }
 
 
