@@ -9,8 +9,6 @@ import functools
 import hashlib
 import json
 import struct
-import threading
-import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,14 +21,13 @@ from safetensors.torch import save as st_save
 from core import models, settings
 from core.configuration import ConfigError
 from core.errors import BricklabError
+from core.shared import SharedInstall
 
 MODULES = ("gate", "up", "down")  # the FFN projections an adapter may change
 META_KEY = "bricklab_adapter"  # safetensors metadata entry holding the adapter's JSON description
 Active = Sequence[tuple["Adapter", float]]  # adapters switched on, each with its factor
 
 _active: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bricklab_adapters", default=None)
-_lock = threading.Lock()
-_installed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [users, handles]
 
 
 def adapters_dir() -> Path:
@@ -209,27 +206,16 @@ def _hook(module, args, output):
     return output
 
 
-def _acquire(model) -> None:
-    with _lock:
-        entry = _installed.get(model)
-        if entry is None:
-            handles = [
-                projection(model, layer, name).register_forward_hook(_hook)
-                for layer in range(len(models.blocks(model)))
-                for name in MODULES
-            ]
-            entry = _installed[model] = [0, handles]
-        entry[0] += 1
+def _install(model):
+    handles = [
+        projection(model, layer, name).register_forward_hook(_hook)
+        for layer in range(len(models.blocks(model)))
+        for name in MODULES
+    ]
+    return lambda: [handle.remove() for handle in handles]
 
 
-def _release(model) -> None:
-    with _lock:
-        entry = _installed[model]
-        entry[0] -= 1
-        if entry[0] == 0:
-            for handle in entry[1]:
-                handle.remove()
-            del _installed[model]
+_hooks = SharedInstall(_install)
 
 
 @contextmanager
@@ -249,13 +235,12 @@ def applied(model, active: Active):
             w = module.weight
             term = (a.to(w.device, w.dtype), b.to(w.device, w.dtype), adapter.scaling * float(factor))
             terms[id(module)] = (*terms.get(id(module), ()), term)
-    _acquire(model)
-    token = _active.set(terms)
-    try:
-        yield
-    finally:
-        _active.reset(token)
-        _release(model)
+    with _hooks.held(model):
+        token = _active.set(terms)
+        try:
+            yield
+        finally:
+            _active.reset(token)
 
 
 # --- copies and merging ---------------------------------------------------------------------------

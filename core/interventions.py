@@ -9,8 +9,6 @@ intervention exits, every hook is removed.
 from __future__ import annotations
 
 import contextvars
-import threading
-import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -20,12 +18,11 @@ import torch
 from core import adapters, configuration, models
 from core.configuration import BrickConfig, ConfigError
 from core.errors import BricklabError
+from core.shared import SharedInstall
 
 Transform = Callable[[torch.Tensor], torch.Tensor]  # a (..., d_ff) -> a' (..., d_ff)
 
 _active: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bricklab_transforms", default=None)
-_lock = threading.Lock()
-_installed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [users, handles]
 
 
 def _dispatch(layer: int):
@@ -41,26 +38,15 @@ def _dispatch(layer: int):
     return hook
 
 
-def _acquire(model) -> None:
-    with _lock:
-        entry = _installed.get(model)
-        if entry is None:
-            handles = [
-                models.down_proj(model, layer).register_forward_pre_hook(_dispatch(layer))
-                for layer in range(len(models.blocks(model)))
-            ]
-            entry = _installed[model] = [0, handles]
-        entry[0] += 1
+def _install(model):
+    handles = [
+        models.down_proj(model, layer).register_forward_pre_hook(_dispatch(layer))
+        for layer in range(len(models.blocks(model)))
+    ]
+    return lambda: [handle.remove() for handle in handles]
 
 
-def _release(model) -> None:
-    with _lock:
-        entry = _installed[model]
-        entry[0] -= 1
-        if entry[0] == 0:
-            for handle in entry[1]:
-                handle.remove()
-            del _installed[model]
+_hooks = SharedInstall(_install)
 
 
 @contextmanager
@@ -79,13 +65,12 @@ def transforms(model, per_layer: dict[int, Transform]):
         key = (id(models.down_proj(model, layer)), layer)
         previous = outer.get(key)
         mine[key] = fn if previous is None else _compose(previous, fn)
-    _acquire(model)
-    token = _active.set(mine)
-    try:
-        yield
-    finally:
-        _active.reset(token)
-        _release(model)
+    with _hooks.held(model):
+        token = _active.set(mine)
+        try:
+            yield
+        finally:
+            _active.reset(token)
 
 
 def _compose(first: Transform, second: Transform) -> Transform:

@@ -7,7 +7,6 @@ function (or the dense forward); the last context to exit restores the model's o
 from __future__ import annotations
 
 import contextvars
-import threading
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,10 +18,9 @@ import torch.nn.functional as F
 
 from core import ffn_kernels, interventions, models
 from core.errors import BricklabError
+from core.shared import SharedInstall
 
 _active: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bricklab_sparse", default=None)
-_lock = threading.Lock()
-_installed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [users, mlps]
 _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # down module -> {(device, dtype): W_down.T}
 
 
@@ -104,29 +102,23 @@ def _dispatcher(mlp, layer_ffn: Ffn):
     return forward
 
 
-def _acquire(model) -> None:
-    with _lock:
-        entry = _installed.get(model)
-        if entry is None:
-            mlps = [_mlp(model, layer) for layer in range(len(models.blocks(model)))]
-            ffns = [ffn(model, layer) for layer in range(len(mlps))]  # may raise: nothing patched yet
-            own = [vars(mlp).get("forward") for mlp in mlps]  # an instance forward set by someone else
-            for mlp, layer_ffn in zip(mlps, ffns, strict=True):
-                mlp.forward = _dispatcher(mlp, layer_ffn)  # an instance attribute, not a hook
-            entry = _installed[model] = [0, mlps, own]
-        entry[0] += 1
+def _install(model):
+    mlps = [_mlp(model, layer) for layer in range(len(models.blocks(model)))]
+    ffns = [ffn(model, layer) for layer in range(len(mlps))]  # may raise: nothing patched yet
+    own = [vars(mlp).get("forward") for mlp in mlps]  # an instance forward set by someone else
+    for mlp, layer_ffn in zip(mlps, ffns, strict=True):
+        mlp.forward = _dispatcher(mlp, layer_ffn)  # an instance attribute, not a hook
+
+    def remove() -> None:
+        for mlp, previous in zip(mlps, own, strict=True):
+            del mlp.forward
+            if previous is not None:
+                mlp.forward = previous
+
+    return remove
 
 
-def _release(model) -> None:
-    with _lock:
-        entry = _installed[model]
-        entry[0] -= 1
-        if entry[0] == 0:
-            for mlp, own in zip(entry[1], entry[2], strict=True):
-                del mlp.forward
-                if own is not None:
-                    mlp.forward = own
-            del _installed[model]
+_patches = SharedInstall(_install)
 
 
 def patched_count(model) -> int:
@@ -148,13 +140,12 @@ def sparse(model, per_layer: dict[int, LayerFn]):
         yield
         return
     mine = dict(_active.get() or {}) | {id(_mlp(model, layer)): fn for layer, fn in per_layer.items()}
-    _acquire(model)
-    token = _active.set(mine)
-    try:
-        yield
-    finally:
-        _active.reset(token)
-        _release(model)
+    with _patches.held(model):
+        token = _active.set(mine)
+        try:
+            yield
+        finally:
+            _active.reset(token)
 
 
 class KeepOnly:
