@@ -377,20 +377,25 @@ def test_arbitrary_text_raises_only_config_errors(text):
 @given(st.data())
 def test_near_valid_configs_raise_only_config_errors(data):
     doc = make_doc()
+    edit(data, doc, near_values)
+    only_config_errors(json.dumps(doc))
+
+
+def edit(data, doc, values) -> None:
+    """One random edit of a parsed document in place: replace, delete or add a value anywhere."""
     prefix, key = data.draw(st.sampled_from(list(paths(doc))))
     target = doc
     for step in prefix:
         target = target[step]
     action = data.draw(st.sampled_from(["replace", "delete", "add"]))
     if action == "replace":
-        target[key] = data.draw(near_values)
+        target[key] = data.draw(values)
     elif action == "delete":
         del target[key]
     elif isinstance(target, dict):
-        target[data.draw(st.text(max_size=4))] = data.draw(near_values)
+        target[data.draw(st.text(max_size=4))] = data.draw(values)
     else:
-        target.append(data.draw(near_values))
-    only_config_errors(json.dumps(doc))
+        target.append(data.draw(values))
 
 
 bricks_strategy = st.lists(

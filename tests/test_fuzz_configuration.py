@@ -14,6 +14,7 @@ from core import configuration, interventions
 from core.configuration import ConfigError
 from core.errors import BricklabError
 from core.store import Store
+from tests.test_configuration import edit, paths
 
 EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IDS = torch.tensor([[1, 2, 3]])
@@ -113,13 +114,6 @@ near_values = (
 )
 
 
-def paths(value, prefix=()):
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        yield prefix, key
-        yield from paths(item, (*prefix, key))
-
-
 def test_arbitrary_json_leaves_model_and_cache_untouched(world):
     @EXAMPLES
     @given(json_values)
@@ -179,22 +173,9 @@ def test_random_valid_configurations_apply_and_leave_nothing_behind(world):
 def near_valid(data, doc: dict) -> dict:
     """One to three random edits (replace, delete, add) anywhere in a valid document."""
     for _ in range(data.draw(st.integers(1, 3))):
-        places = list(paths(doc))
-        if not places:
+        if not list(paths(doc)):
             break
-        prefix, key = data.draw(st.sampled_from(places))
-        target = doc
-        for step in prefix:
-            target = target[step]
-        action = data.draw(st.sampled_from(["replace", "delete", "add"]))
-        if action == "replace":
-            target[key] = data.draw(near_values)
-        elif action == "delete":
-            del target[key]
-        elif isinstance(target, dict):
-            target[data.draw(st.text(max_size=4))] = data.draw(near_values)
-        else:
-            target.append(data.draw(near_values))
+        edit(data, doc, near_values)
     return doc
 
 
