@@ -144,7 +144,7 @@ def profile_capture(lm, prompt_set, config, folder: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="48 prompts, 2 repetitions (under a minute)")
-    p.add_argument("--prompts", type=int, default=160, help="prompts of the default set (default 160)")
+    p.add_argument("--prompts", type=int, help="default set prompts (160; cuda: 64 x 512 tokens)")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
     p.add_argument("--batch-size", type=int, default=capture.CaptureConfig().batch_size)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
@@ -153,11 +153,15 @@ def main() -> None:
     p.add_argument("--shape", help="a random-weight model of this shape instead (benchmarks/gpu_capture.py)")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    n_prompts, reps = (48, 2) if args.quick else (args.prompts, args.reps)
-    if args.shape or args.device != "cpu":
+    gpu = bool(args.shape) or args.device != "cpu"
+    n_prompts, reps = (48, 2) if args.quick else (args.prompts or (64 if gpu else 160), args.reps)
+    if gpu:  # reductions and host copies against bare (the target), torch's ops and in-line, then with writes
         import gpu_capture
 
-        result = gpu_capture.run(args.shape or "llama3-8b", args.device, n_prompts, 512, 16, reps, True)
+        shape = args.shape or "llama3-8b"
+        result = gpu_capture.run(
+            shape, args.device, n_prompts, 512, 16, reps, False, compare=True, inline=True, write_reps=2
+        )
     else:
         result = run_cpu(n_prompts, reps, args.batch_size, args.threads, args.profile)
     print(f"peak RSS {result['peak_rss_gib']:.2f} GiB")

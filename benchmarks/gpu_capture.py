@@ -15,11 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import capture, models  # noqa: E402
+from core import capture, models, reduce  # noqa: E402
 from core.reduce import ChunkReducer  # noqa: E402
 
 SHAPES = {
@@ -80,7 +81,7 @@ def time_bare(lm, encoded, batch_size: int, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=None) -> float:
+def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=None, overlap=None) -> float:
     """Hooks, reductions and host copies; with `write`, also the chunk's cache transaction."""
     from core.store import Store
 
@@ -92,7 +93,9 @@ def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=N
             capture._create_run(store, "bench", lm, _FakeSet(len(encoded)), config, 1)
         sync(device)
         t0 = time.perf_counter()
-        reducer = ChunkReducer(lm.info.n_layers, lm.info.d_ff, config, norms, device=device, fused=fused)
+        reducer = ChunkReducer(
+            lm.info.n_layers, lm.info.d_ff, config, norms, device=device, fused=fused, overlap=overlap
+        )
         capture._run_chunk(lm, encoded, 0, reducer, config, None, 0, len(encoded))
         forward = time.perf_counter() - t0  # the last batch's copy waited for: the device is idle
         if store:
@@ -101,25 +104,45 @@ def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=N
             reducer.partials(0)
         sync(device)
         elapsed = time.perf_counter() - t0
-        SPLITS.append({"fused": reducer.fused, "chunk_s": forward, "after_s": elapsed - forward})
+        SPLITS.append({"fused": reducer.fused, "overlap": reducer.side is not None, "chunk_s": forward,
+                       "after_s": elapsed - forward})  # fmt: skip
         if store:
             store.close()
     return elapsed
 
 
+def partials_breakdown(lm, encoded, batch_size: int, device: str) -> dict:
+    """Seconds of each step of ChunkReducer.partials after one capture (a diagnosis, not a result)."""
+    config = capture.CaptureConfig(batch_size=batch_size, chunk_prompts=len(encoded), max_tokens=10**6)
+    norms = [models.down_column_norms(lm.model, layer) for layer in range(lm.info.n_layers)]
+    reducer = ChunkReducer(lm.info.n_layers, lm.info.d_ff, config, norms, device=device)
+    capture._run_chunk(lm, encoded, 0, reducer, config, None, 0, len(encoded))
+    sync(device)
+    steps, t0 = {}, time.perf_counter()
+    top = reducer._top_k()
+    sync(device)
+    steps["top_k_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in top]
+    steps["pin_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    for h, t in zip(host, top, strict=True):
+        h.copy_(t, non_blocking=True)
+    sync(device)
+    steps["copy_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    reducer.partials(0)
+    steps["whole_partials_s"] = time.perf_counter() - t0
+    return steps
+
+
 SPLITS: list[dict] = []  # each capture's time to its last batch's copy, and partials (or the write) after
 
 
-SELECT_TRIES = [  # the paired kernel's warps, rows sharing a reduction, in-kernel counts, rows a program, ...
-    dict(warps=16, rows_at_once=1, count=False, per_program=32),
-    dict(warps=16, rows_at_once=1, count=True, per_program=32),
-    dict(warps=32, rows_at_once=1, count=False, per_program=32),
-    dict(warps=16, rows_at_once=1, count=False, per_program=16),
-    dict(warps=16, rows_at_once=1, count=False, per_program=64),
-    dict(warps=16, rows_at_once=2, count=False, per_program=32),
-    dict(warps=16, rows_at_once=1, count=False, per_program=32, reload_norm=True),
-    dict(warps=16, rows_at_once=1, count=False, per_program=32, reload_norm=True, maxnreg=64),
-    dict(warps=32, rows_at_once=1, count=False, per_program=32, reload_norm=True, maxnreg=32),
+SELECT_TRIES = [  # the paired kernel: the cut-off's first search window (2^near keys; 0: none), histograms
+    dict(near=0),
+    dict(near=6),
+    dict(near=7),
+    dict(near=7, hist_join=True),
+    dict(near=7, hist_reuse=True),
+    dict(near=7, hist_join=True, hist_reuse=True),
 ]
 PROMPT_TRIES = [(1024, 4), (512, 4), (256, 4), (512, 2), (2048, 8)]
 
@@ -164,28 +187,33 @@ def kernel_sweep(prompts: int, seq: int, d: int, dev: str = "cuda") -> dict:
         return fn(), counts, hist
 
     want = outputs(pairs=False)
-    out = {"one_lane": {"ms": device_ms(select(pairs=False)[0])}, "paired": []}
-    for tune in SELECT_TRIES:
-        kw = {"pairs": True, **tune}
+    out = {"one_lane": {"ms": device_ms(select(pairs=False)[0])}, "select": []}
+    for kw in ({"pairs": True, **tune} for tune in SELECT_TRIES):
         try:  # one configuration that does not compile must not end the run
             got = outputs(**kw)
             same = all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
-            out["paired"].append({**kw, "ms": device_ms(select(**kw)[0]), "identical": same})
+            out["select"].append({**kw, "ms": device_ms(select(**kw)[0]), "identical": same})
         except Exception as e:  # noqa: BLE001
-            out["paired"].append({**kw, "error": repr(e)[:300], "identical": False})
+            out["select"].append({**kw, "error": repr(e)[:300], "identical": False})
     bits = want[0]
     out["count_bits_ms"] = device_ms(
         lambda: rg.count_bits(bits, torch.zeros(d, dtype=torch.int32, device=dev), d)
     )
-    good = [c for c in out["paired"] if c["identical"]]
+    many = bits[None].expand(32, *bits.shape).contiguous()  # a batch's 32 layers in one launch
+    out["count_bits_32_layers_at_once_ms"] = device_ms(
+        lambda: rg.count_bits(many, torch.zeros((32, d), dtype=torch.int32, device=dev), d)
+    )
+    good = [c for c in out["select"] if c["identical"]]
     if good:
         best = min(good, key=lambda c: c["ms"])
-        rg.PAIRS.update({key: best[key] for key in rg.PAIRS if key in best})
+        rg.PAIRS.update({key: best[key] for key in rg.PAIRS if key in best and key != "near"})  # see below
+    # the window stays reduce_gpu's: random rows favour small windows that real models miss more often
+    out["window"] = window_cost(a, norm, k, rows, dev)
     # what the histograms cost: the chosen kernel with no row sampled but the first (not a result)
     counts = torch.zeros(d, dtype=torch.int32, device=dev)
     hist = torch.zeros((2, rg.HIST_SLOTS), dtype=torch.int32, device=dev)
     out["no_histograms_ms"] = device_ms(
-        lambda: rg.select_pack(a, rows, norm, k, counts, hist, 1 << 30, 100, True, pairs=True)
+        lambda: rg.select_pack(a, rows, norm, k, counts, hist, 1 << 30, 100, True)
     )
     first = torch.arange(prompts, dtype=torch.int32, device=dev) * seq
     lengths = torch.full((prompts,), seq, dtype=torch.int32, device=dev)
@@ -216,6 +244,36 @@ def kernel_sweep(prompts: int, seq: int, d: int, dev: str = "cuda") -> dict:
     except Exception as e:  # noqa: BLE001
         out["registers"] = repr(e)[:300]
     return out
+
+
+def window_cost(a, norm, k: int, rows, dev: str) -> dict:
+    """The chosen kernel's window guess: its hit rate and ms on the sweep's rows, and on rows whose
+    spread of log-magnitudes differs row to row (each |a| raised to its own power in [0.5, 2]), where
+    the guess misses often. benchmarks/select_window.py gives the hit rate on a real model."""
+    from select_window import window_hits  # beside this file
+
+    from core import reduce_gpu as rg
+
+    power = torch.empty((a.shape[0], 1), device=dev).uniform_(0.5, 2.0, generator=None)
+    mixed = (a.float().sign() * a.float().abs().pow(power)).bfloat16()
+    near, per_program = rg.PAIRS["near"], rg.PAIRS["per_program"]
+    out = {"near": near, "per_program": per_program}
+    for name, x in (("sweep_rows", a), ("mixed_spread_rows", mixed)):
+        keys = ((x.abs() * norm).view(torch.int16).int() & 0x7FFF).int()
+        cut = keys.topk(k, dim=1).values[:, -1].cpu().numpy()
+        mean = (keys.sum(dim=1) // keys.shape[1]).cpu().numpy()
+        calls = {n: _select_call(rg, x, rows, norm, k, n) for n in (0, near)}
+        same = torch.equal(calls[0](), calls[near]())
+        ms = {f"near_{n}_ms": device_ms(call) for n, call in calls.items()}
+        hits = window_hits(cut, mean, near, per_program) if near else np.zeros(0)
+        out[name] = {"hit_rate": float(hits.mean()) if near else None, **ms, "identical": same}
+    return out
+
+
+def _select_call(rg, x, rows, norm, k: int, near: int):
+    counts = torch.zeros(x.shape[1], dtype=torch.int32, device=x.device)
+    hist = torch.zeros((2, rg.HIST_SLOTS), dtype=torch.int32, device=x.device)
+    return lambda: rg.select_pack(x, rows, norm, k, counts, hist, 8, 100, True, pairs=True, near=near)
 
 
 def compiled_registers(rg) -> list:
@@ -282,6 +340,8 @@ def run(
     write: bool,
     compare=False,
     kernels=False,
+    inline=False,
+    write_reps=0,
 ) -> dict:
     """Bare vs capture; with `compare`, also capture through torch's ops instead of the fused kernels; with
     `kernels`, first time the kernels' configurations (kernel_sweep) and after, profile one capture."""
@@ -293,22 +353,28 @@ def run(
     time_capture(lm, encoded[:batch_size], batch_size, device, write=False)
     if compare:
         time_capture(lm, encoded[:batch_size], batch_size, device, write=False, fused=False)
+    if inline:
+        time_capture(lm, encoded[:batch_size], batch_size, device, write=False, overlap=False)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    bare, full, plain = [], [], []
+    bare, full, plain, inline_runs = [], [], [], []
     for _ in range(reps):  # interleaved, so drift hits both alike
         bare.append(time_bare(lm, encoded, batch_size, device))
         full.append(time_capture(lm, encoded, batch_size, device, write))
         if compare:
             plain.append(time_capture(lm, encoded, batch_size, device, write, fused=False))
+        if inline:
+            inline_runs.append(time_capture(lm, encoded, batch_size, device, write, overlap=False))
     n_tokens = n_prompts * seq
     best_bare, best_cap = min(bare), min(full)
-    splits = [x for x in SPLITS if x["fused"]][-reps:]
+    splits = [x for x in SPLITS if x["fused"] and x["overlap"] == reduce.OVERLAP][-reps:]
+    with_writes = [time_capture(lm, encoded, batch_size, device, True) for _ in range(write_reps)]
     extra = {}
     if kernels:
         extra = {
             "kernels": sweep,
             "profile": profile_times(lm, encoded[: n_prompts // 2], batch_size, device),
+            "partials_steps": partials_breakdown(lm, encoded, batch_size, device),
         }
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -322,6 +388,13 @@ def run(
         "splits_fused": splits,
         **({"torch_ops_capture_s": min(plain), "torch_ops_ratio": min(plain) / best_bare,
             "torch_ops_all": plain} if compare else {}),
+        "reductions_beside_forward": reduce.OVERLAP,
+        **({"inline_capture_s": min(inline_runs), "inline_ratio": min(inline_runs) / best_bare,
+            "inline_all": inline_runs,
+            "splits_inline": [x for x in SPLITS if x["fused"] and not x["overlap"]][-reps:],
+            } if inline else {}),
+        **({"with_cache_writes": {"capture_s": min(with_writes), "ratio": min(with_writes) / best_bare,
+            "all": with_writes, "splits": SPLITS[-write_reps:]}} if write_reps else {}),
         **extra,
     }  # fmt: skip
 
@@ -351,13 +424,15 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print device time per operator instead")
     p.add_argument("--compare", action="store_true", help="also time capture through torch's ops (unfused)")
     p.add_argument("--kernels", action="store_true", help="first time kernel configurations; profile after")
+    p.add_argument("--inline", action="store_true", help="also time the reductions on the forward's stream")
+    p.add_argument("--write-reps", type=int, default=0, help="then time this many captures with cache writes")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.profile:
         return profile(args.shape, args.device, args.prompts, args.seq, args.batch_size)
     result = run(
         args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps, not args.no_write,
-        args.compare, args.kernels,
+        args.compare, args.kernels, args.inline, args.write_reps,
     )  # fmt: skip
     print(json.dumps(result))
 

@@ -209,7 +209,7 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total) 
     body = model.base_model  # the decoder stack: capture needs no logits
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     pad = lm.tokenizer.pad_token_id or 0
-    with reducer.hooks(model):
+    with reducer.hooks(model), reducer.forward_stream():
         previous = None
         for b in range(0, len(order), config.batch_size):
             batch = order[b : b + config.batch_size]

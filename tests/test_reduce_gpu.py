@@ -90,11 +90,17 @@ def test_top_examples_means_and_sums_match_the_torch_ops(reduced):
 
 
 # the one-neuron-a-lane kernel; the paired one as capture runs it; paired with two rows a reduction,
-# in-kernel counts and norms read per row, over programs of 4 rows (15 rows: the last partly empty)
+# in-kernel counts and norms read per row, over programs of 4 rows (15 rows: the last partly empty);
+# paired with the full cut-off search always, or first in a window of 2 or 8 keys; histograms of both
+# halves in one call, the output one from the selection's keys
 VARIANTS = {
     "one": {"pairs": False},
     "pairs": {"pairs": True},
     "pairs2": {"pairs": True, "per_program": 4, "rows_at_once": 2, "count": True, "reload_norm": True},
+    "pairs_full_search": {"pairs": True, "near": 0},
+    "pairs_window_2": {"pairs": True, "near": 1},  # misses often: every path of the window search
+    "pairs_window_8": {"pairs": True, "near": 3, "per_program": 4},
+    "pairs_hist_joined_reused": {"pairs": True, "hist_join": True, "hist_reuse": True},
 }
 
 
@@ -180,3 +186,58 @@ def test_odd_widths_take_the_one_neuron_a_lane_kernel():
     hist = torch.zeros((2, reduce_gpu.HIST_SLOTS), dtype=torch.int32, device=DEVICE)
     bits = reduce_gpu.select_pack(x, rows, norm, 20, counts, hist, 3, 100, True)
     np.testing.assert_array_equal(unpacked(bits, 201), reference_bits(x, rows, norm, 20, True))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="streams need CUDA")
+def test_a_capture_with_its_reductions_on_a_side_stream_equals_one_in_line():
+    """Streams race only when the forward pass frees or reuses memory the side stream still reads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core import capture, models
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
+
+    class Ids:
+        pad_token_id = 0
+
+    lm = models.LoadedModel(model, Ids(), models.describe(model, "tiny-llama"))
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(5, 200, (24,), generator=g).tolist()
+    ids = [torch.randint(1, 1000, (n,), generator=g).tolist() for n in lengths]
+    encoded = [capture.Encoded(row, 2, len(row), False) for row in ids]
+    cfg = CaptureConfig(batch_size=5, chunk_prompts=24)
+    norms = [models.down_column_norms(model, layer) for layer in range(4)]
+    out = []
+    for overlap in (False, True):
+        r = ChunkReducer(4, 1024, cfg, norms, device=DEVICE, overlap=overlap)
+        assert (r.side is not None) == overlap
+        capture._run_chunk(lm, encoded, 0, r, cfg, None, 0, len(encoded))
+        out.append((r, r.partials(0)))
+    (a, pa), (b, pb) = out
+    for (la, na, va), (lb, nb, vb) in zip(pa, pb, strict=True):
+        assert (la, na) == (lb, nb)
+        np.testing.assert_array_equal(va, vb, err_msg=f"{la} {na}")
+    for i in range(len(encoded)):
+        for layer in range(4):
+            np.testing.assert_array_equal(a.prompt_bits[i][layer], b.prompt_bits[i][layer])
+            np.testing.assert_array_equal(a.prompt_means[i][layer], b.prompt_means[i][layer])
+
+
+def test_counting_many_layers_at_once_equals_counting_each():
+    from core import reduce_gpu
+
+    g = torch.Generator().manual_seed(3)
+    d, n, layers = 200, 300, 3  # 300 rows: more than one program's rows, the last block partly empty
+    shape = (layers, n, 2 * ((d + 63) // 64))  # bits past the last neuron set too: never counted
+    bits = torch.randint(-(2**31), 2**31 - 1, shape, generator=g, dtype=torch.int64).to(torch.int32)
+    bits = bits.to(DEVICE)
+    together = torch.zeros((layers, d), dtype=torch.int32, device=DEVICE)
+    reduce_gpu.count_bits(bits, together, d)
+    for layer in range(layers):
+        alone = torch.zeros(d, dtype=torch.int32, device=DEVICE)
+        reduce_gpu.count_bits(bits[layer], alone, d)
+        np.testing.assert_array_equal(together[layer].cpu().numpy(), alone.cpu().numpy())
+        np.testing.assert_array_equal(alone.cpu().numpy(), unpacked(bits[layer], d).sum(axis=0))
