@@ -230,14 +230,17 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total) 
         reducer.file(previous)
 
 
-def blobs(arrays: list[np.ndarray], per_blob: int = 1) -> pa.Array:
-    """A BLOB column from numpy arrays with one copy; each blob joins `per_blob` consecutive arrays."""
-    sizes = np.array([a.nbytes for a in arrays], dtype=np.int64).reshape(-1, per_blob).sum(axis=1)
+def blobs(arrays: list[np.ndarray]) -> pa.Array:
+    """A BLOB column from numpy arrays with one copy (a list of bytes objects would take two)."""
+    sizes = np.array([a.nbytes for a in arrays], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if offsets[-1] >= 2**31:
+        data = [a.tobytes() for a in arrays]
+        return pa.array(data, pa.large_binary())
     flat = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays]) if arrays else np.zeros(0, np.uint8)
-    large = offsets[-1] >= 2**31  # past int32 offsets
-    kind, offsets = (pa.large_binary(), offsets) if large else (pa.binary(), offsets.astype(np.int32))
-    return pa.Array.from_buffers(kind, len(sizes), [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+    return pa.Array.from_buffers(
+        pa.binary(), len(arrays), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(flat)]
+    )
 
 
 def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds) -> None:
@@ -246,10 +249,7 @@ def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds)
     prompt_idx = np.repeat(np.arange(lo, lo + n, dtype=np.int32), L)
     layer_idx = np.tile(np.arange(L, dtype=np.int32), n)
     means = blobs([reducer.prompt_means[i][layer] for i in range(n) for layer in range(L)])
-    # firing bits: one row per layer holding the chunk's tokens in prompt order, keyed by its first
-    # prompt (a layer's rows ORDER BY prompt_idx still read back as every token in order). 2,048 rows
-    # of 0.9 MB for an 8B model's chunk inserted in about twice the time of 32 rows of 58 MB.
-    bits = blobs([reducer.prompt_bits[i][layer] for layer in range(L) for i in range(n)], per_blob=n)
+    bits = blobs([reducer.prompt_bits[i][layer] for i in range(n) for layer in range(L)])
     tok_prompt, tok_pos, tok_id, tok_text, tok_trunc = [], [], [], [], []
     for i, e in enumerate(encoded):
         own = e.ids[e.start : e.end]
@@ -261,12 +261,7 @@ def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds)
     with store.write() as cur:
         base = {"run_id": [run_id] * len(means), "prompt_idx": prompt_idx, "layer": layer_idx}
         store.insert(cur, "prompt_acts", {**base, "mean_abs": means})
-        store.insert(
-            cur,
-            "firing",
-            {"run_id": [run_id] * L, "prompt_idx": np.full(L, lo, np.int32),
-             "layer": np.arange(L, dtype=np.int32), "bits": bits},
-        )  # fmt: skip
+        store.insert(cur, "firing", {**base, "bits": bits})
         store.insert(
             cur,
             "tokens",

@@ -41,9 +41,9 @@ CREATE TABLE IF NOT EXISTS tokens (   -- the prompt's own tokens (chat-template 
 CREATE TABLE IF NOT EXISTS prompt_acts (  -- float16 (d_ff,): mean |a| over the prompt's tokens
     run_id VARCHAR, prompt_idx INTEGER, layer INTEGER, mean_abs BLOB
 );
-CREATE TABLE IF NOT EXISTS firing (       -- uint64 (n_tokens, ceil(d_ff/64)): neurons that fire,
-    run_id VARCHAR, prompt_idx INTEGER, layer INTEGER, bits BLOB  -- a chunk's tokens a row (older
-);                                        -- caches: a prompt's), keyed by its first prompt
+CREATE TABLE IF NOT EXISTS firing (       -- uint64 (n_tokens, ceil(d_ff/64)): neurons that fire
+    run_id VARCHAR, prompt_idx INTEGER, layer INTEGER, bits BLOB
+);
 CREATE TABLE IF NOT EXISTS chunk_arrays ( -- per-chunk partial reductions, summed when finalised
     run_id VARCHAR, chunk INTEGER, layer INTEGER, name VARCHAR, data BLOB
 );

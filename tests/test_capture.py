@@ -98,33 +98,6 @@ def test_firing_bits_are_the_top_tenth_by_output_magnitude(small, slow_reference
         np.testing.assert_allclose(rate, fired.mean(axis=0), rtol=1e-6)
 
 
-def test_firing_rows_hold_a_chunks_tokens_and_caches_with_a_row_per_prompt_read_the_same(small, tmp_path):
-    """Firing bits are stored one row per chunk and layer; caches from before hold a row per prompt."""
-    s, run = small
-    sql = "SELECT prompt_idx, layer FROM firing WHERE run_id = ?"
-    rows = s.cursor().execute(sql, [run.run_id]).fetchall()
-    assert sorted(rows) == [(c * 8, layer) for c in range(3) for layer in range(run.n_layers)]
-    want = [s.firing_bits(run.run_id, layer) for layer in range(run.n_layers)]
-    per_prompt = np.bincount(s.token_prompts(run.run_id), minlength=run.n_prompts)
-    old = Store(tmp_path / "old.duckdb")  # the same run with the firing table of an older cache
-    try:
-        with old.write() as cur:
-            for table in ("runs", "prompts", "tokens"):
-                frame = s.cursor().sql(f"SELECT * FROM {table} WHERE run_id = ?", params=[run.run_id]).arrow()
-                cur.register("_rows", frame)
-                cur.execute(f"INSERT INTO {table} SELECT * FROM _rows")
-                cur.unregister("_rows")
-            for layer, bits in enumerate(want):
-                for i, part in enumerate(np.split(bits, np.cumsum(per_prompt)[:-1])):
-                    cur.execute(
-                        "INSERT INTO firing VALUES (?, ?, ?, ?)", [run.run_id, i, layer, part.tobytes()]
-                    )
-        for layer, bits in enumerate(want):
-            np.testing.assert_array_equal(old.firing_bits(run.run_id, layer), bits)
-    finally:
-        old.close()
-
-
 TOP_SQL = (
     "SELECT neuron, rank, prompt_idx, pos, value FROM top_examples WHERE run_id = ? AND layer = ? "
     "ORDER BY neuron, rank"
