@@ -198,9 +198,10 @@ def _kth_pair_key_near(key, k, guess, NEAR: tl.constexpr):
     """_kth_pair_key for one row, searching first the 2^NEAR keys from guess - 2^(NEAR - 1).
 
     A row's mean key (its log-magnitude) plus the last row's cut-off minus its mean key predicts the
-    cut-off: on SmolLM2-135M the k-th largest lay in such a 128-key window for 98.7% of tokens
-    (benchmarks/select_window.py). Then 2 + NEAR block reductions find it, not 15; otherwise the full
-    search follows (2 or 3 + NEAR + 15). Exact either way: the window is checked, never trusted.
+    cut-off: on SmolLM2-135M the k-th largest lay in such a 128-key window for 98.2% of tokens
+    (benchmarks/select_window.py). Then 2 + NEAR block reductions (the mean's among them) find it, not
+    15; otherwise the full search follows: 17, or 18 + NEAR, in all. Exact either way: the window is
+    checked, never trusted.
     """
     width: tl.constexpr = 1 << NEAR
     lo = tl.minimum(tl.maximum(guess - width // 2, 0), 0x8000 - width).to(tl.uint32)
@@ -317,8 +318,9 @@ def _prompt_kernel(
     tl.store(pos_ptr + out, pos, mask=valid)
 
 
-# The paired kernel's settings; gpu_capture.py --kernels times others (H200, 8192 x 14336: these 0.75 ms,
-# the one-lane kernel 1.11; two rows a reduction, 32 warps or 64 registers spill and ran 1.05-1.12 ms)
+# The paired kernel's settings; gpu_capture.py --kernels times others (H200, 8192 x 14336: these 0.60 ms,
+# 0.75 with the full search always, the one-lane kernel 1.11; two rows a reduction, 32 warps or 64
+# registers spill and ran 1.05-1.12 ms)
 PAIRS = {
     "per_program": 64,
     "rows_at_once": 1,
