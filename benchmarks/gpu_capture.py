@@ -82,10 +82,14 @@ def time_bare(lm, encoded, batch_size: int, device: str) -> float:
 
 
 def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=None, overlap=None) -> float:
-    """Hooks, reductions and host copies; with `write`, also the chunk's cache transaction."""
+    """Hooks, reductions and host copies; with `write`, also the chunk's cache transaction. Batch size
+    0 lets capture fit the batch to free GPU memory (AUTO records the tokens a pass it chose)."""
     from core.store import Store
 
     config = capture.CaptureConfig(batch_size=batch_size, chunk_prompts=len(encoded), max_tokens=10**6)
+    budget = capture.token_budget(lm, encoded, config)
+    if budget:
+        AUTO.append(budget)
     norms = [models.down_column_norms(lm.model, layer) for layer in range(lm.info.n_layers)]
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.duckdb") if write else None
@@ -96,7 +100,7 @@ def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=N
         reducer = ChunkReducer(
             lm.info.n_layers, lm.info.d_ff, config, norms, device=device, fused=fused, overlap=overlap
         )
-        capture._run_chunk(lm, encoded, 0, reducer, config, None, 0, len(encoded))
+        capture._run_chunk(lm, encoded, 0, reducer, config, None, 0, len(encoded), budget)
         forward = time.perf_counter() - t0  # the last batch's copy waited for: the device is idle
         if store:
             capture._write_chunk(store, "bench", 0, 0, encoded, lm.tokenizer, reducer, 0.0)
@@ -133,7 +137,8 @@ def partials_breakdown(lm, encoded, batch_size: int, device: str) -> dict:
     return steps
 
 
-SPLITS: list[dict] = []  # each capture's time to its last batch's copy, and partials (or the write) after
+SPLITS: list[dict] = []
+AUTO: list[int] = []  # each capture's time to its last batch's copy, and partials (or the write) after
 
 
 SELECT_TRIES = [  # the paired kernel: the cut-off's first search window (2^near keys; 0: none), histograms
@@ -342,6 +347,7 @@ def run(
     kernels=False,
     inline=False,
     write_reps=0,
+    auto_reps=0,
 ) -> dict:
     """Bare vs capture; with `compare`, also capture through torch's ops instead of the fused kernels; with
     `kernels`, first time the kernels' configurations (kernel_sweep) and after, profile one capture."""
@@ -369,6 +375,7 @@ def run(
     best_bare, best_cap = min(bare), min(full)
     splits = [x for x in SPLITS if x["fused"] and x["overlap"] == reduce.OVERLAP][-reps:]
     with_writes = [time_capture(lm, encoded, batch_size, device, True) for _ in range(write_reps)]
+    auto = [time_capture(lm, encoded, 0, device, False) for _ in range(auto_reps)]
     extra = {}
     if kernels:
         extra = {
@@ -393,6 +400,9 @@ def run(
             "inline_all": inline_runs,
             "splits_inline": [x for x in SPLITS if x["fused"] and not x["overlap"]][-reps:],
             } if inline else {}),
+        **({"batch_fit_to_memory": {"tokens_a_pass": AUTO[-1], "prompts_a_pass": AUTO[-1] // seq,
+            "capture_s": min(auto), "ratio_to_bare_at_batch_size": min(auto) / best_bare, "all": auto,
+            }} if auto_reps else {}),  # fmt: skip
         **({"with_cache_writes": {"capture_s": min(with_writes), "ratio": min(with_writes) / best_bare,
             "all": with_writes, "splits": SPLITS[-write_reps:]}} if write_reps else {}),
         **extra,
@@ -426,13 +436,14 @@ def main() -> None:
     p.add_argument("--kernels", action="store_true", help="first time kernel configurations; profile after")
     p.add_argument("--inline", action="store_true", help="also time the reductions on the forward's stream")
     p.add_argument("--write-reps", type=int, default=0, help="then time this many captures with cache writes")
+    p.add_argument("--auto-reps", type=int, default=0, help="then this many fit to free GPU memory")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.profile:
         return profile(args.shape, args.device, args.prompts, args.seq, args.batch_size)
     result = run(
         args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps, not args.no_write,
-        args.compare, args.kernels, args.inline, args.write_reps,
+        args.compare, args.kernels, args.inline, args.write_reps, args.auto_reps,
     )  # fmt: skip
     print(json.dumps(result))
 

@@ -38,7 +38,7 @@ class CaptureConfig:
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
     hist_bins: int = 100  # bins over [0, 1] for the normalised-activation histograms
     hist_stride: int = 8  # histograms sample every n-th token: a distribution needs no more
-    batch_size: int = 8  # prompts per forward pass (speed only; not part of the run key)
+    batch_size: int = 0  # prompts per forward pass; 0: fit free GPU memory, 8 on CPU (speed only, not keyed)
     chunk_prompts: int = 64  # prompts per committed chunk (resume granularity; not in the key)
 
     def __post_init__(self):
@@ -52,12 +52,12 @@ class CaptureConfig:
                 self.max_tokens,
                 self.hist_bins,
                 self.hist_stride,
-                self.batch_size,
+                self.batch_size + 1,  # 0 is "fit the memory"
                 self.chunk_prompts,
             )
             < 1
         ):
-            raise ValueError("the sizes and counts in CaptureConfig must be >= 1")
+            raise ValueError("the sizes and counts in CaptureConfig must be >= 1 (batch_size >= 0)")
 
     def key(self) -> dict:
         values = asdict(self)
@@ -156,6 +156,7 @@ def capture(
         if progress:
             progress(reported, total, "resuming" if done else "capturing")
         norms = [models.down_column_norms(lm.model, layer) for layer in range(info.n_layers)]
+        budget = token_budget(lm, encoded, config)
         for chunk in mine:
             if chunk in done:
                 continue
@@ -163,7 +164,7 @@ def capture(
             hi = min(lo + config.chunk_prompts, len(encoded))
             t0 = time.perf_counter()
             reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms, device=lm.info.device)
-            _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total)
+            _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total, budget)
             _write_chunk(
                 store, run_id, chunk, lo, encoded[lo:hi], lm.tokenizer, reducer, time.perf_counter() - t0
             )
@@ -203,16 +204,59 @@ def _create_run(store, run_id, lm, prompt_set, config, n_chunks) -> None:
         store.create_run(cur, row, prompts)
 
 
+CPU_BATCH = 8  # prompts per forward pass on the CPU when batch_size is 0
+
+
+def token_budget(lm, encoded, config: CaptureConfig) -> int | None:
+    """Tokens per forward pass that fit in free GPU memory (batch_size 0 on CUDA); else None.
+
+    One forward pass of the longest prompt alone measures the pass's peak per prompt; capture adds its
+    firing words per token (two batches in flight) and per chunk each prompt's strongest tokens. 60%
+    of what is free (to the driver and in torch's cache) leaves room for fragmentation.
+    """
+    device = next(lm.model.parameters()).device
+    if config.batch_size or device.type != "cuda" or not encoded:
+        return None
+    longest, info = max(len(e.ids) for e in encoded), lm.info
+    torch.cuda.synchronize(device)
+    free = torch.cuda.mem_get_info(device)[0]
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        ids = torch.ones((1, longest), dtype=torch.long, device=device)
+        lm.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    per_prompt = torch.cuda.max_memory_allocated(device) - base
+    per_prompt += 2 * longest * info.n_layers * 2 * ((info.d_ff + 63) // 64) * 4
+    per_chunk = config.chunk_prompts * info.n_layers * info.d_ff * 8 * 2  # best |a| and position, stacked
+    prompts = int(0.6 * (free - per_chunk) // per_prompt)
+    return max(1, min(prompts, config.chunk_prompts)) * longest
+
+
+def batches(lengths: list[int], batch_size: int, budget: int | None) -> list[list[int]]:
+    """Prompt indices in order of length, grouped for one forward pass each: `batch_size` prompts
+    (CPU_BATCH when 0), or with a token `budget` as many as keep prompts x the widest within it."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if budget is None:
+        size = batch_size or CPU_BATCH
+        return [order[b : b + size] for b in range(0, len(order), size)]
+    groups: list[list[int]] = [[]]
+    for i in order:  # ascending: the newest prompt is the widest
+        if groups[-1] and (len(groups[-1]) + 1) * lengths[i] > budget:
+            groups.append([])
+        groups[-1].append(i)
+    return groups if groups[0] else []
+
+
 @torch.inference_mode()
-def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total) -> None:
+def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, budget=None) -> None:
     model, device = lm.model, next(lm.model.parameters()).device
     body = model.base_model  # the decoder stack: capture needs no logits
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     pad = lm.tokenizer.pad_token_id or 0
     with reducer.hooks(model), reducer.forward_stream():
         previous = None
-        for b in range(0, len(order), config.batch_size):
-            batch = order[b : b + config.batch_size]
+        done = 0
+        for batch in batches([len(e.ids) for e in encoded], config.batch_size, budget):
             width = max(len(encoded[i].ids) for i in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -225,8 +269,9 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total) 
             if previous is not None:
                 reducer.file(previous)  # overlaps with this batch's device work on CUDA
             previous = taken
+            done += len(batch)
             if progress:
-                progress(reported + b + len(batch), total, "capturing")
+                progress(reported + done, total, "capturing")
         reducer.file(previous)
 
 

@@ -143,6 +143,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="bricklab: bricks in FFN layers.")
     parser.add_argument("--db", help="DuckDB cache file (default: data/bricklab.duckdb or $BRICKLAB_DB)")
@@ -151,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", help="JSONL, CSV or TXT prompt file (default: the bundled set)")
     p.add_argument("--limit", type=_positive, help="capture only N prompts, spread over categories")
-    p.add_argument("--batch-size", type=_positive, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument(
+        "--batch-size", type=_non_negative, default=0,
+        help="prompts per forward pass (default 0: as many as fit in free GPU memory; 8 on the CPU)",
+    )  # fmt: skip
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="capture only shard I of N (chunks c with c %% N == I)")

@@ -249,3 +249,23 @@ def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(tiny_dir, 
         .fetchone()[0]
     )
     assert np.isfinite(store.prompt_activations(run.run_id).astype(np.float32)).all()
+
+
+def test_batches_take_prompts_in_length_order_by_count_or_by_a_token_budget():
+    lengths = [30, 5, 12, 12, 40, 7, 3]
+    assert capture.batches(lengths, 3, None) == [[6, 1, 5], [2, 3, 0], [4]]
+    assert capture.batches(lengths, 0, None) == [[6, 1, 5, 2, 3, 0, 4]]  # CPU_BATCH = 8 prompts
+    by_tokens = capture.batches(lengths, 0, 40)
+    assert by_tokens == [[6, 1, 5], [2, 3], [0], [4]]  # 3 x 7, 2 x 12, then the widest alone
+    assert all(len(b) * max(lengths[i] for i in b) <= 40 for b in by_tokens)
+    assert capture.batches([50, 60], 0, 10) == [[0], [1]]  # one prompt a pass even past the budget
+    assert sorted(i for b in by_tokens for i in b) == list(range(len(lengths)))
+    assert capture.batches([], 0, 40) == [] and capture.batches([], 4, None) == []
+
+
+def test_the_batch_size_is_fixed_on_the_cpu_and_only_fit_to_memory_on_cuda(tiny_lm):
+    encoded = [capture.Encoded([1, 2, 3], 0, 3, False)]
+    assert capture.token_budget(tiny_lm, encoded, capture.CaptureConfig()) is None  # CPU
+    assert capture.token_budget(tiny_lm, encoded, capture.CaptureConfig(batch_size=4)) is None
+    with pytest.raises(ValueError):
+        capture.CaptureConfig(batch_size=-1)

@@ -188,9 +188,8 @@ def test_odd_widths_take_the_one_neuron_a_lane_kernel():
     np.testing.assert_array_equal(unpacked(bits, 201), reference_bits(x, rows, norm, 20, True))
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="streams need CUDA")
-def test_a_capture_with_its_reductions_on_a_side_stream_equals_one_in_line():
-    """Streams race only when the forward pass frees or reuses memory the side stream still reads."""
+def tiny_cuda_llama():
+    """A random bf16 Llama of four layers on CUDA and 24 encoded prompts of 5-199 tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from core import capture, models
@@ -207,7 +206,16 @@ def test_a_capture_with_its_reductions_on_a_side_stream_equals_one_in_line():
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(5, 200, (24,), generator=g).tolist()
     ids = [torch.randint(1, 1000, (n,), generator=g).tolist() for n in lengths]
-    encoded = [capture.Encoded(row, 2, len(row), False) for row in ids]
+    return lm, [capture.Encoded(row, 2, len(row), False) for row in ids]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="streams need CUDA")
+def test_a_capture_with_its_reductions_on_a_side_stream_equals_one_in_line():
+    """Streams race only when the forward pass frees or reuses memory the side stream still reads."""
+    from core import capture, models
+
+    lm, encoded = tiny_cuda_llama()
+    model = lm.model
     cfg = CaptureConfig(batch_size=5, chunk_prompts=24)
     norms = [models.down_column_norms(model, layer) for layer in range(4)]
     out = []
@@ -241,3 +249,25 @@ def test_counting_many_layers_at_once_equals_counting_each():
         reduce_gpu.count_bits(bits[layer], alone, d)
         np.testing.assert_array_equal(together[layer].cpu().numpy(), alone.cpu().numpy())
         np.testing.assert_array_equal(alone.cpu().numpy(), unpacked(bits[layer], d).sum(axis=0))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the batch fits free GPU memory only on CUDA")
+def test_on_cuda_a_forward_pass_takes_as_many_prompts_as_free_memory_allows(monkeypatch):
+    from core import capture, models
+
+    lm, encoded = tiny_cuda_llama()
+    config = CaptureConfig(chunk_prompts=24)  # batch_size 0: fit the memory
+    longest = max(len(e.ids) for e in encoded)
+    assert capture.token_budget(lm, encoded, config) == 24 * longest  # a tiny model: the chunk fits
+    assert capture.token_budget(lm, encoded, CaptureConfig(batch_size=5)) is None
+    total = torch.cuda.mem_get_info()[1]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, total))  # nothing free
+    monkeypatch.setattr(torch.cuda, "memory_reserved", torch.cuda.memory_allocated)
+    budget = capture.token_budget(lm, encoded, config)
+    assert budget == longest  # one prompt a pass
+    monkeypatch.undo()
+    norms = [models.down_column_norms(lm.model, layer) for layer in range(4)]
+    r = ChunkReducer(4, 1024, config, norms, device=DEVICE)
+    capture._run_chunk(lm, encoded, 0, r, config, None, 0, len(encoded), budget)
+    for i, e in enumerate(encoded):
+        assert all(r.prompt_bits[i][layer].shape[0] == e.end - e.start for layer in range(4))
