@@ -172,8 +172,9 @@ def device_ms(fn, reps: int = 20) -> float:
 def kernel_sweep(prompts: int, seq: int, d: int, dev: str = "cuda") -> dict:
     """Each selection and prompt kernel configuration on one random layer-batch: ms, registers, and
     whether its output equals the one-lane kernel's (or the default prompt kernel's) bit for bit.
-    The fastest equal ones become reduce_gpu's defaults for the rest of this run."""
-    from core import reduce_gpu as rg
+    The fastest equal ones become the kernels' defaults for the rest of this run."""
+    from core import reduce_gpu
+    from core import select_gpu as sg
 
     n = prompts * seq
     g = torch.Generator(device=dev).manual_seed(0)
@@ -184,8 +185,8 @@ def kernel_sweep(prompts: int, seq: int, d: int, dev: str = "cuda") -> dict:
 
     def select(**kw):
         counts = torch.zeros(d, dtype=torch.int32, device=dev)
-        hist = torch.zeros((2, rg.HIST_SLOTS), dtype=torch.int32, device=dev)
-        return lambda: rg.select_pack(a, rows, norm, k, counts, hist, 8, 100, True, **kw), counts, hist
+        hist = torch.zeros((2, sg.HIST_SLOTS), dtype=torch.int32, device=dev)
+        return lambda: sg.select_pack(a, rows, norm, k, counts, hist, 8, 100, True, **kw), counts, hist
 
     def outputs(**kw):
         fn, counts, hist = select(**kw)
@@ -202,41 +203,41 @@ def kernel_sweep(prompts: int, seq: int, d: int, dev: str = "cuda") -> dict:
             out["select"].append({**kw, "error": repr(e)[:300], "identical": False})
     bits = want[0]
     out["count_bits_ms"] = device_ms(
-        lambda: rg.count_bits(bits, torch.zeros(d, dtype=torch.int32, device=dev), d)
+        lambda: sg.count_bits(bits, torch.zeros(d, dtype=torch.int32, device=dev), d)
     )
     many = bits[None].expand(32, *bits.shape).contiguous()  # a batch's 32 layers in one launch
     out["count_bits_32_layers_at_once_ms"] = device_ms(
-        lambda: rg.count_bits(many, torch.zeros((32, d), dtype=torch.int32, device=dev), d)
+        lambda: sg.count_bits(many, torch.zeros((32, d), dtype=torch.int32, device=dev), d)
     )
     good = [c for c in out["select"] if c["identical"]]
     if good:
         best = min(good, key=lambda c: c["ms"])
-        rg.PAIRS.update({key: best[key] for key in rg.PAIRS if key in best and key != "near"})  # see below
-    # the window stays reduce_gpu's: random rows favour small windows that real models miss more often
+        sg.PAIRS.update({key: best[key] for key in sg.PAIRS if key in best and key != "near"})  # see below
+    # the window stays select_gpu's: random rows favour small windows that real models miss more often
     out["window"] = window_cost(a, norm, k, rows, dev)
     # what the histograms cost: the chosen kernel with no row sampled but the first (not a result)
     counts = torch.zeros(d, dtype=torch.int32, device=dev)
-    hist = torch.zeros((2, rg.HIST_SLOTS), dtype=torch.int32, device=dev)
+    hist = torch.zeros((2, sg.HIST_SLOTS), dtype=torch.int32, device=dev)
     out["no_histograms_ms"] = device_ms(
-        lambda: rg.select_pack(a, rows, norm, k, counts, hist, 1 << 30, 100, True)
+        lambda: sg.select_pack(a, rows, norm, k, counts, hist, 1 << 30, 100, True)
     )
     first = torch.arange(prompts, dtype=torch.int32, device=dev) * seq
     lengths = torch.full((prompts,), seq, dtype=torch.int32, device=dev)
-    base = rg.prompt_reduce(a, first, lengths, seq, block=1024, warps=4)
+    base = reduce_gpu.prompt_reduce(a, first, lengths, seq, block=1024, warps=4)
     out["prompt"] = []
     for block, warps in PROMPT_TRIES:
         try:
-            got = rg.prompt_reduce(a, first, lengths, seq, block=block, warps=warps)
+            got = reduce_gpu.prompt_reduce(a, first, lengths, seq, block=block, warps=warps)
             same = all(torch.equal(x, y) for x, y in zip(got, base, strict=True))
             ms = device_ms(
-                lambda b=block, w=warps: rg.prompt_reduce(a, first, lengths, seq, block=b, warps=w)
+                lambda b=block, w=warps: reduce_gpu.prompt_reduce(a, first, lengths, seq, block=b, warps=w)
             )
             out["prompt"].append({"block": block, "warps": warps, "ms": ms, "identical": same})
         except Exception as e:  # noqa: BLE001
             out["prompt"].append({"block": block, "warps": warps, "error": repr(e)[:300], "identical": False})
     best = min((c for c in out["prompt"] if c["identical"]), key=lambda c: c["ms"])
-    rg.PROMPT.update(block=best["block"], warps=best["warps"])
-    out["chosen"] = {"select": dict(rg.PAIRS), "prompt": dict(rg.PROMPT)}
+    reduce_gpu.PROMPT.update(block=best["block"], warps=best["warps"])
+    out["chosen"] = {"select": dict(sg.PAIRS), "prompt": dict(reduce_gpu.PROMPT)}
     if dev == "cuda":  # what one batch's firing words cost on the host side: pinning, and the copy
         words = torch.zeros((32, n, 2 * ((d + 63) // 64)), dtype=torch.int32, device=dev)
         t0 = time.perf_counter()
@@ -245,7 +246,7 @@ def kernel_sweep(prompts: int, seq: int, d: int, dev: str = "cuda") -> dict:
         copy_ms = device_ms(lambda: host.copy_(words, non_blocking=True), reps=3)
         out["host_copy"] = {"gib": words.numel() * 4 / 2**30, "pin_ms": pin * 1e3, "copy_ms": copy_ms}
     try:
-        out["registers"] = compiled_registers(rg)
+        out["registers"] = compiled_registers(sg)
     except Exception as e:  # noqa: BLE001
         out["registers"] = repr(e)[:300]
     return out
@@ -257,17 +258,17 @@ def window_cost(a, norm, k: int, rows, dev: str) -> dict:
     the guess misses often. benchmarks/select_window.py gives the hit rate on a real model."""
     from select_window import window_hits  # beside this file
 
-    from core import reduce_gpu as rg
+    from core import select_gpu as sg
 
     power = torch.empty((a.shape[0], 1), device=dev).uniform_(0.5, 2.0, generator=None)
     mixed = (a.float().sign() * a.float().abs().pow(power)).bfloat16()
-    near, per_program = rg.PAIRS["near"], rg.PAIRS["per_program"]
+    near, per_program = sg.PAIRS["near"], sg.PAIRS["per_program"]
     out = {"near": near, "per_program": per_program}
     for name, x in (("sweep_rows", a), ("mixed_spread_rows", mixed)):
         keys = ((x.abs() * norm).view(torch.int16).int() & 0x7FFF).int()
         cut = keys.topk(k, dim=1).values[:, -1].cpu().numpy()
         mean = (keys.sum(dim=1) // keys.shape[1]).cpu().numpy()
-        calls = {n: _select_call(rg, x, rows, norm, k, n) for n in (0, near)}
+        calls = {n: _select_call(sg, x, rows, norm, k, n) for n in (0, near)}
         same = torch.equal(calls[0](), calls[near]())
         ms = {f"near_{n}_ms": device_ms(call) for n, call in calls.items()}
         hits = window_hits(cut, mean, near, per_program) if near else np.zeros(0)
@@ -275,16 +276,16 @@ def window_cost(a, norm, k: int, rows, dev: str) -> dict:
     return out
 
 
-def _select_call(rg, x, rows, norm, k: int, near: int):
+def _select_call(sg, x, rows, norm, k: int, near: int):
     counts = torch.zeros(x.shape[1], dtype=torch.int32, device=x.device)
-    hist = torch.zeros((2, rg.HIST_SLOTS), dtype=torch.int32, device=x.device)
-    return lambda: rg.select_pack(x, rows, norm, k, counts, hist, 8, 100, True, pairs=True, near=near)
+    hist = torch.zeros((2, sg.HIST_SLOTS), dtype=torch.int32, device=x.device)
+    return lambda: sg.select_pack(x, rows, norm, k, counts, hist, 8, 100, True, pairs=True, near=near)
 
 
-def compiled_registers(rg) -> list:
+def compiled_registers(sg) -> list:
     """Registers and spills of every compiled selection kernel (Triton's cache; best effort)."""
     found = []
-    for fn in (rg._select_pack_kernel, rg._select_pairs_kernel):
+    for fn in (sg._select_pack_kernel, sg._select_pairs_kernel):
         for cache in getattr(fn, "device_caches", {}).values():
             for kernel in cache[0].values():
                 consts = {

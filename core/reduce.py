@@ -42,7 +42,7 @@ class ChunkReducer:
     def __init__(self, n_layers: int, d_ff: int, config, norms: list, device="cpu", fused=None, overlap=None):
         self.n_layers, self.d_ff, self.config = n_layers, d_ff, config
         self.device = torch.device(device)
-        # bf16 activations on CUDA go through core.reduce_gpu's Triton kernels; fused=False keeps torch's ops
+        # bf16 on CUDA: Triton kernels (core.select_gpu, core.reduce_gpu); fused=False keeps torch's ops
         if fused is None:
             fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.fused = fused and config.hist_bins <= 128  # the kernel's histograms have 128 slots
@@ -156,7 +156,7 @@ class ChunkReducer:
             self._reduce_kernels(layer, a)
 
     def _reduce_kernels(self, layer: int, a: torch.Tensor) -> None:
-        from core import reduce_gpu
+        from core import reduce_gpu, select_gpu
 
         cfg, dev = self.config, a.device
         if self.batch_out is None:  # one buffer per batch: take_batch needs no stacking copy
@@ -172,7 +172,7 @@ class ChunkReducer:
                     for shape, dtype in zip(shapes, dtypes, strict=True)
                 )
         means, bits = self.batch_out[0][layer], self.batch_out[1][layer]
-        reduce_gpu.select_pack(
+        select_gpu.select_pack(
             a, self.flat, self.norms_bf16[layer], self.k_fire, self.fire32[layer], self.hist32[layer],
             cfg.hist_stride, cfg.hist_bins, cfg.fire_indicator == "output", out=bits,
             count_after=self.batch_host is None,
@@ -212,10 +212,10 @@ class ChunkReducer:
         On CUDA the copy is asynchronous, so the host files batch i while the device runs batch i+1.
         """
         if self.batch_out is not None and self.batch_host is not None:  # fused, CUDA: copies under way
-            from core import reduce_gpu
+            from core import select_gpu
 
             with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext():
-                reduce_gpu.count_bits(self.batch_out[1], self.fire32, self.d_ff)  # every layer at once
+                select_gpu.count_bits(self.batch_out[1], self.fire32, self.d_ff)  # every layer at once
             done = torch.cuda.Event()
             done.record(self.copies)
             for t in self.batch_out:

@@ -1,5 +1,5 @@
-"""The fused Triton reductions (core.reduce_gpu) against capture's torch ops, on CUDA or Triton's CPU
-interpreter; skipped where Triton is not installed."""
+"""The fused Triton reductions (core.select_gpu, core.reduce_gpu) against capture's torch ops, on CUDA or
+Triton's CPU interpreter; skipped where Triton is not installed."""
 
 import os
 
@@ -137,7 +137,7 @@ def hard_rows(d: int) -> torch.Tensor:
      (False, 256, 255)],
 )  # fmt: skip
 def test_the_kernels_select_exactly_torchs_top_k_with_ties_to_the_lower_index(use_output, d, k):
-    from core import reduce_gpu
+    from core import select_gpu
 
     x = hard_rows(d)
     g = torch.Generator().manual_seed(2)
@@ -148,8 +148,8 @@ def test_the_kernels_select_exactly_torchs_top_k_with_ties_to_the_lower_index(us
     want = reference_bits(x, rows, norm, k, use_output)
     for name, kwargs in VARIANTS.items():
         counts = torch.zeros(d, dtype=torch.int32, device=DEVICE)
-        hist = torch.zeros((2, reduce_gpu.HIST_SLOTS), dtype=torch.int32, device=DEVICE)
-        bits = reduce_gpu.select_pack(x, rows, norm, k, counts, hist, 3, 100, use_output, **kwargs)
+        hist = torch.zeros((2, select_gpu.HIST_SLOTS), dtype=torch.int32, device=DEVICE)
+        bits = select_gpu.select_pack(x, rows, norm, k, counts, hist, 3, 100, use_output, **kwargs)
         # Triton's CPU interpreter converts subnormal bf16 to float32 wrongly; the one-lane kernel
         # converts, the paired kernel only shifts bits, so on the interpreter it alone sees those rows
         seen = np.ones(len(rows), bool) if name != "one" or DEVICE == "cuda" else ~subnormal(x[rows.long()])
@@ -176,15 +176,15 @@ def recount(x: torch.Tensor, norm: torch.Tensor, stride: int, bins: int) -> np.n
 
 
 def test_odd_widths_take_the_one_neuron_a_lane_kernel():
-    from core import reduce_gpu
+    from core import select_gpu
 
     x = hard_rows(202)[:, :201]  # rows 4-byte aligned (even stride), an odd number of neurons
     norm = torch.ones(201, dtype=torch.bfloat16, device=DEVICE)
-    assert not reduce_gpu._pairable(x, norm) and reduce_gpu._pairable(hard_rows(200), norm[:200])
+    assert not select_gpu._pairable(x, norm) and select_gpu._pairable(hard_rows(200), norm[:200])
     rows = torch.arange(len(x), dtype=torch.int32, device=DEVICE)
     counts = torch.zeros(201, dtype=torch.int32, device=DEVICE)
-    hist = torch.zeros((2, reduce_gpu.HIST_SLOTS), dtype=torch.int32, device=DEVICE)
-    bits = reduce_gpu.select_pack(x, rows, norm, 20, counts, hist, 3, 100, True)
+    hist = torch.zeros((2, select_gpu.HIST_SLOTS), dtype=torch.int32, device=DEVICE)
+    bits = select_gpu.select_pack(x, rows, norm, 20, counts, hist, 3, 100, True)
     np.testing.assert_array_equal(unpacked(bits, 201), reference_bits(x, rows, norm, 20, True))
 
 
@@ -235,7 +235,7 @@ def test_a_capture_with_its_reductions_on_a_side_stream_equals_one_in_line():
 
 
 def test_counting_many_layers_at_once_equals_counting_each():
-    from core import reduce_gpu
+    from core import select_gpu
 
     g = torch.Generator().manual_seed(3)
     d, n, layers = 200, 300, 3  # 300 rows: more than one program's rows, the last block partly empty
@@ -243,10 +243,10 @@ def test_counting_many_layers_at_once_equals_counting_each():
     bits = torch.randint(-(2**31), 2**31 - 1, shape, generator=g, dtype=torch.int64).to(torch.int32)
     bits = bits.to(DEVICE)
     together = torch.zeros((layers, d), dtype=torch.int32, device=DEVICE)
-    reduce_gpu.count_bits(bits, together, d)
+    select_gpu.count_bits(bits, together, d)
     for layer in range(layers):
         alone = torch.zeros(d, dtype=torch.int32, device=DEVICE)
-        reduce_gpu.count_bits(bits[layer], alone, d)
+        select_gpu.count_bits(bits[layer], alone, d)
         np.testing.assert_array_equal(together[layer].cpu().numpy(), alone.cpu().numpy())
         np.testing.assert_array_equal(alone.cpu().numpy(), unpacked(bits[layer], d).sum(axis=0))
 
