@@ -14,7 +14,7 @@ from core import configuration, interventions
 from core.configuration import ConfigError
 from core.errors import BricklabError
 from core.store import Store
-from tests.test_configuration import edit, paths
+from tests.test_configuration import edit, json_values, paths
 
 EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IDS = torch.tensor([[1, 2, 3]])
@@ -101,11 +101,6 @@ def assert_untouched(world) -> None:
     assert cache_state(store) == state
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=12,
-)
 near_values = (
     json_values
     | st.integers(-2, 200)
