@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-from core import capture, models, prompts
+from core import models, prompts
+from core.capture import run as capture
 from core.errors import BricklabError
 from ui import layout, resources
 

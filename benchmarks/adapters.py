@@ -17,8 +17,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core import adapter_train, adapters, bricks, capture, evaluate, interventions, models, prompts
+from core import models, prompts
+from core.bricks import candidates as bricks
+from core.capture import run as capture
 from core.configuration import AdapterRef, BrickConfig
+from core.live import adapter_train, adapters, evaluate, interventions
 from core.store import Store
 
 

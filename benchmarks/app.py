@@ -24,7 +24,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core import bricks, compare, configuration, interventions, models, neurons, scores
+from core import configuration, models
+from core.bricks import candidates as bricks
+from core.bricks import neurons, scores
+from core.live import compare, interventions
 from core.store import Store
 
 PROMPT = "Write a short poem about the sea and explain its meter."

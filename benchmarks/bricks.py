@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core import bricks, neuron_map, scores, settings
+from core import settings
+from core.bricks import candidates as bricks
+from core.bricks import neuron_map, scores
 from core.store import Store
 
 

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import capture, models, prompts  # noqa: E402
+from core import models, prompts
+from core.capture import run as capture
 from core.store import Store  # noqa: E402
 
 

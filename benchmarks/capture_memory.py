@@ -34,7 +34,8 @@ def child(n: int, times: int, chunk: int, threads: int | None) -> None:
     """In a fresh process: load the default model, capture n x times prompts (0: load only)."""
     import torch
 
-    from core import capture, models
+    from core import models
+    from core.capture import run as capture
     from core.store import Store
 
     if threads:

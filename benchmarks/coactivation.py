@@ -1,5 +1,5 @@
 """Co-activation counts three ways: numba popcounts, float32 BLAS, scipy.sparse; or, with --device cuda,
-the torch path of core.coact_gpu on a large layer (default 14336 neurons x 1M tokens) against numba on slices.
+the torch path of kernels.coact_gpu on a large layer (14336 neurons x 1M tokens) against numba on slices.
 
 All must agree exactly. Prints the timings and, as its last line, one JSON object with the speedups.
 Run: python benchmarks/coactivation.py [--quick] [--structured] [--device cuda]
@@ -16,7 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core import coact_gpu, kernels
+from core.kernels import coact as kernels
+from core.kernels import coact_gpu
 
 GROUP = 32  # --structured: neurons that fire together
 
@@ -148,7 +149,9 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, help="default 30000, or 1000000 with --device cuda")
     parser.add_argument("--neurons", type=int, help="default 1536, or 14336 with --device cuda")
     parser.add_argument("--rate", type=float, default=0.1)
-    parser.add_argument("--device", default="cpu", help="cpu (three CPU ways) or cuda (core.coact_gpu)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (three CPU ways) or cuda (core.kernels.coact_gpu)"
+    )
     args = parser.parse_args(argv)
     reps, sparse_reps = (3, 1) if args.quick else (7, 3)
     if args.device != "cpu":

@@ -20,8 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import capture, models, reduce  # noqa: E402
-from core.reduce import ChunkReducer  # noqa: E402
+from core import models
+from core.capture import reduce
+from core.capture import run as capture
+from core.capture.reduce import ChunkReducer  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -173,8 +175,8 @@ def kernel_sweep(prompts: int, seq: int, d: int, dev: str = "cuda") -> dict:
     """Each selection and prompt kernel configuration on one random layer-batch: ms, registers, and
     whether its output equals the one-lane kernel's (or the default prompt kernel's) bit for bit.
     The fastest equal ones become the kernels' defaults for the rest of this run."""
-    from core import reduce_gpu
-    from core import select_gpu as sg
+    from core.kernels import reduce_gpu
+    from core.kernels import select_gpu as sg
 
     n = prompts * seq
     g = torch.Generator(device=dev).manual_seed(0)
@@ -258,7 +260,7 @@ def window_cost(a, norm, k: int, rows, dev: str) -> dict:
     the guess misses often. benchmarks/select_window.py gives the hit rate on a real model."""
     from select_window import window_hits  # beside this file
 
-    from core import select_gpu as sg
+    from core.kernels import select_gpu as sg
 
     power = torch.empty((a.shape[0], 1), device=dev).uniform_(0.5, 2.0, generator=None)
     mixed = (a.float().sign() * a.float().abs().pow(power)).bfloat16()

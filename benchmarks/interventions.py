@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core import compare, models
+from core import models
 from core.configuration import Brick, BrickConfig
-from core.interventions import configured, hook_count
+from core.live import compare
+from core.live.interventions import configured, hook_count
 
 PROMPT = "Write a short story about a robot who learns to paint."
 

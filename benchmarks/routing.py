@@ -29,8 +29,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core import evaluate, models, routing, scores, sparse
-from core.routing import RouterParams
+from core import models
+from core.bricks import scores
+from core.live import evaluate, sparse
+from core.routing import route as routing
+from core.routing.route import RouterParams
 from core.store import Store
 
 FASTER = 1.05  # a speedup counted as measurable on a shared, noisy CPU

@@ -1,6 +1,6 @@
 """How often the GPU selection kernel's window guess holds on a real model's activations.
 
-core.select_gpu's paired kernel first searches a 2^near-key window for each token's cut-off (the k-th
+core.kernels.select_gpu's paired kernel first searches a 2^near-key window for each token's cut-off (the k-th
 largest 15-bit bf16 score), placed by the row's mean key plus the previous row's cut-off minus its mean
 key; a miss costs the full 15-step search on top. This replays that guess, row for row as a program of
 the kernel sees them (own tokens of consecutive prompts, `per_program` rows a program), on the default
@@ -51,7 +51,8 @@ def window_hits(cut: np.ndarray, mean: np.ndarray, near: int, per_program: int =
 def main() -> None:
     import torch
 
-    from core import capture, models, prompts
+    from core import models, prompts
+    from core.capture import run as capture
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--prompts", type=int, default=48, help="the first N default prompts")

@@ -11,8 +11,11 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from core import evaluate, kernels, models, scores
+from core import models
+from core.bricks import scores
 from core.errors import BricklabError
+from core.kernels import coact as kernels
+from core.live import evaluate
 from core.store import Store
 
 Progress = Callable[[int, int, str], None]  # (evaluations done, evaluations planned, message)

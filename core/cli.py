@@ -9,13 +9,19 @@ import sys
 from core.errors import BricklabError
 
 # Modules that contribute subcommands through `register_cli(subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = ("core.bricks", "core.neuron_map", "core.export", "core.analysis")
+COMMAND_MODULES: tuple[str, ...] = (
+    "core.bricks.candidates",
+    "core.bricks.neuron_map",
+    "core.export",
+    "core.analysis",
+)
 
 
 def cmd_capture(args) -> int:
     from tqdm import tqdm
 
-    from core import capture, models, prompts
+    from core import models, prompts
+    from core.capture import run as capture
     from core.store import Store
 
     prompt_set = prompts.load_prompt_file(args.prompts) if args.prompts else prompts.default_prompt_set()
@@ -72,7 +78,8 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _capture_ray(args, prompt_set) -> int:
-    from core import capture, shards
+    from core.capture import run as capture
+    from core.capture import shards
     from core.store import Store
 
     store = Store(args.db)
@@ -89,7 +96,7 @@ def _capture_ray(args, prompt_set) -> int:
 
 
 def cmd_merge(args) -> int:
-    from core import shards
+    from core.capture import shards
     from core.store import Store
 
     store = Store(args.db)

@@ -21,7 +21,7 @@ from core.errors import BricklabError
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MODES = ("off", "mean", "scale", "keep")
-ADAPTER_MODES = ("on", "off", "scale")  # for adapter bricks (core.adapters)
+ADAPTER_MODES = ("on", "off", "scale")  # for adapter bricks (core.live.adapters)
 MAX_BYTES = 50 * 2**20  # largest document loads() reads
 MAX_DEPTH = 32  # nesting levels, e.g. inside `source`
 ENTRY_FACTOR = 4  # cap on bricks + neuron entries, times n_layers * d_ff
@@ -132,7 +132,7 @@ class Brick:
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """A trained low-rank adapter brick (core.adapters), named by the sha256 of its safetensors file."""
+    """A trained low-rank adapter brick (core.live.adapters), named by the sha256 of its safetensors file."""
 
     name: str  # unique among the configuration's bricks and adapters
     sha256: str  # 64 lowercase hex digits: the file adapters/<sha256>.safetensors
@@ -173,8 +173,8 @@ class BrickConfig:
     source: dict | None = None  # e.g. {"run_id": ..., "method": ...}; kept as is
     note: str | None = None
     created: str | None = None  # ISO 8601 timestamp
-    operations: list | None = None  # brick operations that made the bricks (core.brick_ops.Operation)
-    adapters: tuple[AdapterRef, ...] = ()  # adapter bricks (core.adapters), referenced by file hash
+    operations: list | None = None  # brick operations that made the bricks (core.bricks.ops.Operation)
+    adapters: tuple[AdapterRef, ...] = ()  # adapter bricks (core.live.adapters), referenced by file hash
 
     def __post_init__(self):
         self._check_fields()

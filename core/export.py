@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import adapters, configuration, interventions, models
+from core import configuration, models
 from core.configuration import BrickConfig, ConfigError
 from core.errors import BricklabError
+from core.live import adapters, interventions
 from core.models import FfnSite, LoadedModel
 
 Progress = Callable[[int, int, str], None]  # (layers done, layers total, message)
@@ -350,7 +351,7 @@ def _load(args):
 
 
 def cmd_apply(args) -> int:
-    from core import compare
+    from core.live import compare
 
     lm, config, store, run_id = _load(args)
     result = compare.compare(

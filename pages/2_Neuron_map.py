@@ -3,8 +3,8 @@
 import numpy as np
 import streamlit as st
 
+from core.bricks.neuron_map import MapParams
 from core.errors import BricklabError
-from core.neuron_map import MapParams
 from ui import figures, layout, neuron_view, queries, resources
 
 layout.page(

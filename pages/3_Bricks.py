@@ -3,7 +3,8 @@
 import numpy as np
 import streamlit as st
 
-from core import bricks, neurons
+from core.bricks import candidates as bricks
+from core.bricks import neurons
 from core.errors import BricklabError
 from ui import brick_ops_view, config_state, figures, layout, neuron_view, queries, resources
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import capture, models, prompts
+from core import models, prompts
+from core.capture import run as capture
 from core.store import Store
 
 

@@ -6,8 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from core import analysis, evaluate, scores
+from core import analysis
+from core.bricks import scores
 from core.cli import main
+from core.live import evaluate
 from core.store import Store
 
 QUICK = analysis.ReportConfig().quick()

@@ -18,7 +18,7 @@ from transformers import (
 from core import cli, configuration, export, models
 from core.configuration import Brick, BrickConfig
 from core.errors import BricklabError
-from core.interventions import configured, hook_count
+from core.live.interventions import configured, hook_count
 
 IDS = torch.tensor([[1, 502, 3312, 7, 981, 44, 12000, 5, 77, 310]])
 

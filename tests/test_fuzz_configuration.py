@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context, event
 
-from core import configuration, interventions
+from core import configuration
 from core.configuration import ConfigError
 from core.errors import BricklabError
+from core.live import interventions
 from core.store import Store
 from tests.test_configuration import edit, json_values, paths
 

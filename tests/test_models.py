@@ -9,8 +9,9 @@ import pytest
 import torch
 import transformers
 
-from core import interventions, models
+from core import models
 from core.errors import BricklabError
+from core.live import interventions
 
 D_MODEL, D_FF, N_LAYERS, VOCAB = 32, 48, 2, 128
 _LLAMA_SHAPE = dict(

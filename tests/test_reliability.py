@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import capture, interventions
+from core.capture import run as capture
+from core.live import interventions
 from core.prompts import PromptSet
 from core.store import Store
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from core import bricks, neuron_map
-from core.bricks import BrickParams
-from core.neuron_map import MapParams
+from core.bricks import candidates as bricks
+from core.bricks import neuron_map
+from core.bricks.candidates import BrickParams
+from core.bricks.neuron_map import MapParams
 from core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,8 @@ PARAMS = {
 KILLER = """
 import os, signal, sys
 from contextlib import contextmanager
-from core import bricks, neuron_map
+from core.bricks import candidates as bricks
+from core.bricks import neuron_map
 from core.store import Store
 from tests.test_reliability_kill import PARAMS
 

@@ -17,8 +17,11 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import compare, configuration, models, neurons, prompts, tradeoff
+from core import configuration, models, prompts
+from core.bricks import neurons
 from core.errors import BricklabError
+from core.live import compare
+from core.routing import tradeoff
 from core.store import Store
 from tests.test_models import _Trap
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core import adapter_train, adapters, configuration, export
+from core import configuration, export
 from core.configuration import AdapterRef
 from core.errors import BricklabError
+from core.live import adapter_train, adapters
 from core.models import LoadedModel
 from core.store import Run
 from ui import config_state, layout, resources

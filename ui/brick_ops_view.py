@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import brick_ops
-from core import bricks as core_bricks
-from core.coherence import Firing
+from core.bricks import candidates as core_bricks
+from core.bricks import ops as brick_ops
+from core.bricks.coherence import Firing
 from core.errors import BricklabError
 from core.store import Run
 from ui import config_state, resources

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import brick_ops, configuration
-from core import bricks as core_bricks
+from core import configuration
+from core.bricks import candidates as core_bricks
+from core.bricks import ops as brick_ops
 from core.configuration import BrickConfig
 from core.store import Run
 
 KEY = "config_bricks"  # name -> configuration.Brick
 OWNER = "config_fingerprint"  # the model fingerprint the configuration belongs to
-HISTORY = "config_history"  # core.brick_ops.OpLog: the brick operations on the configuration
-ADAPTERS = "config_adapters"  # name -> configuration.AdapterRef (adapter bricks, core.adapters)
+HISTORY = "config_history"  # core.bricks.ops.OpLog: the brick operations on the configuration
+ADAPTERS = "config_adapters"  # name -> configuration.AdapterRef (adapter bricks, core.live.adapters)
 ADAPTERS_OWNER = "config_adapters_fingerprint"
 
 

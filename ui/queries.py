@@ -11,7 +11,10 @@ import contextlib
 import numpy as np
 import streamlit as st
 
-from core import bricks, compare, configuration, evaluate, interventions, neuron_map, neurons, scores
+from core import configuration
+from core.bricks import candidates as bricks
+from core.bricks import neuron_map, neurons, scores
+from core.live import compare, evaluate, interventions
 from ui import resources
 
 

@@ -9,9 +9,11 @@ import json
 import numpy as np
 import streamlit as st
 
-from core import models, routing, tradeoff
+from core import models
 from core.errors import BricklabError
-from core.routing import Router, RouterParams
+from core.routing import route as routing
+from core.routing import tradeoff
+from core.routing.route import Router, RouterParams
 from core.store import Run
 from ui import figures, layout, queries, resources
 

@@ -1,0 +1,2 @@
+"""Bricks from a captured run: candidate bricks (`candidates`), functionality scores (`scores`),
+the neuron map (`neuron_map`), one neuron up close (`neurons`), coherence and brick operations."""

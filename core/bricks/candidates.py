@@ -1,0 +1,424 @@
+"""Candidate bricks from a captured run, without re-capturing: co-activation partitions per layer
+(METIS), per-category functional neuron sets, and neuron-map clusters; each with an enrichment
+label, top tokens and a stability score, cached per parameters.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from scipy import sparse
+
+from core import configuration
+from core.bricks import neuron_map, scores
+from core.bricks.neuron_map import MapParams
+from core.errors import BricklabError
+from core.kernels import coact as kernels
+from core.store import Run, Store
+
+Progress = Callable[[int, int, str], None]  # (steps done, steps total, message)
+Method = Literal["coact", "functional", "map"]
+METHODS = ("coact", "functional", "map")
+GRAPHS = ("jaccard", "pmi", "counts")
+_WEIGHT_SCALE = 1000  # METIS wants integer edge weights: the strongest edge gets this
+_TOKEN_SCORE = "n / (n_all + 10.0)"  # see top_tokens
+VERSION = 1  # part of every cache key: bump it when the way bricks are computed changes
+
+
+@dataclass(frozen=True)
+class BrickParams:
+    method: Method = "coact"  # coact: per-layer partition; functional: per category; map: clusters
+    size: int = 32  # coact: neurons per brick within a layer (MoEfication's expert size)
+    graph: str = "jaccard"  # coact: edge weight from the counts; Jaccard keeps hubs from dominating
+    neighbours: int = 64  # coact: edges kept per neuron (its strongest); 0 keeps the dense graph
+    percent: float = 5.0  # functional: each category's top percent of neurons (the paper's 5%)
+    exclude_resident: bool = False  # functional: leave out neurons strongly active for all categories
+    label_percent: float = 1.0  # labels: a category's top percent of neurons (Emergent Modularity)
+    alpha: float = 0.001  # labels: enrichment p-value at or below which a brick is functional
+    n_tokens: int = 8  # top tokens listed per brick
+    stability: bool = True  # also compute on two halves of the prompts (map: another seed)
+    seed: int = 0  # METIS, the halves and the map
+    map: MapParams = field(default_factory=MapParams)  # map: the neuron map to cluster
+
+    def __post_init__(self):
+        problems = [
+            (self.method not in METHODS, f"method {self.method!r} is not one of {METHODS}"),
+            (self.size < 1, f"size {self.size} must be at least 1"),
+            (self.graph not in GRAPHS, f"graph {self.graph!r} is not one of {GRAPHS}"),
+            (self.neighbours < 0, f"neighbours {self.neighbours} must be >= 0"),
+            (not 0 < self.percent <= 100, f"percent {self.percent} must be in (0, 100]"),
+            (not 0 < self.label_percent <= 100, f"label_percent {self.label_percent} must be in (0, 100]"),
+            (not 0 < self.alpha < 1, f"alpha {self.alpha} must be in (0, 1)"),
+            (self.n_tokens < 0, f"n_tokens {self.n_tokens} must be >= 0"),
+        ]
+        for bad, problem in problems:
+            if bad:
+                raise BricklabError(f"Invalid brick parameters: {problem}.", "Fix the value and try again.")
+
+    def key(self) -> dict:
+        """The fields that shape this method's bricks: the cache key."""
+        own = {"coact": ("size", "graph", "neighbours"), "functional": ("percent", "exclude_resident")}
+        keep = {
+            "method",
+            "label_percent",
+            "alpha",
+            "n_tokens",
+            "stability",
+            "seed",
+            *own.get(self.method, ()),
+        }
+        out = {k: v for k, v in asdict(self).items() if k in keep} | {"version": VERSION}
+        return out | ({"map": self.map.to_dict()} if self.method == "map" else {})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BrickParams:
+        values = dict(values)
+        map_params = MapParams.from_dict(values.pop("map", {}))
+        return cls(**values, map=map_params)
+
+
+@dataclass(frozen=True, eq=False)
+class Brick:
+    brick_id: str  # e.g. "coact-L03-07", "functional-coding", "map-12"
+    method: str  # the BrickParams.method that made it
+    neurons: np.ndarray  # sorted global ids (layer * d_ff + index), int32, read-only
+    layers: tuple[int, ...]  # the layers it spans, ascending
+    size: int  # number of neurons
+    label: str | None  # the most enriched category with p <= alpha, else None
+    p_values: dict[str, float]  # category -> hypergeometric enrichment p-value
+    top_tokens: tuple[str, ...]  # tokens most often among its neurons' top examples
+    stability: float | None  # best-match Jaccard with the bricks of the halves (None: not computed)
+
+
+def compute_bricks(
+    store: Store, run_id: str | None, params: BrickParams = BrickParams(), progress: Progress | None = None
+) -> list[Brick]:
+    """The run's bricks for `params`; computed once, then read from the cache."""
+    run = store.require_run(run_id)
+    if params.method == "coact" and params.size > run.d_ff:
+        raise BricklabError(
+            f"Brick size {params.size} is larger than the layer width d_ff = {run.d_ff}.",
+            f"Choose a size between 1 and {run.d_ff}.",
+        )
+    if (cached := store.get_result(run.run_id, "bricks", params.key())) is not None:
+        return _decode(cached)
+    with store.run_lock(f"{run.run_id}:bricks"):
+        if (cached := store.get_result(run.run_id, "bricks", params.key())) is not None:
+            return _decode(cached)
+        report = progress or (lambda done, total, message: None)
+        groups, ids, stability = _GROUPERS[params.method](store, run, params, report)
+        bricks = _describe(store, run, params, groups, ids, stability)
+        store.put_result(run.run_id, "bricks", params.key(), _encode(bricks))
+    return bricks
+
+
+def brick_to_config(brick: Brick, n_layers: int, d_ff: int, mode: str = "off", factor: float = 1.0):
+    """The brick as a core.configuration.Brick (layer -> indices) to apply or export."""
+    if len(brick.neurons) and brick.neurons[-1] >= n_layers * d_ff:
+        raise BricklabError(
+            f"Brick {brick.brick_id} has neuron {brick.neurons[-1]}, outside a model of {n_layers} x {d_ff}.",
+            "Use bricks computed on a run of this model.",
+        )
+    layers, index = np.divmod(brick.neurons.astype(np.int64), d_ff)
+    neurons = {int(layer): index[layers == layer].tolist() for layer in np.unique(layers)}
+    return configuration.Brick(brick.brick_id, neurons, mode, factor, brick.label)
+
+
+def functional_share(bricks: list[Brick]) -> float:
+    return float(np.mean([b.label is not None for b in bricks])) if bricks else 0.0
+
+
+def random_baseline_share(
+    store: Store, run_id: str | None, bricks: list[Brick], params: BrickParams, repeats: int = 10
+) -> float:
+    """Share labelled functional when each neuron id is swapped for a random one of the same
+    layer (a random partition with the bricks' sizes and layer mix), averaged over `repeats`."""
+    run = store.require_run(run_id)
+    rng, offsets = np.random.default_rng(params.seed + 1), np.arange(run.n_layers)[:, None] * run.d_ff
+    shares = []
+    for _ in range(repeats if bricks else 0):
+        perm = (np.argsort(rng.random((run.n_layers, run.d_ff)), axis=1) + offsets).ravel()
+        p = _p_values(store, run, params, [perm[b.neurons] for b in bricks])
+        shares.append(np.mean(p.min(axis=1, initial=1.0) <= params.alpha))
+    return float(np.mean(shares)) if shares else 0.0
+
+
+# --- the three ways to form bricks -----------------------------------------------------------
+
+
+def _coact_groups(store: Store, run: Run, params: BrickParams, report: Progress):
+    """Per layer, a METIS partition of the co-activation graph; for stability also of the graph
+    of each half of the prompts (the halves' counts sum to the run's, so the kernel runs once)."""
+    half = scores.prompt_halves(store, run.run_id, params.seed)[store.token_prompts(run.run_id)]
+    n_a, n_b = int(half.sum()), int((~half).sum())
+    full, halves, ids = [], ([], []), []
+    for layer in range(run.n_layers):
+        report(layer, run.n_layers, f"co-activation partition of layer {layer}")
+        bits, offset = store.firing_bits(run.run_id, layer), layer * run.d_ff
+        a, b = (kernels.coactivation_counts(bits[rows], run.d_ff) for rows in (half, ~half))
+        bricks = partition(a + b, n_a + n_b, params)
+        full += [offset + g for g in bricks]
+        ids += [f"coact-L{layer:02d}-{j:02d}" for j in range(len(bricks))]
+        if params.stability:
+            halves[0].extend(offset + g for g in partition(a, n_a, params))
+            halves[1].extend(offset + g for g in partition(b, n_b, params))
+    report(run.n_layers, run.n_layers, "partitioned")
+    return full, ids, _stability(full, halves) if params.stability else None
+
+
+def _functional_groups(store: Store, run: Run, params: BrickParams, report: Progress):
+    _, names = scores.category_labels(store, run.run_id)
+    exclude = scores.resident_neurons(store, run.run_id) if params.exclude_resident else None
+
+    def tops(half):
+        report(0 if half is None else half + 1, 3, "functionality scores")
+        s = scores.functionality_scores(store, run.run_id, seed=params.seed, half=half)
+        return scores.top_neurons(s, params.percent, exclude)
+
+    full = tops(None)
+    stability = _stability(full, (tops(0), tops(1))) if params.stability else None
+    return full, [f"functional-{name}" for name in names], stability
+
+
+def _map_groups(store: Store, run: Run, params: BrickParams, report: Progress):
+    report(0, 2, "neuron map")
+    full = neuron_map.compute_map(store, run.run_id, params.map).clusters()
+    stability = None
+    if params.stability:
+        report(1, 2, "neuron map with another seed")
+        other = neuron_map.compute_map(store, run.run_id, replace(params.map, seed=params.map.seed + 1))
+        stability = _stability(full, (other.clusters(),))
+    return full, [f"map-{c:02d}" for c in range(len(full))], stability
+
+
+_GROUPERS = {"coact": _coact_groups, "functional": _functional_groups, "map": _map_groups}
+
+
+def partition(counts: np.ndarray, n_tokens: int, params: BrickParams) -> list[np.ndarray]:
+    """One layer's neurons in ceil(d_ff / size) bricks of equal size (+-1), sorted ids each.
+
+    METIS (as in MoEfication) cuts the co-activation graph with the least edge weight between
+    bricks; a greedy pass then moves the neurons that fit worst until the sizes are equal."""
+    import pymetis
+
+    d = len(counts)
+    n_parts = math.ceil(d / params.size)
+    weights = _graph(counts, n_tokens, params)
+    if n_parts == 1:
+        parts = np.zeros(d, np.int64)
+    else:
+        rows, cols = np.nonzero(weights)
+        scale = _WEIGHT_SCALE / weights.max() if len(rows) else 0.0
+        edge = np.maximum(np.rint(weights[rows, cols] * scale), 1).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=d))])
+        graph = pymetis.CSRAdjacency(starts, cols)
+        options = pymetis.Options(seed=params.seed)
+        parts = np.asarray(pymetis.part_graph(n_parts, graph, eweights=edge, options=options).vertex_part)
+    parts = _balance(parts, weights, n_parts)
+    order = np.argsort(parts, kind="stable")
+    return np.split(order.astype(np.int32), np.cumsum(np.bincount(parts, minlength=n_parts))[:-1])
+
+
+def _graph(counts: np.ndarray, n_tokens: int, params: BrickParams) -> np.ndarray:
+    """float32 (d, d) symmetric non-negative edge weights with a zero diagonal."""
+    if params.graph == "counts":
+        w = counts.astype(np.float32)
+    else:
+        w = kernels.normalised_coactivation(counts, n_tokens, params.graph)
+        w = np.maximum(w, 0)  # positive PMI: pairs that fire together less than chance get no edge
+    np.fill_diagonal(w, 0)
+    k = params.neighbours
+    if 0 < k < len(w) - 1:
+        strongest = np.argpartition(-w, k, axis=1)[:, :k]
+        keep = np.zeros(w.shape, dtype=bool)
+        np.put_along_axis(keep, strongest, True, axis=1)
+        w = np.where(keep | keep.T, w, 0)  # an edge stays if either end ranks it in its top k
+    return w
+
+
+def _balance(parts: np.ndarray, weights: np.ndarray, n_parts: int) -> np.ndarray:
+    """Move neurons from oversized to undersized parts, each time the one that loses the least
+    affinity (edge weight to its part) and gains the most, until sizes differ by at most one."""
+    parts = parts.copy()
+    sizes = np.bincount(parts, minlength=n_parts)
+    target = np.full(n_parts, len(parts) // n_parts)
+    target[np.argsort(-sizes, kind="stable")[: len(parts) % n_parts]] += 1
+    affinity = weights @ np.eye(n_parts, dtype=np.float32)[parts]  # (d, n_parts)
+    while (sizes > target).any():
+        movable = np.flatnonzero((sizes > target)[parts])
+        open_parts = np.flatnonzero(sizes < target)
+        gain = affinity[np.ix_(movable, open_parts)] - affinity[movable, parts[movable]][:, None]
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        v, old, new = movable[i], parts[movable[i]], open_parts[j]
+        affinity[:, old] -= weights[:, v]
+        affinity[:, new] += weights[:, v]
+        parts[v], sizes[old], sizes[new] = new, sizes[old] - 1, sizes[new] + 1
+    return parts
+
+
+def _stability(groups: list[np.ndarray], others: tuple[list[np.ndarray], ...]) -> np.ndarray:
+    """Per group: the Jaccard index of its best match in each other grouping, averaged."""
+    return np.mean([best_match_jaccard(groups, other) for other in others], axis=0)
+
+
+def best_match_jaccard(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """float (len(a),): max over the groups of b of |a_i & b_j| / |a_i | b_j|."""
+    if not a or not b:
+        return np.zeros(len(a))
+    n = 1 + max(int(g.max(initial=0)) for g in (*a, *b))
+    ma, mb = _membership(a, n), _membership(b, n)
+    inter = (ma @ mb.T).toarray()
+    union = np.add.outer(ma.sum(axis=1).A1, mb.sum(axis=1).A1) - inter
+    return np.max(np.divide(inter, union, out=np.zeros_like(inter, float), where=union > 0), axis=1)
+
+
+def _membership(groups: list[np.ndarray], n: int) -> sparse.csr_matrix:
+    cols = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    rows = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    return sparse.csr_matrix((np.ones(len(cols), np.float64), (rows, cols)), shape=(len(groups), n))
+
+
+# --- labels, tokens, the cache ---------------------------------------------------------------
+
+
+def _p_values(store: Store, run: Run, params: BrickParams, groups: list[np.ndarray]) -> np.ndarray:
+    top = scores.top_neurons(scores.functionality_scores(store, run.run_id), params.label_percent)
+    return scores.enrichment(groups, top, run.n_layers, run.d_ff)
+
+
+def _describe(store: Store, run: Run, params: BrickParams, groups, ids, stability) -> list[Brick]:
+    _, names = scores.category_labels(store, run.run_id)
+    p = _p_values(store, run, params, groups)
+    tokens = top_tokens(store, run, groups, params.n_tokens)
+    bricks = []
+    for i, (g, brick_id) in enumerate(zip(groups, ids, strict=True)):
+        best = int(np.argmin(p[i])) if len(names) else -1
+        label = names[best] if best >= 0 and p[i, best] <= params.alpha else None
+        stable = None if stability is None else float(stability[i])
+        pv = {name: float(p[i, c]) for c, name in enumerate(names)}
+        bricks.append(_brick(brick_id, params.method, g, run.d_ff, label, pv, tokens[i], stable))
+    return bricks
+
+
+def _brick(brick_id, method, neurons, d_ff, label, p_values, tokens, stability) -> Brick:
+    neurons = np.sort(np.asarray(neurons, dtype=np.int32))
+    neurons.flags.writeable = False
+    layers = tuple(int(x) for x in np.unique(neurons // d_ff))
+    return Brick(brick_id, method, neurons, layers, len(neurons), label, p_values, tuple(tokens), stability)
+
+
+def top_tokens(store: Store, run: Run, groups: list[np.ndarray], n: int) -> list[list[str]]:
+    """Per group: the n tokens most particular to its neurons' top activating examples."""
+    if n == 0 or not groups:
+        return [[] for _ in groups]
+    ids = np.concatenate(groups).astype(np.int64)
+    members = pa.table(
+        {
+            "grp": np.repeat(np.arange(len(groups), dtype=np.int32), [len(g) for g in groups]),
+            "layer": (ids // run.d_ff).astype(np.int32),
+            "neuron": (ids % run.d_ff).astype(np.int32),
+        }
+    )
+    # Rank by n / (n_all + 10): a token counts when the brick holds much of the neurons that
+    # have it among their top examples; the +10 keeps rare tokens (and "the") from topping lists.
+    sql = f"""
+        WITH ex AS (
+            SELECT e.layer, e.neuron, t.token FROM top_examples e
+            JOIN tokens t ON t.run_id = e.run_id AND t.prompt_idx = e.prompt_idx AND t.pos = e.pos
+            WHERE e.run_id = ?
+        ),
+        everywhere AS (SELECT token, count(DISTINCT (layer, neuron)) AS n_all FROM ex GROUP BY token),
+        mine AS (
+            SELECT m.grp, ex.token, count(DISTINCT (ex.layer, ex.neuron)) AS n
+            FROM ex JOIN _members m ON ex.layer = m.layer AND ex.neuron = m.neuron
+            GROUP BY m.grp, ex.token
+        )
+        SELECT grp, token FROM mine JOIN everywhere USING (token)
+        QUALIFY row_number() OVER (PARTITION BY grp ORDER BY {_TOKEN_SCORE} DESC, token) <= ?
+        ORDER BY grp, {_TOKEN_SCORE} DESC, token
+    """
+    cur = store.cursor()
+    cur.register("_members", members)
+    try:
+        rows = cur.execute(sql, [run.run_id, n]).fetchall()
+    finally:
+        cur.unregister("_members")
+        cur.close()
+    out = [[] for _ in groups]
+    for grp, token in rows:
+        out[grp].append(token)
+    return out
+
+
+def _encode(bricks: list[Brick]) -> bytes:
+    meta = [{k: v for k, v in vars(b).items() if k != "neurons"} for b in bricks]
+    buffer = io.BytesIO()
+    neurons = np.concatenate([b.neurons for b in bricks]) if bricks else np.zeros(0, np.int32)
+    sizes = np.array([b.size for b in bricks], np.int64)
+    np.savez(buffer, neurons=neurons, sizes=sizes, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    return buffer.getvalue()
+
+
+def _decode(payload: bytes) -> list[Brick]:
+    arrays = np.load(io.BytesIO(payload), allow_pickle=False)
+    meta = json.loads(arrays["meta"].tobytes())
+    neurons = np.split(arrays["neurons"], np.cumsum(arrays["sizes"])[:-1]) if meta else []
+    out = []
+    for m, ids in zip(meta, neurons, strict=True):
+        ids.flags.writeable = False
+        fields = m | {"neurons": ids, "layers": tuple(m["layers"]), "top_tokens": tuple(m["top_tokens"])}
+        out.append(Brick(**fields))
+    return out
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def cmd_bricks(args) -> int:
+    import time
+
+    store = Store(args.db)
+    run = store.require_run(args.run)
+    print(f"run {run.run_id}: {run.n_layers} layers x {run.d_ff} neurons, {run.n_prompts} prompts")
+    print(f"{'method':10}  {'bricks':>6}  {'mean size':>9}  {'functional':>10}  {'random':>7}  "
+          f"{'stability':>9}  {'seconds':>7}")  # fmt: skip
+    made = {}
+    for method in [args.method] if args.method else METHODS:
+        params = BrickParams(method=method, size=args.size, stability=not args.no_stability)
+        started = time.perf_counter()
+        made[method] = found = compute_bricks(store, run.run_id, params)
+        seconds = time.perf_counter() - started
+        random_share = random_baseline_share(store, run.run_id, found, params)
+        stable = [b.stability for b in found if b.stability is not None]
+        stability = f"{np.mean(stable):.3f}" if stable else "-"
+        size, share = np.mean([b.size for b in found] or [0]), functional_share(found)
+        print(f"{method:10}  {len(found):>6}  {size:>9.1f}  {share:>10.1%}  {random_share:>7.1%}  "
+              f"{stability:>9}  {seconds:>7.1f}")  # fmt: skip
+    for method, found in made.items():
+        counts = Counter(b.label for b in found if b.label).most_common()
+        print(f"labels ({method}): {', '.join(f'{k} {v}' for k, v in counts) or 'none'}")
+    print("random: the share for random bricks of the same sizes and layer mix (mean of 10 draws)")
+    if "functional" in made:
+        sets = [brick.neurons for brick in made["functional"]]
+        print("\n" + scores.layer_report(store, run.run_id, sets))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("bricks", help="candidate bricks of a run, with labels and stability")
+    p.add_argument("--run", help="run id (default: the newest complete run)")
+    p.add_argument("--method", choices=METHODS, help="one method (default: all three)")
+    p.add_argument("--size", type=int, default=BrickParams.size, help="coact: neurons per brick (32)")
+    p.add_argument("--no-stability", action="store_true", help="skip the half-prompt recomputation")
+    p.set_defaults(func=cmd_bricks)

@@ -1,0 +1,182 @@
+"""The neuron map: every FFN neuron placed in 2-D by UMAP from its activation profile over the
+prompts, and clustered with HDBSCAN; cached per parameters. umap and hdbscan load lazily.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from core.errors import BricklabError
+from core.store import Store
+
+Progress = Callable[[int, int, str], None]  # (steps done, steps total, message)
+STEPS = 3  # features, embedding, clustering
+
+
+@dataclass(frozen=True)
+class MapParams:
+    pca: int = 32  # profile dimensions kept by PCA before UMAP (0: none); denoises and speeds UMAP
+    n_neighbors: int = 15  # UMAP: neighbours per neuron; larger favours global structure
+    min_dist: float = 0.0  # UMAP: 0 packs similar neurons tightly, which HDBSCAN needs
+    n_epochs: int = 100  # UMAP optimisation passes; its default 200 takes twice as long, looks alike
+    min_cluster_size: int = 100  # HDBSCAN: the smallest group of neurons that counts as a cluster
+    min_samples: int = 10  # HDBSCAN: higher calls more neurons noise (label -1)
+    selection: str = "leaf"  # HDBSCAN: "leaf" gives many fine clusters; "eom" a few large ones
+    seed: int = 0  # PCA and UMAP randomness; a fixed seed makes the map reproducible
+
+    def __post_init__(self):
+        if self.pca < 0 or self.n_neighbors < 2 or self.min_dist < 0 or self.n_epochs < 1:
+            raise BricklabError(
+                f"Invalid map parameters: pca {self.pca}, n_neighbors {self.n_neighbors}, "
+                f"min_dist {self.min_dist}, n_epochs {self.n_epochs}.",
+                "Use pca >= 0, n_neighbors >= 2, min_dist >= 0 and n_epochs >= 1.",
+            )
+        if self.selection not in ("leaf", "eom"):
+            raise BricklabError(f"Unknown cluster selection {self.selection!r}.", "Use 'leaf' or 'eom'.")
+        if self.min_cluster_size < 2 or self.min_samples < 1:
+            raise BricklabError(
+                f"Invalid clustering parameters: min_cluster_size {self.min_cluster_size}, "
+                f"min_samples {self.min_samples}.",
+                "Use min_cluster_size >= 2 and min_samples >= 1.",
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MapParams:
+        return cls(**values)
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronMap:
+    coords: np.ndarray  # (n_layers * d_ff, 2) float32 UMAP coordinates, row = global neuron id
+    labels: np.ndarray  # (n_layers * d_ff,) int32 HDBSCAN cluster, -1 for noise
+    params: MapParams
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    def clusters(self) -> list[np.ndarray]:
+        """Sorted global neuron ids (int32) of each cluster, in cluster order."""
+        order = np.argsort(self.labels, kind="stable")
+        bounds = np.searchsorted(self.labels[order], np.arange(self.n_clusters + 1))
+        return [order[a:b].astype(np.int32) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def profile_features(store: Store, run_id: str | None, pca: int = 32, seed: int = 0) -> np.ndarray:
+    """float32 (n_neurons, k): each neuron's per-prompt mean |a|, standardised over the prompts
+    (so the map groups neurons by *when* they are active, not how strongly), then PCA."""
+    X = store.prompt_activations(run_id).astype(np.float32).T  # (n_neurons, n_prompts)
+    X -= X.mean(axis=1, keepdims=True)
+    std = X.std(axis=1, keepdims=True)
+    X /= np.where(std > 0, std, 1.0)  # a neuron that never varies stays at the origin
+    if 0 < pca < min(X.shape):
+        from sklearn.decomposition import PCA
+
+        X = PCA(n_components=pca, random_state=seed, svd_solver="randomized").fit_transform(X)
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+def compute_map(
+    store: Store, run_id: str | None, params: MapParams = MapParams(), progress: Progress | None = None
+) -> NeuronMap:
+    """The UMAP + HDBSCAN map of a run's neurons; cached per (run, params)."""
+    run = store.require_run(run_id)
+    n = run.n_layers * run.d_ff
+    if n <= params.n_neighbors or run.n_prompts < 2:
+        raise BricklabError(
+            f"Run '{run.run_id}' has {n} neurons and {run.n_prompts} prompts: too few for a map "
+            f"with n_neighbors {params.n_neighbors}.",
+            "Lower n_neighbors, or capture more prompts.",
+        )
+    cached = store.get_result(run.run_id, "map", params.to_dict())
+    if cached is not None:
+        return _decode(cached, params)
+    with store.run_lock(f"{run.run_id}:map"):
+        cached = store.get_result(run.run_id, "map", params.to_dict())
+        if cached is not None:
+            return _decode(cached, params)
+        result = _compute(store, run.run_id, params, progress)
+        store.put_result(run.run_id, "map", params.to_dict(), _encode(result))
+    return result
+
+
+def _compute(store: Store, run_id: str, params: MapParams, progress: Progress | None) -> NeuronMap:
+    import hdbscan
+    import umap
+
+    report = progress or (lambda done, total, message: None)
+    report(0, STEPS, "profiles")
+    X = profile_features(store, run_id, params.pca, params.seed)
+    report(1, STEPS, "UMAP")
+    reducer = umap.UMAP(
+        n_neighbors=params.n_neighbors,
+        min_dist=params.min_dist,
+        n_components=2,
+        n_epochs=params.n_epochs,
+        init="pca",  # spectral initialisation of ~50k points costs more than the whole optimisation
+        random_state=params.seed,
+        n_jobs=1,  # a seed makes UMAP single-threaded anyway; saying so keeps it quiet
+    )
+    coords = reducer.fit_transform(X).astype(np.float32)
+    report(2, STEPS, "HDBSCAN")
+    clusterer = hdbscan.HDBSCAN(
+        min_cluster_size=params.min_cluster_size,
+        min_samples=params.min_samples,
+        cluster_selection_method=params.selection,
+    )
+    labels = clusterer.fit_predict(coords).astype(np.int32)
+    report(STEPS, STEPS, "done")
+    return NeuronMap(coords, labels, params)
+
+
+def _encode(result: NeuronMap) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, coords=result.coords, labels=result.labels)
+    return buffer.getvalue()
+
+
+def _decode(payload: bytes, params: MapParams) -> NeuronMap:
+    arrays = np.load(io.BytesIO(payload), allow_pickle=False)
+    coords, labels = arrays["coords"], arrays["labels"]
+    coords.flags.writeable = labels.flags.writeable = False
+    return NeuronMap(coords, labels, params)
+
+
+def cmd_map(args) -> int:
+    from core.bricks import scores
+
+    store = Store(args.db)
+    run = store.require_run(args.run)
+    params = MapParams(min_cluster_size=args.min_cluster_size, seed=args.seed)
+    started = time.perf_counter()
+    result = compute_map(store, run.run_id, params)
+    seconds = time.perf_counter() - started
+    noise = float(np.mean(result.labels < 0))
+    print(f"run {run.run_id}: {len(result.labels):,} neurons, {result.n_clusters} clusters, "
+          f"{noise:.1%} noise ({seconds:.1f} s)")  # fmt: skip
+    labels, names = scores.category_labels(store, run.run_id)
+    top = scores.top_neurons(scores.functionality_scores(store, run.run_id), 1.0)
+    print(f"{'cluster':>7}  {'neurons':>7}  {'layers':>9}  best category (share of its top-1%)")
+    for c, ids in enumerate(result.clusters()):
+        layers = ids // run.d_ff
+        shares = [np.isin(t, ids).mean() for t in top]
+        best = int(np.argmax(shares)) if shares else -1
+        tag = f"{names[best]} ({shares[best]:.0%})" if best >= 0 else "-"
+        print(f"{c:>7}  {len(ids):>7}  {layers.min():>4}-{layers.max():<4}  {tag}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("map", help="embed every neuron in 2-D (UMAP) and cluster it (HDBSCAN)")
+    p.add_argument("--run", help="run id (default: the newest complete run)")
+    p.add_argument("--min-cluster-size", type=int, default=MapParams.min_cluster_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_map)

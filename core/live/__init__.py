@@ -1,0 +1,2 @@
+"""The live model: hooks shared by threads (`hooks`), brick interventions, sparse execution, adapter
+bricks and their training, side-by-side comparison and loss evaluation."""

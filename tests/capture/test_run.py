@@ -1,0 +1,275 @@
+"""Capture on the tiny model against a slow recomputation; cache hits; resume after SIGKILL; truncation.
+
+Concurrent captures and hooks after a failing progress callback are in test_reliability.py.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import models, prompts
+from core.capture import run as capture
+from core.errors import BricklabError
+from core.kernels import coact as kernels
+from core.live import interventions
+from core.store import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = capture.CaptureConfig(chunk_prompts=8)  # the config of the `small_run` fixture
+
+
+@pytest.fixture(scope="module")
+def slow_reference(tiny_lm, small_prompts):
+    """Per prompt and layer, the FFN activations of the prompt's own tokens: float32 (T_own, d_ff).
+
+    Computed one prompt at a time, without padding, with a plain hook that only copies.
+    """
+    model, info = tiny_lm.model, tiny_lm.info
+    limit = min(SMALL.max_tokens, model.config.max_position_embeddings)
+    out = []
+    for p in small_prompts.prompts:
+        enc = capture.encode(tiny_lm.tokenizer, p.text, SMALL, limit)
+        seen = {}
+        handles = [
+            models.down_proj(model, layer).register_forward_pre_hook(
+                lambda m, args, layer=layer, seen=seen: seen.__setitem__(
+                    layer, args[0][0].detach().float().clone()
+                )
+            )
+            for layer in range(info.n_layers)
+        ]
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([enc.ids]))
+        finally:
+            for h in handles:
+                h.remove()
+        out.append([seen[layer][enc.start : enc.end].numpy() for layer in range(info.n_layers)])
+    return out
+
+
+@pytest.fixture
+def small(small_run):
+    path, run_id = small_run
+    s = Store(path)
+    yield s, s.require_run(run_id)
+    s.close()
+
+
+def test_prompt_activations_match_a_slow_recomputation(small, slow_reference, tiny_lm, small_prompts):
+    s, run = small
+    acts = s.prompt_activations(run.run_id)
+    d_ff = tiny_lm.info.d_ff
+    assert acts.dtype == np.float16 and acts.shape == (len(small_prompts), tiny_lm.info.n_layers * d_ff)
+    expected = np.stack([np.concatenate([np.abs(a).mean(0) for a in layers]) for layers in slow_reference])
+    np.testing.assert_allclose(acts.astype(np.float32), expected, rtol=2e-3, atol=1e-5)
+    np.testing.assert_array_equal(s.prompt_activations(run.run_id, layer=1), acts[:, d_ff:])
+
+
+def test_tokens_are_the_prompts_own_tokens(small, slow_reference, tiny_lm, small_prompts):
+    s, run = small
+    tokenizer = tiny_lm.tokenizer
+    for i, p in enumerate(small_prompts.prompts):
+        rows = s.tokens(run.run_id, i)
+        assert [r[0] for r in rows] == list(range(len(slow_reference[i][0])))
+        assert tokenizer.convert_tokens_to_string([r[2] for r in rows]) == p.text
+    assert s.token_prompts(run.run_id).shape[0] == run.n_tokens == sum(len(r[0]) for r in slow_reference)
+
+
+def test_firing_bits_are_the_top_tenth_by_output_magnitude(small, slow_reference, tiny_lm):
+    s, run = small
+    d_ff = tiny_lm.info.d_ff
+    k = math.ceil(0.1 * d_ff)
+    for layer in range(run.n_layers):
+        fired = kernels.unpack_bits(s.firing_bits(run.run_id, layer), d_ff)
+        score = np.abs(np.concatenate([r[layer] for r in slow_reference]))
+        score *= models.down_column_norms(tiny_lm.model, layer).numpy()
+        assert fired.shape == score.shape
+        assert (fired.sum(axis=1) == k).all()
+        # every fired neuron outranks every silent one (up to batched-vs-single float noise)
+        lowest_fired = np.where(fired, score, np.inf).min(axis=1)
+        highest_silent = np.where(fired, -np.inf, score).max(axis=1)
+        assert (lowest_fired >= highest_silent * (1 - 1e-4)).all()
+        rate = s.layer_array(run.run_id, "fire_rate")[layer]
+        np.testing.assert_allclose(rate, fired.mean(axis=0), rtol=1e-6)
+
+
+TOP_SQL = (
+    "SELECT neuron, rank, prompt_idx, pos, value FROM top_examples WHERE run_id = ? AND layer = ? "
+    "ORDER BY neuron, rank"
+)
+
+
+def test_top_examples_are_the_strongest_prompts_and_point_at_their_tokens(small, slow_reference, tiny_lm):
+    """Per neuron: the top_k prompts by their strongest own token's |a|, one example per prompt."""
+    s, run = small
+    k, d_ff = SMALL.top_k, tiny_lm.info.d_ff
+    for layer in range(run.n_layers):
+        absx = [np.abs(r[layer]) for r in slow_reference]
+        prompt_max = np.stack([a.max(axis=0) for a in absx])  # (n_prompts, d_ff)
+        rows = s.cursor().execute(TOP_SQL, [run.run_id, layer]).fetchall()
+        table = np.array(rows, dtype=np.float64).reshape(d_ff, k, 5)
+        values, prompt, pos = table[:, :, 4], table[:, :, 2].astype(int), table[:, :, 3].astype(int)
+        assert (table[:, :, 1] == np.arange(k)).all()
+        assert (np.diff(values, axis=1) <= 0).all()
+        assert all(len(set(prompt[n])) == k for n in range(d_ff))
+        np.testing.assert_allclose(values, np.sort(prompt_max, axis=0)[::-1][:k].T, rtol=1e-4)
+        pointed = np.array([[absx[prompt[n, r]][pos[n, r], n] for r in range(k)] for n in range(d_ff)])
+        np.testing.assert_allclose(pointed, values, rtol=1e-4)
+        assert s.top_examples(run.run_id, layer, 3) == [tuple(r[1:]) for r in rows if r[0] == 3]
+
+
+def test_layer_means(small, slow_reference):
+    s, run = small
+    for layer in range(run.n_layers):
+        a = np.concatenate([r[layer] for r in slow_reference])
+        np.testing.assert_allclose(s.layer_array(run.run_id, "mean_abs")[layer], np.abs(a).mean(0), rtol=2e-3)
+        np.testing.assert_allclose(
+            s.layer_array(run.run_id, "mean_act")[layer], a.mean(0), rtol=1e-3, atol=1e-6
+        )
+        hist = s.layer_array(run.run_id, "hist_out", np.int64)[layer]
+        # every sampled token's maximum lands in the top bin
+        assert hist.sum() > 0 and hist.sum() % a.shape[1] == 0 and hist[-1] > 0
+
+
+def test_a_repeated_capture_is_a_cache_hit_that_computes_nothing(
+    small_run, tiny_lm, small_prompts, monkeypatch
+):
+    path, run_id = small_run
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cache hit must compute nothing")
+
+    monkeypatch.setattr(capture, "encode", forbidden)
+    monkeypatch.setattr(capture, "_run_chunk", forbidden)
+    s = Store(path)
+    try:
+        again = capture.capture(
+            tiny_lm, small_prompts, s, capture.CaptureConfig(batch_size=3, chunk_prompts=5)
+        )
+    finally:
+        s.close()
+    assert again.cache_hit and again.run_id == run_id and again.n_tokens > 0
+    other = capture.run_id_for(tiny_lm.info.fingerprint, small_prompts.hash, capture.CaptureConfig(top_k=5))
+    assert other != run_id
+
+
+KILLER = """
+import os, signal, sys
+from core import models, prompts
+from core.capture import run as capture
+from core.store import Store
+
+lm = models.load_model(sys.argv[1], device="cpu")
+store = Store(sys.argv[2])
+
+def progress(done, total, message):
+    if done >= int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+config = capture.CaptureConfig(chunk_prompts=4)
+capture.capture(lm, prompts.default_prompt_set().head(21), store, config, progress)
+"""
+
+
+def run_tables(s: Store, run_id: str) -> dict:
+    """Everything a run holds, as comparable values."""
+    tables = {
+        name: s.cursor()
+        .execute(f"SELECT * EXCLUDE (run_id) FROM {name} WHERE run_id = ? ORDER BY ALL", [run_id])
+        .fetchall()
+        for name in ("prompts", "tokens", "prompt_acts", "firing", "layer_arrays", "top_examples")
+    }
+    run = s.require_run(run_id)
+    tables["acts"] = s.prompt_activations(run_id).tobytes()
+    tables["bits"] = [s.firing_bits(run_id, layer).tobytes() for layer in range(run.n_layers)]
+    return tables
+
+
+def test_a_killed_capture_resumes_to_the_same_result(tiny_dir, tiny_lm, small_prompts, tmp_path):
+    killed_db = tmp_path / "killed.duckdb"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, tiny_dir, str(killed_db), "10"], cwd=ROOT, env=env, capture_output=True
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    config = capture.CaptureConfig(chunk_prompts=4)
+    run_id = capture.run_id_for(tiny_lm.info.fingerprint, small_prompts.hash, config)
+
+    s = Store(killed_db)
+    try:
+        assert s.run(run_id).status == "incomplete" and s.done_chunks(run_id) == {0, 1}
+        with pytest.raises(BricklabError, match="incomplete"):
+            s.prompt_activations(run_id)
+        seen = []
+        result = capture.capture(tiny_lm, small_prompts, s, config, lambda d, t, m: seen.append((d, m)))
+        assert result.resumed and not result.cache_hit and seen[0] == (8, "resuming")
+        assert interventions.hook_count(tiny_lm.model) == 0
+        resumed = run_tables(s, run_id)
+    finally:
+        s.close()
+    fresh = Store(tmp_path / "fresh.duckdb")
+    try:
+        assert capture.capture(tiny_lm, small_prompts, fresh, config).run_id == run_id
+        expected = run_tables(fresh, run_id)
+    finally:
+        fresh.close()
+    for name, value in expected.items():
+        assert resumed[name] == value, name
+
+
+def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(tiny_dir, tmp_path, store):
+    folder = tmp_path / "short-context"
+    folder.mkdir()
+    for f in Path(tiny_dir).iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 40}))
+    lm = models.load_model(str(folder), device="cpu")
+    long = prompts.Prompt("long", "writing", "Tell me a story about a lighthouse keeper. " * 20)
+    ps = prompts.PromptSet("t", (long, prompts.Prompt("short", "math", "What is 2+2?")))
+    result = capture.capture(lm, ps, store)
+    assert any("'long' is longer than 40 tokens" in w for w in result.warnings)
+    run = store.require_run(result.run_id)
+    long_rows = (
+        store.cursor()
+        .execute(
+            "SELECT count(*), bool_and(truncated) FROM tokens WHERE run_id = ? AND prompt_idx = 0",
+            [run.run_id],
+        )
+        .fetchone()
+    )
+    assert 0 < long_rows[0] < 40 and long_rows[1]
+    assert (
+        not store.cursor()
+        .execute("SELECT bool_or(truncated) FROM tokens WHERE run_id = ? AND prompt_idx = 1", [run.run_id])
+        .fetchone()[0]
+    )
+    assert np.isfinite(store.prompt_activations(run.run_id).astype(np.float32)).all()
+
+
+def test_batches_take_prompts_in_length_order_by_count_or_by_a_token_budget():
+    lengths = [30, 5, 12, 12, 40, 7, 3]
+    assert capture.batches(lengths, 3, None) == [[6, 1, 5], [2, 3, 0], [4]]
+    assert capture.batches(lengths, 0, None) == [[6, 1, 5, 2, 3, 0, 4]]  # CPU_BATCH = 8 prompts
+    by_tokens = capture.batches(lengths, 0, 40)
+    assert by_tokens == [[6, 1, 5], [2, 3], [0], [4]]  # 3 x 7, 2 x 12, then the widest alone
+    assert all(len(b) * max(lengths[i] for i in b) <= 40 for b in by_tokens)
+    assert capture.batches([50, 60], 0, 10) == [[0], [1]]  # one prompt a pass even past the budget
+    assert sorted(i for b in by_tokens for i in b) == list(range(len(lengths)))
+    assert capture.batches([], 0, 40) == [] and capture.batches([], 4, None) == []
+
+
+def test_the_batch_size_is_fixed_on_the_cpu_and_only_fit_to_memory_on_cuda(tiny_lm):
+    encoded = [capture.Encoded([1, 2, 3], 0, 3, False)]
+    assert capture.token_budget(tiny_lm, encoded, capture.CaptureConfig()) is None  # CPU
+    assert capture.token_budget(tiny_lm, encoded, capture.CaptureConfig(batch_size=4)) is None
+    with pytest.raises(ValueError):
+        capture.CaptureConfig(batch_size=-1)

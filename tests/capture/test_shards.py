@@ -1,0 +1,92 @@
+"""Sharded and Ray captures equal the single-process capture of the same prompt set."""
+
+import numpy as np
+import pytest
+
+from core.capture import run as capture
+from core.capture import shards
+from core.store import Store
+
+CONFIG = capture.CaptureConfig(chunk_prompts=4, batch_size=3)
+
+
+def snapshot(store: Store, run_id: str) -> dict:
+    run = store.require_run(run_id)
+    out = {
+        "acts": store.prompt_activations(run_id),
+        "top": store.cursor()
+        .execute(
+            "SELECT layer, neuron, rank, prompt_idx, pos, value FROM top_examples WHERE run_id = ? "
+            "ORDER BY layer, neuron, rank",
+            [run_id],
+        )
+        .fetchall(),  # fmt: skip
+        "tokens": store.cursor()
+        .execute(
+            "SELECT prompt_idx, pos, token_id FROM tokens WHERE run_id = ? ORDER BY prompt_idx, pos", [run_id]
+        )
+        .fetchall(),
+        "n_tokens": run.n_tokens,
+    }
+    for layer in range(run.n_layers):
+        out[f"bits{layer}"] = store.firing_bits(run_id, layer)
+    for name in ("mean_act", "mean_abs", "fire_rate", "hist_abs", "hist_out"):
+        out[name] = store.layer_array(run_id, name)
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm, small_prompts, tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("ref") / "ref.duckdb")
+    run_id = capture.capture(tiny_lm, small_prompts, store, CONFIG).run_id
+    snap = snapshot(store, run_id)
+    store.close()
+    return run_id, snap
+
+
+def test_shards_merge_to_the_unsharded_run(tiny_lm, small_prompts, tmp_path, reference):
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"shard{i}.duckdb"
+        store = Store(path)
+        result = capture.capture(tiny_lm, small_prompts, store, CONFIG, shard=(i, 3))
+        assert not store.run(result.run_id).complete  # a shard alone is not a run
+        store.close()
+        paths.append(path)
+    store = Store(tmp_path / "merged.duckdb")
+    merged, missing = shards.merge(store, paths[:2])
+    assert missing == merged  # one shard is still missing
+    merged, missing = shards.merge(store, paths[2:])
+    assert merged == [reference[0]] and missing == []
+    assert_same(snapshot(store, merged[0]), reference[1])
+    shards.merge(store, paths)  # merging again changes nothing
+    assert_same(snapshot(store, merged[0]), reference[1])
+    store.close()
+
+
+def test_merge_rejects_a_file_that_is_not_a_shard(tmp_path, store):
+    bogus = tmp_path / "bogus.duckdb"
+    bogus.write_bytes(b"not a database")
+    with pytest.raises(Exception, match="not a bricklab shard"):
+        shards.merge(store, [bogus])
+
+
+def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, reference):
+    ray = pytest.importorskip("ray")
+    store = Store(tmp_path / "ray.duckdb")
+    try:
+        run_id = shards.capture_ray(tiny_dir, small_prompts, store, CONFIG, n_shards=2, device="cpu")
+        assert run_id == reference[0]
+        assert_same(snapshot(store, run_id), reference[1])
+    finally:
+        store.close()
+        ray.shutdown()

@@ -1,0 +1,95 @@
+"""Loss per prompt and the neuron masks the analysis measures it under."""
+
+import numpy as np
+import pytest
+import torch
+
+from core.capture.run import CaptureConfig, encode
+from core.live import evaluate, interventions
+
+TEXTS = [
+    "Write a Python function that adds two numbers.",
+    "What is 7 times 8?",
+    "Translate 'good morning' to French.",
+]
+
+
+def hand_loss(lm, text: str, chat_template: bool = True) -> float:
+    e = encode(lm.tokenizer, text, CaptureConfig(chat_template=chat_template), 256)
+    with torch.inference_mode():
+        logits = lm.model(input_ids=torch.tensor([e.ids])).logits[0].double()
+    logp = logits.log_softmax(-1)
+    first = max(e.start, 1)
+    targets = [logp[t - 1, e.ids[t]].item() for t in range(first, e.end)]
+    return -sum(targets) / len(targets)
+
+
+def test_loss_per_prompt_equals_hand_computed_cross_entropy(tiny_lm):
+    got = evaluate.loss_per_prompt(tiny_lm, TEXTS[:1])
+    assert got[0] == pytest.approx(hand_loss(tiny_lm, TEXTS[0]), abs=1e-4)
+
+
+def test_batched_with_shared_prefix_equals_one_at_a_time(tiny_lm):
+    together = evaluate.loss_per_prompt(tiny_lm, TEXTS, batch_size=2)
+    alone = [evaluate.loss_per_prompt(tiny_lm, [t])[0] for t in TEXTS]
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+    assert len(set(np.round(together, 3))) == 3  # really three different texts
+
+
+def test_loss_without_chat_template(tiny_lm):
+    got = evaluate.loss_per_prompt(tiny_lm, TEXTS[1:2], chat_template=False)
+    assert got[0] == pytest.approx(hand_loss(tiny_lm, TEXTS[1], chat_template=False), abs=1e-4)
+
+
+def test_masks_change_the_loss_and_leave_no_hooks(tiny_lm):
+    base = evaluate.loss_per_prompt(tiny_lm, TEXTS)
+    masked = evaluate.loss_per_prompt(tiny_lm, TEXTS, per_layer=evaluate.masked_neurons(2, 96, range(96)))
+    assert not np.allclose(base, masked, atol=1e-4)
+    np.testing.assert_allclose(evaluate.loss_per_prompt(tiny_lm, TEXTS, per_layer={}), base, atol=1e-6)
+    assert interventions.hook_count(tiny_lm.model) == 0
+
+
+def test_masked_neurons_zero_exactly_the_given_ids():
+    fns = evaluate.masked_neurons(2, 96, [0, 5, 96 + 7])
+    a = torch.randn(2, 3, 96) + 5  # no accidental zeros
+    assert sorted(fns) == [0, 1]
+    zero0 = (fns[0](a) == 0).nonzero()[:, -1].unique().tolist()
+    zero1 = (fns[1](a) == 0).nonzero()[:, -1].unique().tolist()
+    assert zero0 == [0, 5] and zero1 == [7]
+    assert torch.equal(fns[0](a)[..., 1:5], a[..., 1:5])
+
+
+def test_masked_neurons_rejects_out_of_range_ids():
+    with pytest.raises(ValueError, match="neuron ids"):
+        evaluate.masked_neurons(2, 96, [192])
+
+
+def test_kept_neurons_zero_everything_else():
+    fns = evaluate.kept_neurons(2, 96, [3, 96 + 10, 96 + 11])
+    a = torch.randn(4, 96) + 5
+    assert (fns[0](a) != 0).nonzero()[:, -1].unique().tolist() == [3]
+    assert (fns[1](a) != 0).nonzero()[:, -1].unique().tolist() == [10, 11]
+
+
+@pytest.mark.parametrize("indicator", ["abs", "output"])
+@pytest.mark.parametrize("k", [0.0, 0.3, 0.9])
+def test_lowest_k_mask_keeps_exactly_the_top_per_token(indicator, k):
+    norms = [torch.rand(96) + 0.1, torch.rand(96) + 0.1]
+    fn = evaluate.lowest_k_mask(k, indicator, norms)[1]
+    a = torch.randn(3, 5, 96)
+    out = fn(a)
+    keep = 96 - int(np.floor(k * 96))
+    score = a.abs() * (norms[1] if indicator == "output" else 1)
+    kept = out != 0
+    assert (kept.sum(-1) == keep).all()
+    assert torch.equal(out[kept], a[kept])  # survivors are untouched
+    lowest_kept = torch.where(kept, score, torch.inf).amin(-1)
+    highest_dropped = torch.where(kept, -torch.inf, score).amax(-1)
+    assert (lowest_kept >= highest_dropped).all()
+
+
+def test_lowest_k_mask_validates():
+    with pytest.raises(ValueError):
+        evaluate.lowest_k_mask(1.0, "abs", [torch.ones(4)])
+    with pytest.raises(ValueError):
+        evaluate.lowest_k_mask(0.5, "gate", [torch.ones(4)])

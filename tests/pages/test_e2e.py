@@ -1,0 +1,161 @@
+"""The real app in a real headless Chromium: capture a small run, open the map and select a neuron,
+toggle a brick in the playground, compute the paper's report, download the configuration; a
+screenshot of every page goes to tests/output/. Needs Debian's chromium (`make browser`);
+Playwright's Python package only drives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+OUTPUT = ROOT / "tests" / "output"
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]  # fmt: skip
+SLOW = 240_000  # ms: a capture or a first map on a busy 2-core machine
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (make browser)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_url(tmp_path, tiny_dir):
+    """`streamlit run app.py` on a free loopback port, on a fresh cache and the tiny model."""
+    port = free_port()
+    env = os.environ | {"BRICKLAB_DB": str(tmp_path / "e2e.duckdb"), "BRICKLAB_MODEL": tiny_dir,
+                        "BRICKLAB_DATA": str(tmp_path / "data")}  # fmt: skip
+    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+               "--server.address", "127.0.0.1", "--server.headless", "true"]  # fmt: skip
+    log = open(tmp_path / "streamlit.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "streamlit.log").read_text()) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        yield context.new_page()
+        browser.close()
+
+
+def go(page, name: str) -> None:
+    """Navigate inside the app (sidebar link): the browser session and its state stay."""
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=name, exact=True).click()
+    page.wait_for_url(re.compile(name.replace(" ", "_")))
+
+
+def shot(page, name: str) -> None:
+    """The whole page: Streamlit scrolls inside its main block, so the viewport grows to fit it."""
+    OUTPUT.mkdir(exist_ok=True)
+    page.wait_for_timeout(800)  # let charts finish drawing
+    height = page.evaluate("document.querySelector('[data-testid=stMain]').scrollHeight")
+    page.set_viewport_size({"width": 1400, "height": min(max(height, 1000), 6000)})
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(OUTPUT / f"{name}.png"))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def click_first_point(page) -> None:
+    """Click the first neuron of the WebGL map at its pixel position, as a person would."""
+    x, y = page.evaluate(
+        """() => {
+            const gd = document.querySelector('.js-plotly-plot');
+            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, t = gd._fullData[0];
+            const box = gd.getBoundingClientRect();
+            return [box.left + xa._offset + xa.d2p(t.x[0]), box.top + ya._offset + ya.d2p(t.y[0])];
+        }"""
+    )
+    page.mouse.click(x, y)
+
+
+def test_the_app_end_to_end(app_url, page):
+    page.set_default_timeout(SLOW)
+    page.goto(app_url)
+    page.get_by_text("Cached runs").wait_for()
+    shot(page, "home")
+
+    go(page, "Capture")
+    page.get_by_role("spinbutton", name=re.compile("Prompts to capture")).fill("14")
+    page.keyboard.press("Enter")
+    page.get_by_role("button", name=re.compile("Capture 14 prompts")).click()
+    page.get_by_text(re.compile(r"Run \w+ captured")).wait_for()
+    shot(page, "capture")
+
+    go(page, "Neuron map")
+    page.locator(".js-plotly-plot").first.wait_for()
+    page.get_by_text(re.compile("neurons · .* clusters")).wait_for()
+    click_first_point(page)
+    page.get_by_role("heading", name="Neuron 0:0").wait_for()
+    page.get_by_text("Top activating examples").wait_for()
+    shot(page, "neuron_map")
+
+    go(page, "Bricks")
+    page.get_by_test_id("stMetric").first.wait_for()
+    shot(page, "bricks")
+
+    go(page, "Playground")
+    page.get_by_text("active neurons").wait_for()
+    assert page.get_by_test_id("stMetricValue").first.inner_text() == "100.0%"
+    page.get_by_test_id("stMultiSelect").click()
+    page.get_by_role("option", name=re.compile("coact-L01-00")).click()
+    page.keyboard.press("Escape")
+    page.get_by_test_id("stMetricValue").first.filter(has_text=re.compile(r"^(?!100\.0%)")).wait_for()
+    shot(page, "playground")
+
+    go(page, "Custom bricks")
+    page.get_by_role("heading", name=re.compile("Cached adapters")).wait_for()
+    shot(page, "custom_bricks")
+
+    go(page, "Paper")
+    page.get_by_text("Quick (fewer prompts").click()
+    page.get_by_role("button", name=re.compile("Compute the analysis")).click()
+    page.get_by_role("heading", name=re.compile("Recombination")).wait_for()
+    shot(page, "paper")
+
+    go(page, "Export")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download JSON").click()
+    saved = OUTPUT / "bricklab-config.json"
+    download.value.save_as(saved)
+    doc = json.loads(saved.read_text())
+    assert doc["schema_version"] == 1 and len(doc["bricks"]) == 1 and doc["bricks"][0]["mode"] == "off"
+    shot(page, "export")
