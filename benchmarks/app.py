@@ -11,19 +11,18 @@
 Run on a COPY of a cache (the app may hold the original):
   cp data/bricklab.duckdb /tmp/bench.duckdb && python benchmarks/app.py --db /tmp/bench.duckdb
 The last line is one JSON object with neuron_detail_p95_ms and regen_ratio.
+`--smoke` runs both paths on a fresh run of a tiny random model instead, in seconds.
 """
 
 import argparse
 import json
 import statistics
-import sys
+import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import configuration, models
 from core.bricks import candidates as bricks
 from core.bricks import neurons, scores
@@ -88,7 +87,10 @@ def regen_seconds(store: Store, run, lm, tokens: int, repeats: int) -> tuple[dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", required=True, help="a copy of a bricklab cache")
+    parser.add_argument("--db", help="a copy of a bricklab cache (required unless --smoke)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a fresh tiny run, 5 queries, 1 repeat, 4 tokens"
+    )
     parser.add_argument("--run", help="run id (default: the newest complete run)")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
@@ -98,8 +100,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.smoke:
+        if not args.db:
+            parser.error("--db is required (or --smoke)")
+        return measure(args, Store(args.db))
+    import _tiny  # beside this file
 
-    store = Store(args.db)
+    args.queries, args.repeats, args.tokens = 5, 1, 4
+    lm = _tiny.model()
+    with tempfile.TemporaryDirectory() as tmp:
+        path, args.run = _tiny.run(lm, tmp)
+        store = Store(path)
+        measure(args, store, lm)
+        store.close()
+
+
+def measure(args, store: Store, lm=None) -> None:
+    """Both paths on the run args.run (default: the newest complete one); prints the JSON line."""
     run = store.require_run(args.run)
     print(f"run {run.run_id}: {run.model_id}, {run.n_layers} x {run.d_ff} neurons, {run.n_prompts} prompts")
     detail = neuron_detail_ms(store, run, args.queries, args.seed)
@@ -107,7 +124,7 @@ def main() -> None:
     spread = f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {max(detail):.1f} ms"
     print(f"neuron detail, {args.queries} random neurons: {spread}")
 
-    lm = models.load_model(None if run.model_id == models.DEFAULT_MODEL else run.model_id)
+    lm = lm or models.load_model(None if run.model_id == models.DEFAULT_MODEL else run.model_id)
     times, cpu, size = regen_seconds(store, run, lm, args.tokens, args.repeats)
     median = {name: statistics.median(t) for name, t in times.items()}
     cpu_median = {name: statistics.median(t) for name, t in cpu.items()}

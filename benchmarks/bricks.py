@@ -1,18 +1,16 @@
 """Wall time of the brick pipeline (each method) and of the neuron map on a copy of a run, from
 an empty results cache; also the functional share of co-activation bricks against a random
 partition of the same sizes. Last line: one JSON object.
-Run: python benchmarks/bricks.py [--db FILE] [--run ID] [--no-stability] [--skip-map]
+Run: python benchmarks/bricks.py [--db FILE] [--run ID] [--no-stability] [--skip-map] [--smoke]
 """
 
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import settings
 from core.bricks import candidates as bricks
 from core.bricks import neuron_map, scores
@@ -45,10 +43,17 @@ def main() -> None:
     parser.add_argument("--run", help="run id (default: the newest complete run)")
     parser.add_argument("--no-stability", action="store_true", help="skip the half-prompt recomputations")
     parser.add_argument("--skip-map", action="store_true", help="leave out the map and the map bricks")
+    parser.add_argument("--smoke", action="store_true", help="a fresh tiny run; no stability, no map")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "bench.duckdb"
-        shutil.copy(args.db, copy)
+        if args.smoke:
+            import _tiny  # beside this file
+
+            copy, args.run = _tiny.run(_tiny.model(), tmp)
+            args.no_stability = args.skip_map = True
+        else:
+            copy = Path(tmp) / "bench.duckdb"
+            shutil.copy(args.db, copy)
         store = Store(copy)
         store.cursor().execute("DELETE FROM results")  # measure from scratch, not cache hits
         run = store.require_run(args.run)

@@ -2,7 +2,7 @@
 
 Both run the same prompts in the same batches; repetitions are interleaved so machine load hits both
 alike. Prints every timing, then as its last line one JSON object. Target on CPU: ratio <= 1.25.
-Run: python benchmarks/capture.py [--quick] [--prompts N] [--reps R] [--threads T] [--profile]
+Run: python benchmarks/capture.py [--quick | --smoke] [--prompts N] [--reps R] [--threads T] [--profile]
      python benchmarks/capture.py --device cuda --shape llama3-8b   (random weights, see gpu_capture.py)
 """
 
@@ -13,29 +13,27 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _tiny  # beside this file
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core import models, prompts
 from core.capture import run as capture
-from core.store import Store  # noqa: E402
+from core.store import Store
 
 
 def padded_batches(lm, encoded, config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (ids, mask) batches capture builds: per chunk, prompts sorted by length, right-padded."""
+    """The (ids, mask) batches capture builds on the CPU: per chunk, prompts grouped by length
+    (capture.batches), right-padded."""
     pad = lm.tokenizer.pad_token_id or 0
     out = []
     for lo in range(0, len(encoded), config.chunk_prompts):
         chunk = encoded[lo : lo + config.chunk_prompts]
-        order = sorted(range(len(chunk)), key=lambda i: len(chunk[i].ids))
-        for b in range(0, len(order), config.batch_size):
-            rows = [chunk[i].ids for i in order[b : b + config.batch_size]]
+        for group in capture.batches([len(e.ids) for e in chunk], config.batch_size, None):
+            rows = [chunk[i].ids for i in group]
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -77,21 +75,23 @@ def time_capture(lm, prompt_set, config, folder: Path) -> Clock:
     return clock
 
 
-def run_cpu(n_prompts: int, reps: int, batch_size: int, threads: int | None, profile: bool) -> dict:
+def run_cpu(
+    n_prompts: int, reps: int, batch_size: int, threads: int | None, profile: bool, smoke=False
+) -> dict:
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    lm = models.load_model(None, device="cpu")
+    lm = _tiny.model() if smoke else models.load_model(None, device="cpu")
     prompt_set = prompts.default_prompt_set().head(n_prompts)
     config = capture.CaptureConfig(batch_size=batch_size)
-    limit = min(config.max_tokens, lm.model.config.max_position_embeddings)
-    encoded = [capture.encode(lm.tokenizer, p.text, config, limit) for p in prompt_set.prompts]
+    limit = prompts.token_limit(lm.model, config.max_tokens)
+    encoded = [prompts.encode(lm.tokenizer, p.text, limit, config.chat_template) for p in prompt_set.prompts]
     batches = padded_batches(lm, encoded, config)
     bare, full = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         time_bare(lm, batches[:1])  # warm-up: allocator, kernels, lazy imports
-        time_capture(lm, prompt_set.head(batch_size), config, folder)
+        time_capture(lm, prompt_set.head(batch_size or capture.CPU_BATCH), config, folder)
         for rep in range(reps):  # interleaved; the order alternates so neither always runs second
             first_bare = rep % 2 == 0
             if first_bare:
@@ -145,6 +145,7 @@ def profile_capture(lm, prompt_set, config, folder: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="48 prompts, 2 repetitions (under a minute)")
+    p.add_argument("--smoke", action="store_true", help="a tiny random model, 8 prompts, 1 repetition")
     p.add_argument("--prompts", type=int, help="default set prompts (160; cuda: 64 x 512 tokens)")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
     p.add_argument("--batch-size", type=int, default=capture.CaptureConfig().batch_size)
@@ -156,6 +157,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     gpu = bool(args.shape) or args.device != "cpu"
     n_prompts, reps = (48, 2) if args.quick else (args.prompts or (64 if gpu else 160), args.reps)
+    n_prompts, reps = (8, 1) if args.smoke else (n_prompts, reps)
     if gpu:  # reductions and host copies against bare (the target), torch's ops and in-line, then with writes
         import gpu_capture
 
@@ -164,7 +166,7 @@ def main() -> None:
             shape, args.device, n_prompts, 512, 16, reps, False, compare=True, inline=True, write_reps=2
         )
     else:
-        result = run_cpu(n_prompts, reps, args.batch_size, args.threads, args.profile)
+        result = run_cpu(n_prompts, reps, args.batch_size, args.threads, args.profile, args.smoke)
     print(f"peak RSS {result['peak_rss_gib']:.2f} GiB")
     print(json.dumps(result))
 

@@ -3,7 +3,7 @@ same lengths) with the real default model, each in a fresh subprocess, against a
 
 The guarantee: 4x the prompts must not need 4x the memory (capture reduces on the fly per chunk).
 Prints every figure, then as its last line one JSON object.
-Run: python benchmarks/capture_memory.py [--quick] [--prompts N] [--chunk C] [--threads T]
+Run: python benchmarks/capture_memory.py [--quick | --smoke] [--prompts N] [--chunk C] [--threads T]
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 
 def repeated_set(n: int, times: int):
     """The first n default prompts, repeated `times` times under new ids: same lengths, new hash."""
@@ -30,8 +27,9 @@ def repeated_set(n: int, times: int):
     return prompts.PromptSet(f"default[:{n}]x{times}", tuple(rows))
 
 
-def child(n: int, times: int, chunk: int, threads: int | None) -> None:
-    """In a fresh process: load the default model, capture n x times prompts (0: load only)."""
+def child(n: int, times: int, chunk: int, threads: int | None, smoke: bool) -> None:
+    """In a fresh process: load the default (or tiny) model, capture n x times prompts (0: load only)."""
+    import _tiny  # beside this file
     import torch
 
     from core import models
@@ -40,7 +38,7 @@ def child(n: int, times: int, chunk: int, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    lm = models.load_model(None, device="cpu")
+    lm = _tiny.model() if smoke else models.load_model(None, device="cpu")
     loaded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started, n_tokens = time.perf_counter(), 0
     if n:
@@ -54,10 +52,10 @@ def child(n: int, times: int, chunk: int, threads: int | None) -> None:
                       "n_tokens": n_tokens, "seconds": time.perf_counter() - started}))  # fmt: skip
 
 
-def measure(n: int, times: int, chunk: int, threads: int | None) -> dict:
+def measure(n: int, times: int, chunk: int, threads: int | None, smoke: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", str(n), str(times), "--chunk", str(chunk)]
-    cmd += ["--threads", str(threads)] if threads else []
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    cmd += (["--threads", str(threads)] if threads else []) + (["--smoke"] if smoke else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"child {n}x{times} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -70,23 +68,24 @@ def measure(n: int, times: int, chunk: int, threads: int | None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="16 vs 64 prompts, chunks of 8 (a few minutes)")
+    p.add_argument("--smoke", action="store_true", help="a tiny random model, 2 vs 8 prompts, chunks of 2")
     p.add_argument("--prompts", type=int, default=64, help="N: prompts of the default set (default 64)")
     p.add_argument("--chunk", type=int, default=16, help="prompts per committed chunk (default 16)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(*args.child, args.chunk, args.threads)
+        child(*args.child, args.chunk, args.threads, args.smoke)
         return
-    n, chunk = (16, 8) if args.quick else (args.prompts, args.chunk)
-    base = measure(0, 1, chunk, args.threads)
-    one = measure(n, 1, chunk, args.threads)
-    four = measure(n, 4, chunk, args.threads)
+    n, chunk = (2, 2) if args.smoke else (16, 8) if args.quick else (args.prompts, args.chunk)
+    base, one, four = (
+        measure(n_, times, chunk, args.threads, args.smoke) for n_, times in ((0, 1), (n, 1), (n, 4))
+    )
     growth_one = one["peak_mib"] - base["peak_mib"]
     growth_four = four["peak_mib"] - base["peak_mib"]
     summary = {
         "benchmark": "capture_memory",
-        "model": "SmolLM2-135M-Instruct (default)",
+        "model": "tiny-random" if args.smoke else "SmolLM2-135M-Instruct (default)",
         "prompts": [n, 4 * n],
         "chunk_prompts": chunk,
         "tokens": [one["n_tokens"], four["n_tokens"]],

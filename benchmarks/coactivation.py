@@ -2,20 +2,17 @@
 the torch path of kernels.coact_gpu on a large layer (14336 neurons x 1M tokens) against numba on slices.
 
 All must agree exactly. Prints the timings and, as its last line, one JSON object with the speedups.
-Run: python benchmarks/coactivation.py [--quick] [--structured] [--device cuda]
+Run: python benchmarks/coactivation.py [--quick | --smoke] [--structured] [--device cuda]
 """
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numba
 import numpy as np
 import scipy.sparse as sp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.kernels import coact as kernels
 from core.kernels import coact_gpu
 
@@ -145,6 +142,9 @@ def time_gpu(n_tokens, n_neurons, rate, reps, check_neurons=1024, check_tokens=4
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument(
+        "--smoke", action="store_true", help="1 repetition of 2048 tokens x 256 neurons (CPU)"
+    )
     parser.add_argument("--structured", action="store_true", help="grouped firing")
     parser.add_argument("--tokens", type=int, help="default 30000, or 1000000 with --device cuda")
     parser.add_argument("--neurons", type=int, help="default 1536, or 14336 with --device cuda")
@@ -153,7 +153,9 @@ def main(argv=None):
         "--device", default="cpu", help="cpu (three CPU ways) or cuda (core.kernels.coact_gpu)"
     )
     args = parser.parse_args(argv)
-    reps, sparse_reps = (3, 1) if args.quick else (7, 3)
+    reps, sparse_reps = (1, 1) if args.smoke else (3, 1) if args.quick else (7, 3)
+    if args.smoke:  # the CPU ways only: the GPU path is left to a machine with one
+        args.device, args.tokens, args.neurons = "cpu", args.tokens or 2048, args.neurons or 256
     if args.device != "cpu":
         result = time_gpu(args.tokens or 1_000_000, args.neurons or 14336, args.rate, reps)
         for key, value in result.items():

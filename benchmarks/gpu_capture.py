@@ -2,6 +2,7 @@
 
 Used by `benchmarks/capture.py --device cuda --shape NAME`; run alone for the same thing.
 Speed does not depend on weight values, so random weights of Llama-3-8B's shape stand in for it.
+`--smoke` runs the same path on the CPU with a tiny shape, in seconds (no figure, only a working script).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from core import models
 from core.capture import reduce
 from core.capture import run as capture
-from core.capture.reduce import ChunkReducer  # noqa: E402
+from core.capture.reduce import ChunkReducer
+from core.prompts import Encoded
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -32,6 +31,8 @@ SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                          max_position_embeddings=8192),
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
 }  # fmt: skip
 
 
@@ -61,10 +62,10 @@ def random_model(shape: str, device: str) -> models.LoadedModel:
     return models.LoadedModel(model, _Ids(), info)
 
 
-def encoded_batches(n_prompts: int, seq: int, vocab: int) -> list[capture.Encoded]:
+def encoded_batches(n_prompts: int, seq: int, vocab: int) -> list[Encoded]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(10, vocab, (n_prompts, seq), generator=g)
-    return [capture.Encoded(row.tolist(), 0, seq, False) for row in ids]
+    return [Encoded(row.tolist(), 0, seq, False) for row in ids]
 
 
 def sync(device: str) -> None:
@@ -440,7 +441,19 @@ def main() -> None:
     p.add_argument("--inline", action="store_true", help="also time the reductions on the forward's stream")
     p.add_argument("--write-reps", type=int, default=0, help="then time this many captures with cache writes")
     p.add_argument("--auto-reps", type=int, default=0, help="then this many fit to free GPU memory")
+    p.add_argument(
+        "--smoke", action="store_true", help="the tiny shape on the CPU: 4 x 16 tokens, 1 repetition"
+    )
     args = p.parse_args()
+    if args.smoke:
+        args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps = (
+            "tiny",
+            "cpu",
+            4,
+            16,
+            2,
+            1,
+        )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.profile:
         return profile(args.shape, args.device, args.prompts, args.seq, args.batch_size)

@@ -5,19 +5,17 @@ Prints per-setting times and, as its last line, one JSON object with the ratios 
 of each setting, as timeit does: the least disturbed by other work on the machine; medians too).
 One torch thread by default: on a shared, oversubscribed CPU two threads were 4x slower and noisier;
 with one thread, process CPU time (also reported) is the least disturbed by other processes.
-Run: python benchmarks/interventions.py [--quick] [--threads N]
+Run: python benchmarks/interventions.py [--quick | --smoke] [--threads N]
 """
 
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import _tiny  # beside this file
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import models
 from core.configuration import Brick, BrickConfig
 from core.live import compare
@@ -29,9 +27,10 @@ PROMPT = "Write a short story about a robot who learns to paint."
 def settings(lm) -> dict:
     info = lm.info
     empty = BrickConfig(info.model_id, info.fingerprint, info.n_layers, info.d_ff, ())
+    layers = dict.fromkeys(x for x in (2, 9, 16, 23, info.n_layers - 1) if x < info.n_layers)
     bricks = tuple(
         Brick(f"b{layer}", {layer: list(range(32 * k, 32 * (k + 1)))}, "off")
-        for k, layer in enumerate((2, 9, 16, 23, info.n_layers - 1))
+        for k, layer in enumerate(layers)
     )
     few_off = BrickConfig(info.model_id, info.fingerprint, info.n_layers, info.d_ff, bricks)
     return {"plain": None, "empty_config": empty, "config": few_off}
@@ -51,21 +50,23 @@ def timed(lm, config, ids, n) -> tuple[float, float, list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 repetitions instead of 10 (under a minute)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random model, 1 repetition, 4 tokens")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args()
-    reps = 2 if args.quick else 10
+    reps = 1 if args.smoke else 2 if args.quick else 10
+    tokens = 4 if args.smoke else args.tokens
     torch.set_num_threads(args.threads)
-    lm = models.load_model(None, device="cpu")
+    lm = _tiny.model() if args.smoke else models.load_model(None, device="cpu")
     ids = compare.prompt_ids(lm, PROMPT)
     cases = settings(lm)
-    outputs = {name: timed(lm, config, ids, args.tokens)[2] for name, config in cases.items()}  # warm-up
+    outputs = {name: timed(lm, config, ids, tokens)[2] for name, config in cases.items()}  # warm-up
     assert outputs["plain"] == outputs["empty_config"], "an empty configuration changed the generation"
     times, cpu = {name: [] for name in cases}, {name: [] for name in cases}
     names = list(cases)
     for rep in range(reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate who goes first
-            seconds, cpu_seconds, out = timed(lm, cases[name], ids, args.tokens)
+            seconds, cpu_seconds, out = timed(lm, cases[name], ids, tokens)
             assert out == outputs[name], f"{name} is not deterministic"
             times[name].append(seconds)
             cpu[name].append(cpu_seconds)

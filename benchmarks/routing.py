@@ -13,22 +13,20 @@ fixed number of new tokens on a few held-out prompts, repetitions interleaved ac
 fastest repetition per prompt (least disturbed by other work) as wall-time and process-CPU-time
 ratios to dense and to the dense kernel, medians too. One torch thread by default.
 Last line: one JSON object {"settings": [{"name", "active_share", "loss_ratio", "speedup", ...}]}.
-Run: python benchmarks/routing.py [--quick] [--db PATH] [--run RUN_ID] [--threads N] [--per-category N]
-    [--only "name,name"] [--tokens N] [--reps N]
+Run: python benchmarks/routing.py [--quick | --smoke] [--db PATH] [--run RUN_ID] [--threads N]
+    [--per-category N] [--only "name,name"] [--tokens N] [--reps N]
 """
 
 import argparse
 import contextlib
 import json
 import statistics
-import sys
+import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import models
 from core.bricks import scores
 from core.live import evaluate, sparse
@@ -133,6 +131,7 @@ def timed(lm, name: str, router, text: str, n: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one budget, few prompts (under 2 minutes)")
+    parser.add_argument("--smoke", action="store_true", help="--quick on a fresh run of a tiny random model")
     parser.add_argument("--db", help="the cache (default: BRICKLAB_DB or data/bricklab.duckdb); use a copy")
     parser.add_argument("--run", help="run id of a complete default-model run (default: the newest)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -146,11 +145,24 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.smoke:
+        return measure(args, Store(args.db) if args.db else Store(), models.load_model(None, device="cpu"))
+    import _tiny  # beside this file
+
+    args.quick, args.tokens, args.reps = True, args.tokens or 4, args.reps or 1
+    lm = _tiny.model()
+    with tempfile.TemporaryDirectory() as tmp:
+        path, args.run = _tiny.run(lm, tmp)
+        store = Store(path)
+        measure(args, store, lm)
+        store.close()
+
+
+def measure(args, store: Store, lm) -> None:
+    """Fit the routers on the run args.run, measure loss and speed, and print the report."""
     quick = args.quick
     budgets = [0.35] if quick else [0.2, 0.35, 0.5]
     n_tokens, reps = args.tokens or (16 if quick else 32), args.reps or (2 if quick else 3)
-    store = Store(args.db) if args.db else Store()
-    lm = models.load_model(None, device="cpu")
     run = store.require_run(args.run)
     texts, cats = held_out(store, run.run_id, args.per_category or (2 if quick else None))
     gen_texts = held_out(store, run.run_id, 1)[0][:: 7 if quick else 3]  # 1 (quick) or 3 categories

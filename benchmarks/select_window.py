@@ -6,7 +6,8 @@ key; a miss costs the full 15-step search on top. This replays that guess, row f
 the kernel sees them (own tokens of consecutive prompts, `per_program` rows a program), on the default
 model's activations (rounded to bf16 as a GPU capture holds them) and prints the share of hits.
 
-Run: python benchmarks/select_window.py [--prompts 48] [--near 5 6 7 8]
+It runs on the CPU: the kernel's guess is replayed in numpy, no GPU needed.
+Run: python benchmarks/select_window.py [--prompts 48] [--near 5 6 7 8] [--smoke]
 """
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def output_keys(acts: np.ndarray, norm: np.ndarray) -> np.ndarray:
@@ -58,8 +55,14 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=48, help="the first N default prompts")
     p.add_argument("--near", type=int, nargs="+", default=[5, 6, 7, 8])
     p.add_argument("--per-program", type=int, default=64)
+    p.add_argument("--smoke", action="store_true", help="a tiny random model and 4 prompts")
     args = p.parse_args()
-    lm = models.load_model()
+    if args.smoke:
+        import _tiny  # beside this file
+
+        lm, args.prompts = _tiny.model(), 4
+    else:
+        lm = models.load_model()
     config = capture.CaptureConfig()
     k = math.ceil(config.fire_fraction * lm.info.d_ff)
     seen: dict[int, list[np.ndarray]] = {layer: [] for layer in range(lm.info.n_layers)}
@@ -73,7 +76,7 @@ def main() -> None:
     try:
         with torch.inference_mode():
             for prompt in prompts.default_prompt_set().head(args.prompts).prompts:
-                e = capture.encode(lm.tokenizer, prompt.text, config, config.max_tokens)
+                e = prompts.encode(lm.tokenizer, prompt.text, config.max_tokens, config.chat_template)
                 lm.model.base_model(input_ids=torch.tensor([e.ids]))
                 for layer, a in current.items():
                     seen[layer].append(a[e.start : e.end].numpy())

@@ -2,6 +2,7 @@
 merged, against an unsharded capture of the same prompts; prints timings and equality as JSON.
 
 Usage: python benchmarks/shard_check.py --model DIR [--shards 2] [--limit 40] [--device cuda]
+       python benchmarks/shard_check.py --smoke   (a tiny random model, 4 prompts, on the CPU)
 """
 
 from __future__ import annotations
@@ -17,25 +18,35 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from core.store import Store  # noqa: E402
+from core.store import Store
 
 
 def cli(args: list[str], env: dict) -> None:
-    subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "core", *args], env=env, check=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="a hub id or a local folder (required unless --smoke)")
+    p.add_argument("--smoke", action="store_true", help="a tiny random model and 4 prompts, on the CPU")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--limit", type=int, default=40)
     p.add_argument("--device", default="cpu")
     p.add_argument("--gpus", type=int, default=1, help="spread shards over this many GPUs")
     a = p.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    if not (a.model or a.smoke):
+        p.error("--model is required (or --smoke)")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = check(a, Path(tmp))
+    print(json.dumps(result))
+
+
+def check(a, tmp: Path) -> dict:
+    """Capture unsharded and in shards into files under tmp, merge the shards, compare the two runs."""
+    if a.smoke:
+        import _tiny  # beside this file
+
+        a.model, a.limit, a.device = _tiny.save(tmp / "tiny"), 4, "cpu"
     common = ["capture", "--model", a.model, "--limit", str(a.limit), "--device", a.device, "--quiet"]
     t0 = time.perf_counter()
     cli(["--db", str(tmp / "ref.duckdb"), *common], dict(os.environ))
@@ -56,7 +67,7 @@ def main() -> None:
             "--shard",
             f"{i}/{a.shards}",
         ]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
+        procs.append(subprocess.Popen(cmd, env=env))
     assert all(proc.wait() == 0 for proc in procs)
     sharded_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -77,9 +88,11 @@ def main() -> None:
         ref.cursor().execute(q, [run.run_id]).fetchall()
         == merged.cursor().execute(q, [run.run_id]).fetchall()
     )
-    print(json.dumps({"shards": a.shards, "gpus": a.gpus, "device": a.device, "prompts": a.limit,
-                      "single_s": single_s, "sharded_s": sharded_s, "merge_s": merge_s,
-                      "merged_equals_single": equal, "run_id": run.run_id}))  # fmt: skip
+    ref.close()
+    merged.close()
+    return {"shards": a.shards, "gpus": a.gpus, "device": a.device, "prompts": a.limit,
+            "single_s": single_s, "sharded_s": sharded_s, "merge_s": merge_s,
+            "merged_equals_single": equal, "run_id": run.run_id}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 loop) vs (a) fetchall of the same rows and np.frombuffer per row, and (b) a long table with one row
 per (prompt, layer, neuron). All three must give the same array. Works on a COPY of the cache.
 Prints the timings and, as its last line, one JSON object.
-Run: python benchmarks/store.py [--db COPY.duckdb] [--run RUN_ID] [--reps R] [--no-long]
+Run: python benchmarks/store.py [--db COPY.duckdb] [--run RUN_ID] [--reps R] [--no-long] [--smoke]
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core import settings  # noqa: E402
-from core.store import Store  # noqa: E402
+from core import settings
+from core.store import Store
 
 ROWS_SQL = "SELECT mean_abs FROM prompt_acts WHERE run_id = ? ORDER BY prompt_idx, layer"
 LONG_SCHEMA = (
@@ -120,8 +117,15 @@ def main() -> None:
         "--reps", type=int, default=10, help="interleaved repetitions; the fastest counts (default 10)"
     )
     p.add_argument("--no-long", action="store_true", help="skip the long-table baseline (slow to build)")
+    p.add_argument("--smoke", action="store_true", help="a fresh run of a tiny random model, 2 repetitions")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            import _tiny  # beside this file
+
+            path, run_id = _tiny.run(_tiny.model(), tmp)
+            print(json.dumps(run_benchmark(path, run_id, 2, not args.no_long)))
+            return
         path = Path(tmp) / "copy.duckdb"
         source = Path(args.db or settings.db_path())
         shutil.copy(source, path)  # the long table is added to the copy only

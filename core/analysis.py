@@ -16,9 +16,8 @@ from core.bricks import scores
 from core.errors import BricklabError
 from core.kernels import coact as kernels
 from core.live import evaluate
-from core.store import Store
-
-Progress = Callable[[int, int, str], None]  # (evaluations done, evaluations planned, message)
+from core.progress import Progress
+from core.store import Run, Store
 
 
 @dataclass(frozen=True)
@@ -82,11 +81,9 @@ class Analysis:
     def __init__(self, store: Store, lm, run_id: str | None, config: ReportConfig, progress: Progress | None):
         self.store, self.lm, self.config, self.progress = store, lm, config, progress
         self.run = store.require_run(run_id)
-        if lm is not None and lm.info.fingerprint != self.run.fingerprint:
-            raise BricklabError(
-                f"The loaded model ({lm.info.model_id}) is not the model run '{self.run.run_id}' captured.",
-                f"Load '{self.run.model_id}' or pick a run of this model (`python -m core runs`).",
-            )
+        if lm is not None:
+            fix = f"Load '{self.run.model_id}' or pick a run of this model (`python -m core runs`)."
+            models.check_match(self.run, lm.info, f"Run '{self.run.run_id}'", fix)
         self.labels, self.categories = scores.category_labels(store, self.run.run_id)
         if not self.categories:
             raise BricklabError(
@@ -266,6 +263,15 @@ def _params(config: ReportConfig) -> dict[str, dict]:
     return {name: {f: values[f] for f in fields} for name, (fields, _, _) in SECTIONS.items()}
 
 
+def default_run(store: Store) -> Run:
+    """The run a report takes when none is named: the largest complete run (most prompts, the
+    newest among equals), since a small run leaves categories without held-out prompts."""
+    done = [r for r in store.runs() if r.complete]
+    if not done:
+        store.require_run(None)  # its error says there is none and how to capture one
+    return max(done, key=lambda r: r.n_prompts)
+
+
 def missing_sections(
     store: Store, run_id: str | None = None, config: ReportConfig = ReportConfig()
 ) -> list[str]:
@@ -287,8 +293,8 @@ def report(
     """
     run = store.require_run(run_id)
     params = _params(config)
-    out = {name: store.get_result(run.run_id, f"analysis.{name}", params[name]) for name in SECTIONS}
-    missing = [name for name, payload in out.items() if payload is None]
+    out = {name: store.get_json(run.run_id, f"analysis.{name}", params[name]) for name in SECTIONS}
+    missing = [name for name, cached in out.items() if cached is None]
     if missing:
         if lm is None:
             raise BricklabError(
@@ -301,9 +307,8 @@ def report(
         for name in missing:
             result = _compute(analysis, name)
             result = _finite(result)
-            store.put_result(run.run_id, f"analysis.{name}", params[name], json.dumps(result).encode())
+            store.put_json(run.run_id, f"analysis.{name}", params[name], result)
             out[name] = result
-    out = {name: json.loads(v) if isinstance(v, bytes) else v for name, v in out.items()}
     return {
         "run_id": run.run_id,
         "model_id": run.model_id,
@@ -327,101 +332,3 @@ def _compute(analysis: Analysis, name: str) -> dict:
     if name == "ablation_matrix_no_resident":
         return analysis.ablation(exclude_resident=True)
     return getattr(analysis, name)()
-
-
-# --- command line -------------------------------------------------------------------------
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "report", help="the paper's analysis of a run: sparsity, scores, ablation matrix"
-    )
-    p.add_argument("--run", help="run id (default: the newest complete run)")
-    p.add_argument("--json", action="store_true", help="also print everything as one JSON object, last line")
-    p.add_argument(
-        "--quick", action="store_true", help="fewer held-out prompts and k values (rougher numbers)"
-    )
-    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy shared machine)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_report)
-
-
-def cmd_report(args) -> int:
-    from tqdm import tqdm
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    store = Store(args.db)
-    run = store.require_run(args.run)
-    config = ReportConfig().quick() if args.quick else ReportConfig()
-    bar = tqdm(unit="eval", desc="report", disable=args.quiet)
-
-    def progress(done: int, total: int, message: str) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    lm = None
-    if missing_sections(store, run.run_id, config):
-        lm = models.load_model(
-            None if run.model_id == models.DEFAULT_MODEL else run.model_id, device=args.device
-        )
-    result = report(store, lm, run.run_id, config, progress)
-    bar.close()
-    print_report(result)
-    if args.json:
-        print(json.dumps(result, separators=(",", ":")))
-    return 0
-
-
-def print_report(r: dict) -> None:
-    print(f"run {r['run_id']} ({r['model_id']})")
-    sp = r["sparsity"]["indicators"]
-    print("\nSparsity: share of neurons under 0.2 of the per-token max, per layer")
-    for layer, (a, o) in enumerate(
-        zip(sp["abs"]["share_below_0.2"], sp["output"]["share_below_0.2"], strict=True)
-    ):
-        print(f"  layer {layer:>2}  |a| {a:6.1%}   output {o:6.1%}")
-    print("Loss when the lowest k% of neurons per token are zeroed (held-out prompts)")
-    for i, k in enumerate(r["sparsity"]["ks"]):
-        print(f"  k={k:>2}%  |a| {sp['abs']['loss'][i]:.4f}   output {sp['output']['loss'][i]:.4f}")
-    f = r["functionality"]
-    print("\nFunctionality scores (AP) per layer, mean over categories: real / shuffled labels")
-    print(f"  {'layer':>5}  {'best':>13}  {'top 0.5%':>13}  {'mean':>13}")
-    for layer in range(len(f["real"]["best"][0])):
-        cells = []
-        for stat in ("best", "top_0.5pct", "mean"):
-            real, shuffled = (np.mean([row[layer] for row in f[k][stat]]) for k in ("real", "shuffled"))
-            cells.append(f"{real:.3f} / {shuffled:.3f}")
-        print(f"  {layer:>5}  " + "  ".join(f"{c:>13}" for c in cells))
-    for name in ("ablation_matrix", "ablation_matrix_no_resident"):
-        _print_ablation(name, r[name])
-    o = r["overlap"]
-    pct = r["config"]["percent"]
-    print(f"\nOverlap of the top-{pct:g}% sets ({o['measure']}; random {o['random_expectation']})")
-    _print_matrix(o["categories"], o["categories"], o["matrix"], "{:.3f}")
-    rc = r["recombination"]
-    print(f"\nRecombination: keep only the top neurons of {' + '.join(rc['kept'])}; loss per category")
-    names, values = ["baseline"], [rc["baseline_loss"]]
-    for row in rc["rows"]:
-        names += [f"top {row['percent']:g}% each ({row['share_kept']:.1%} kept)", "  random union, same size"]
-        values += [row["loss"], row["random_loss"]]
-    _print_matrix(names, rc["categories"], values, "{:.3f}")
-
-
-def _print_ablation(name: str, a: dict) -> None:
-    excluded = f", {a['excluded_resident']} resident neurons excluded" if a["excluded_resident"] else ""
-    print(f"\nAblation matrix{excluded}: perplexity increase % (row: whose top-{a['neurons_per_category']} "
-          f"neurons are zeroed; column: whose held-out prompts are measured)")  # fmt: skip
-    print(f"  {a['split']}")
-    _print_matrix(a["categories"] + ["random"], a["categories"], a["increase_pct"] + [a["random"]], "{:+.1f}")
-    dominant = [c for c, d in zip(a["categories"], a["diagonal_dominant"], strict=True) if d]
-    print(f"  diagonal dominates for {len(dominant)}/{len(a['categories'])}: {', '.join(dominant) or 'none'}")
-
-
-def _print_matrix(rows: list[str], cols: list[str], values, fmt: str) -> None:
-    width = max(8, *(len(c) for c in cols)) + 1
-    label = max(len(r) for r in rows) + 2
-    print(" " * label + "".join(f"{c[: width - 1]:>{width}}" for c in cols))
-    for name, row in zip(rows, values, strict=True):
-        print(f"{name:<{label}}" + "".join(f"{fmt.format(v):>{width}}" for v in row))

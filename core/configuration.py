@@ -1,5 +1,5 @@
 """Brick configurations: a versioned JSON document of bricks (sets of FFN neurons) and
-what to do with each; validated loading, merge/diff, and per-layer plans."""
+what to do with each; validated loading and merge/diff (core.live.plan compiles one for the model)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
+from core import models
 from core.errors import BricklabError
 
 SCHEMA_VERSION = 1
@@ -39,7 +40,6 @@ _TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a strin
 _TYPE_NAMES |= {"object": "an object", "array": "a list", "null": "null"}
 _IDENT = re.compile(r"[A-Za-z_]\w*", re.ASCII)
 _EXTRA = ("source", "note", "created", "operations")  # optional top-level fields, carried through
-_RANK = {"keep": 0, "scale": 1, "mean": 2, "off": 3}  # applied in order; last wins
 _FIX = "load the model it was made for, or export it again from this one"
 
 
@@ -258,7 +258,7 @@ class BrickConfig:
         if error is not None:
             raise _schema_error(error)
         if model is not None:
-            _check_model(doc["model"], model)
+            check_model(doc["model"], model)
         bricks = tuple(_brick(i, b) for i, b in enumerate(doc["bricks"]))
         m, extra = doc["model"], [doc.get(k) for k in _EXTRA]
         adapters = tuple(_adapter(i, a) for i, a in enumerate(doc.get("adapters", [])))
@@ -378,13 +378,12 @@ def _schema_error(error) -> ConfigError:
     return ConfigError(_path(*path), f"{problem} (got {_short(value)})")
 
 
-def _check_model(doc_model: dict, model) -> None:
-    for key in ("fingerprint", "n_layers", "d_ff"):
-        got, want = doc_model[key], getattr(model, key)
-        if got != want:
-            mine, theirs = _short(doc_model["id"]), _short(model.model_id)
-            problem = f"the file says {_short(got)} ({mine}), the loaded model {theirs}"
-            raise ConfigError(_path("model", key), f"{problem} has {_short(want)}; {_FIX}")
+def check_model(config, model) -> None:
+    """Refuse a configuration (a BrickConfig, or a file's "model" entry) made for another model than
+    `model` (a core.models.ModelInfo): a ConfigError at model.<the field that differs>."""
+    if (found := models.mismatch(config, model, "this configuration")) is not None:
+        field, problem = found
+        raise ConfigError(_path("model", field), f"{problem}; {_FIX}")
 
 
 def loads(text: str | bytes, model=None) -> BrickConfig:
@@ -418,8 +417,8 @@ def load(path: str | Path, model=None) -> BrickConfig:
 def merge(a: BrickConfig, b: BrickConfig) -> BrickConfig:
     """a's bricks, then b's new ones; on a name clash b's brick replaces a's in place.
     source, note and created come from b where set, else from a."""
-    if (a.fingerprint, a.shape) != (b.fingerprint, b.shape):
-        raise ConfigError("model", "cannot merge configurations of different models")
+    if (found := models.mismatch(b, a, "the second configuration")) is not None:
+        raise ConfigError("model", f"cannot merge configurations of different models: {found[1]}")
     theirs = {brick.name: brick for brick in b.bricks}
     bricks = [theirs.pop(brick.name, brick) for brick in a.bricks]
     extra = {k: getattr(b if getattr(b, k) is not None else a, k) for k in _EXTRA}
@@ -453,73 +452,6 @@ def _brick_diff(x: Brick, y: Brick) -> dict:
 def _minus(p: Brick, q: Brick) -> dict[int, list[int]]:
     less = {k: sorted(set(v) - set(q.neurons.get(k, ()))) for k, v in p.neurons.items()}
     return {layer: indices for layer, indices in less.items() if indices}
-
-
-@dataclass(frozen=True, eq=False)
-class LayerPlan:
-    """How to rewrite one layer's FFN activations a: a' = a * scale + add."""
-
-    scale: np.ndarray  # (d_ff,) float32 multiplier
-    add: np.ndarray  # (d_ff,) float32 added after scaling: the run mean, or 0
-
-
-def compile_plan(config: BrickConfig, means=None) -> dict[int, LayerPlan]:
-    """Plans for the layers that differ from identity. Overlaps: off beats mean beats
-    scale (smallest factor wins) beats keep; with any keep brick, neurons outside all
-    keep bricks are off whatever other bricks say. means: (n_layers, d_ff) float32."""
-    means = _check_means(config, means)
-    plans = {}
-    for layer in _layers(config):
-        scale, add = _layer_arrays(config, layer, means)
-        if np.any(scale != 1) or np.any(add != 0):
-            scale.flags.writeable = add.flags.writeable = False
-            plans[layer] = LayerPlan(scale, add)
-    return plans
-
-
-def active_share(config: BrickConfig) -> float:
-    """Fraction of FFN neurons still computed: not off, not outside a keep, not scaled
-    by 0 and not mean-ablated (those output a constant)."""
-    plans = (_layer_arrays(config, layer, None)[0] for layer in _layers(config))
-    zeroed = sum(int(np.count_nonzero(scale == 0)) for scale in plans)
-    return 1.0 - zeroed / (config.n_layers * config.d_ff)
-
-
-def _layers(config: BrickConfig) -> list[int]:
-    if any(brick.mode == "keep" for brick in config.bricks):
-        return list(range(config.n_layers))
-    return sorted({layer for brick in config.bricks for layer in brick.neurons})
-
-
-def _layer_arrays(config: BrickConfig, layer: int, means) -> tuple[np.ndarray, ...]:
-    scale, add = np.ones(config.d_ff, np.float32), np.zeros(config.d_ff, np.float32)
-    kept = None
-    for brick in sorted(config.bricks, key=lambda b: (_RANK[b.mode], -b.factor)):
-        idx = np.asarray(brick.neurons.get(layer, ()), dtype=np.intp)
-        if brick.mode == "keep":
-            kept = np.zeros(config.d_ff, bool) if kept is None else kept
-            kept[idx] = True
-            continue
-        scale[idx] = brick.factor if brick.mode == "scale" else 0.0
-        mean = brick.mode == "mean" and means is not None
-        add[idx] = means[layer, idx] if mean else 0.0
-    if kept is not None:
-        scale[~kept], add[~kept] = 0.0, 0.0
-    return scale, add
-
-
-def _check_means(config: BrickConfig, means) -> np.ndarray | None:
-    users = [brick.name for brick in config.bricks if brick.mode == "mean"]
-    if not users:
-        return None
-    if means is None:
-        problem = f"bricks {users} use mode 'mean', which needs the run's means"
-        raise ConfigError("means", f"{problem}; pass an (n_layers, d_ff) array")
-    means = np.asarray(means, dtype=np.float32)
-    if means.shape != config.shape or not np.isfinite(means).all():
-        problem = f"expected finite values of shape {config.shape}, got {means.shape}"
-        raise ConfigError("means", f"{problem}; pass the means of a run of this model")
-    return means
 
 
 def problems(text: str | bytes, model=None, limit: int = 20) -> list[ConfigError]:

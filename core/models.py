@@ -165,6 +165,48 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+# --- "is this from this model?" ---------------------------------------------------------------
+
+
+def mismatch(made, model, what: str) -> tuple[str, str] | None:
+    """(field, problem) when `made` does not come from `model`, else None: other weights (fingerprint)
+    or, where `made` records it, another FFN shape (n_layers, d_ff). Both are anything with those
+    fields: a ModelInfo, a store Run, a BrickConfig, a Router (its `shape`), or a dict such as an
+    adapter's metadata or a configuration file's "model" entry. `what` names `made` ("Run 'abc'")."""
+    theirs, mine = _identity(made), _identity(model)
+    for field in ("fingerprint", "n_layers", "d_ff"):
+        if theirs[field] != mine[field] and (field == "fingerprint" or theirs[field] is not None):
+            source = f" ({_shown(theirs['model_id'])})" if theirs["model_id"] else ""
+            return field, (
+                f"{what} was made with another model{source}: its {field} is {_shown(theirs[field])}, "
+                f"but the model {_shown(mine['model_id'])} has {_shown(mine[field])}"
+            )
+    return None
+
+
+def check_match(made, model, what: str, fix: str) -> None:
+    """Refuse `made` unless it comes from `model` (see mismatch): a BricklabError that says what
+    differs, then `fix`."""
+    if (found := mismatch(made, model, what)) is not None:
+        raise BricklabError(f"{found[1]}.", fix)
+
+
+def _identity(x) -> dict:
+    get = x.get if isinstance(x, dict) else lambda key: getattr(x, key, None)
+    shape = get("shape")  # a Router's or a BrickConfig's (n_layers, d_ff)
+    n_layers, d_ff = (
+        shape if isinstance(shape, (tuple, list)) and len(shape) == 2 else (get("n_layers"), get("d_ff"))
+    )
+    model_id = get("model_id") or get("id")  # a configuration file names it "id"
+    return {"fingerprint": get("fingerprint"), "n_layers": n_layers, "d_ff": d_ff, "model_id": model_id}
+
+
+def _shown(value) -> str:
+    """A value as the message shows it: quoted and escaped like JSON, cut at 60 characters."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def pick_device(device: str | None = None) -> str:
     if device:
         return device

@@ -1,6 +1,7 @@
 """Prompt sets: the bundled default, and a person's own JSONL, CSV or plain-text file, validated.
 
 A prompt set is a tuple of `Prompt`s; its hash (over ids, categories and texts) keys captured runs.
+`encode` turns one prompt into the token ids every model pass uses (capture, losses, generation).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import io
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +105,34 @@ def parse_prompts(data: bytes, filename: str, name: str | None = None) -> Prompt
     if dup is not None:
         raise BricklabError(f"'{filename}': the id '{dup}' appears more than once.", "Make ids unique.")
     return PromptSet(name or _display_name(filename), tuple(prompts), tuple(warnings))
+
+
+def from_texts(texts: Iterable[str], name: str | None = None) -> PromptSet:
+    """A prompt set from plain strings, in order: ids p00001, p00002, ..., no categories. Texts are
+    checked like a file's lines (blank ones dropped, long ones cut with a warning)."""
+    if isinstance(texts, (str, bytes)):
+        raise BricklabError("Got one string, not a list of prompts.", "Pass a list of strings: [text].")
+    prompts, warnings = [], []
+    for i, text in enumerate(texts, 1):
+        if not isinstance(text, str):
+            raise BricklabError(f"Prompt {i} is not a string ({type(text).__name__}).", "Pass strings only.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BricklabError(f"Prompt {i} holds a lone surrogate.", "Fix or drop that text.") from None
+        body = _clean(text, f"Prompt {i}", warnings)
+        if body:
+            prompts.append(Prompt(f"p{i:05d}", None, body))
+        if len(prompts) > MAX_PROMPTS:
+            raise BricklabError(f"More than {MAX_PROMPTS:,} prompts; the limit.", "Capture a sample.")
+    if not prompts:
+        raise BricklabError("The list holds no prompts.", "Pass at least one non-empty string.")
+    return PromptSet(name or f"{len(prompts)} texts", tuple(prompts), tuple(warnings))
+
+
+def as_prompt_set(prompts: PromptSet | Iterable[str]) -> PromptSet:
+    """A PromptSet as it is; a list (or any iterable) of strings through from_texts."""
+    return prompts if isinstance(prompts, PromptSet) else from_texts(prompts)
 
 
 def _display_name(filename: str) -> str:
@@ -224,3 +254,41 @@ def _parse_txt(text: str) -> tuple[list[Prompt], list[str]]:
         if body:
             prompts.append(Prompt(f"p{lineno:05d}", None, body))
     return prompts, warnings
+
+
+# --- encoding for the model ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]  # token ids fed to the model (template included)
+    start: int  # the prompt's own tokens are ids[start:end]
+    end: int
+    truncated: bool
+
+
+def token_limit(model, max_tokens: int) -> int:
+    """The most tokens one prompt may have: `max_tokens`, and never more than the model's positions."""
+    return min(max_tokens, getattr(model.config, "max_position_embeddings", 10**9))
+
+
+def encode(tokenizer, text: str, limit: int, chat_template: bool = True) -> Encoded:
+    """Token ids for one prompt, wrapped in the tokenizer's chat template when asked and it has one,
+    cut to `limit` tokens, and the span of the prompt's own tokens inside them."""
+    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    rendered, span = text, (0, len(text))
+    if templated:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        begin = rendered.rfind(text)
+        span = (begin, begin + len(text)) if begin >= 0 else (0, len(rendered))
+    enc = tokenizer(rendered, add_special_tokens=not templated, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if b > span[0] and a < span[1] and b > a]
+    start, end = (inside[0], inside[-1] + 1) if inside else (0, len(ids))
+    truncated = len(ids) > limit
+    if truncated:
+        ids = ids[:limit]
+        start, end = min(start, limit - 1), min(end, limit)
+    return Encoded(ids, start, max(end, start + 1), truncated)

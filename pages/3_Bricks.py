@@ -32,7 +32,12 @@ with st.spinner("Forming bricks: once per run and parameters, then cached…"):
 stable = [b.stability for b in found if b.stability is not None]
 c = st.columns(3)
 c[0].metric("bricks", len(found))
-c[1].metric("functional", f"{bricks.functional_share(found):.0%}", help="Share with an enrichment p ≤ 0.001.")
+if run.categories:
+    c[1].metric(
+        "functional", f"{bricks.functional_share(found):.0%}", help="Share with an enrichment p ≤ 0.001."
+    )
+else:
+    c[1].metric("functional", "–", help="Labels need prompt categories, and this run has none.")
 c[2].metric(
     "stability",
     f"{np.mean(stable):.2f}" if stable else "–",

@@ -6,6 +6,7 @@ import streamlit as st
 
 from core import configuration, export, settings
 from core.errors import BricklabError
+from core.live import plan
 from ui import config_state, export_view, figures, layout, resources
 
 layout.page("Export", "📦", "Take a configuration away as JSON, bring one back, or write a pruned model.")
@@ -16,7 +17,7 @@ text = config.to_json()
 st.subheader("This session's configuration")
 c = st.columns(3)
 c[0].metric("bricks", len(config.bricks))
-c[1].metric("active neurons", f"{configuration.active_share(config):.1%}")
+c[1].metric("active neurons", f"{plan.active_share(config):.1%}")
 c[2].download_button("Download JSON", text, "bricklab-config.json", "application/json", type="primary")
 with st.expander("JSON"):
     st.code(text, language="json")
@@ -26,7 +27,7 @@ upload = st.file_uploader("A bricklab configuration (.json)", type=["json"])
 other = st.file_uploader("Optional: a second one, to compare the two files", type=["json"])
 if upload is not None:
     loaded = export_view.validated(upload, run)
-    share = configuration.active_share(loaded)
+    share = plan.active_share(loaded)
     st.success(f"Valid: {len(loaded.bricks)} bricks for {loaded.model_id}, {share:.1%} of neurons active.")
     if other is None:
         st.markdown("**What loading it changes** (added, removed, changed bricks):")

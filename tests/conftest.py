@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny random-weight Llama with the real tokenizer, a temp cache, a small run."""
+"""Shared fixtures: a tiny random-weight Llama with the real tokenizer, a temp cache, a small run;
+and the helpers that drive pages in Streamlit's AppTest."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,9 @@ import torch
 from core import models, prompts
 from core.capture import run as capture
 from core.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE_TIMEOUT = 180  # seconds per script run: the first run of a page loads the tiny model
 
 
 @pytest.fixture(autouse=True)
@@ -76,3 +81,16 @@ def small_run(tmp_path_factory, tiny_lm, small_prompts):
     result = capture.capture(tiny_lm, small_prompts, s, capture.CaptureConfig(chunk_prompts=8))
     s.close()
     return path, result.run_id
+
+
+def app(name: str):
+    """Streamlit's AppTest of app.py or of a page in pages/ ("3_Bricks.py"); call .run() on it."""
+    from streamlit.testing.v1 import AppTest  # only the tests that drive pages import streamlit
+
+    path = ROOT / ("app.py" if name == "app.py" else f"pages/{name}")
+    return AppTest.from_file(str(path), default_timeout=PAGE_TIMEOUT)
+
+
+def texts(elements) -> str:
+    """The values of AppTest elements (captions, markdown, errors), one a line, to search in."""
+    return "\n".join(str(e.value) for e in elements)

@@ -1,6 +1,5 @@
-"""The paper's analysis on the tiny run: shapes, the split, zero rows, caching, the CLI."""
+"""The paper's analysis on the tiny run: shapes, the split, zero rows, caching, the default run."""
 
-import json
 import shutil
 
 import numpy as np
@@ -8,7 +7,6 @@ import pytest
 
 from core import analysis
 from core.bricks import scores
-from core.cli import main
 from core.live import evaluate
 from core.store import Store
 
@@ -114,15 +112,17 @@ def test_wrong_model_is_refused(copy_store, tiny_lm):
     from core.models import LoadedModel
 
     other = LoadedModel(tiny_lm.model, tiny_lm.tokenizer, replace(tiny_lm.info, fingerprint="not-this-one"))
-    with pytest.raises(BricklabError, match="not the model"):
+    with pytest.raises(BricklabError, match="another model"):
         analysis.Analysis(copy_store[0], other, copy_store[1], QUICK, None)
 
 
-def test_cli_report_json_last_line(reported, capsys):
-    path, run_id, _ = reported
-    assert main(["--db", str(path), "report", "--run", run_id, "--quick", "--json", "--quiet"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(out[-1])
-    assert {"ablation_matrix", "sparsity", "functionality", "overlap", "recombination"} <= set(result)
-    assert len(result["ablation_matrix"]["increase_pct"]) == len(result["ablation_matrix"]["categories"])
-    assert any("Ablation matrix" in line for line in out)
+def test_the_default_run_is_the_largest_complete_one(store):
+    from core.errors import BricklabError
+    from tests.bricks.test_scores import fake_run
+
+    with pytest.raises(BricklabError, match="no complete captured run"):
+        analysis.default_run(store)
+    fake_run(store, np.ones((6, 1, 4)), ["a", "b"] * 3, run_id="big")
+    fake_run(store, np.ones((3, 1, 4)), ["a", "b", "a"], run_id="newer")
+    fake_run(store, np.ones((9, 1, 4)), ["a"] * 9, status="incomplete", run_id="half")
+    assert analysis.default_run(store).run_id == "big"

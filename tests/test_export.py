@@ -1,5 +1,4 @@
-"""Pruned models: plain transformers loads them and their logits equal the masked model's; and the
-`apply` / `prune` commands."""
+"""Pruned models: plain transformers loads them and their logits equal the masked model's."""
 
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from core import cli, configuration, export, models
+from core import configuration, export, models
 from core.configuration import Brick, BrickConfig
 from core.errors import BricklabError
 from core.live.interventions import configured, hook_count
@@ -135,31 +134,3 @@ def test_mean_is_refused_where_the_down_projection_has_no_bias(tmp_path, default
     with pytest.raises(BricklabError, match="no bias"):
         export.prune(lm, make(lm, Brick("m", {0: [1]}, "mean")), tmp_path / "out", OneRun(lm, means), "r1")
     assert not (tmp_path / "out").exists()
-
-
-# --- command line ------------------------------------------------------------------------------
-
-
-def test_cli_apply_prints_both_generations(tiny_lm, tmp_path, capsys):
-    path = tmp_path / "c.json"
-    path.write_text(make(tiny_lm, Brick("a", {0: list(range(90)), 1: list(range(90))}, "off")).to_json())
-    assert cli.main(["apply", str(path), "--prompt", "Hello there", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "baseline:" in out and "configured:" in out and "first divergent token" in out
-    assert "active FFN neurons: 6.2%" in out and "KL(baseline || configured)" in out
-
-
-def test_cli_apply_refuses_too_many_tokens(tiny_lm, tmp_path, capsys):
-    path = tmp_path / "c.json"
-    path.write_text(make(tiny_lm).to_json())
-    assert cli.main(["apply", str(path), "--prompt", "Hi", "--max-new-tokens", "100000"]) == 2
-    assert "max_new_tokens" in capsys.readouterr().err
-
-
-def test_cli_prune_prints_what_it_saved(tiny_lm, tmp_path, capsys):
-    path = tmp_path / "c.json"
-    path.write_text(make(tiny_lm, Brick("k", {0: list(range(48)), 1: list(range(48))}, "keep")).to_json())
-    assert cli.main(["prune", str(path), str(tmp_path / "out")]) == 0
-    out = capsys.readouterr().out
-    saved = 48 * 3 * 64 * 2
-    assert f"saved {saved:,}" in out and "FFN width 96 -> 48" in out

@@ -4,6 +4,7 @@ import functools
 import json
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -140,6 +141,25 @@ def test_fingerprint_is_stable_across_save_and_load(tiny_dir, tiny_lm, tmp_path)
     again.model.save_pretrained(tmp_path, safe_serialization=True)
     again.tokenizer.save_pretrained(tmp_path)
     assert models.load_model(str(tmp_path), device="cpu").info.fingerprint == tiny_lm.info.fingerprint
+
+
+def test_the_model_check_names_what_differs_both_values_and_the_fix():
+    info = models.ModelInfo("tiny", "llama", "f1", 2, 96, 64, "cpu")
+    run = {"model_id": "other", "fingerprint": "f2", "n_layers": 2, "d_ff": 96}
+    with pytest.raises(BricklabError) as err:
+        models.check_match(run, info, "Run r1", "Load the other model.")
+    assert str(err.value) == (
+        'Run r1 was made with another model ("other"): its fingerprint is "f2", '
+        'but the model "tiny" has "f1". Load the other model.'
+    )
+    router = SimpleNamespace(fingerprint="f1", shape=(2, 48))  # no model id: none is named
+    assert models.mismatch(router, info, "The router") == (
+        "d_ff",
+        'The router was made with another model: its d_ff is 48, but the model "tiny" has 96',
+    )
+    assert models.mismatch({"fingerprint": "f1"}, info, "adapter") is None  # no shape recorded: not compared
+    assert models.mismatch({"model_id": "tiny"}, info, "adapter")[0] == "fingerprint"  # none recorded
+    models.check_match(run | {"fingerprint": "f1"}, info, "Run r1", "")
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):

@@ -113,3 +113,41 @@ def test_files_over_the_size_limit_are_refused_before_reading(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(BricklabError, match="does not exist"):
         prompts.load_prompt_file(tmp_path / "nope.jsonl")
+
+
+def test_plain_strings_become_a_prompt_set_with_a_stable_hash():
+    ps = prompts.from_texts(["  Hello  ", "", "World"])
+    assert [(p.id, p.category, p.text) for p in ps.prompts] == [
+        ("p00001", None, "Hello"),
+        ("p00003", None, "World"),
+    ]
+    assert ps.hash == prompts.from_texts(["Hello", " ", "World"]).hash  # ids follow positions, blanks dropped
+    assert prompts.as_prompt_set(ps) is ps
+    assert prompts.as_prompt_set(iter(["Hello"])).prompts[0].text == "Hello"
+
+
+@pytest.mark.parametrize(
+    "texts, says",
+    [
+        ("one string", "not a list"),
+        (["ok", 3], r"Prompt 2 is not a string \(int\)"),
+        (["", "  "], "no prompts"),
+        (["\ud800"], "surrogate"),
+    ],
+)
+def test_bad_plain_strings_are_refused(texts, says):
+    with pytest.raises(BricklabError, match=says):
+        prompts.from_texts(texts)
+
+
+def test_encode_cuts_at_the_limit_and_the_model_caps_the_limit(tiny_lm):
+    text = "Name three colours and one number."
+    full = prompts.encode(tiny_lm.tokenizer, text, 10**6)
+    assert not full.truncated and full.start < full.end <= len(full.ids)
+    cut = prompts.encode(tiny_lm.tokenizer, text, full.start + 2)
+    assert cut.truncated and cut.ids == full.ids[: full.start + 2] and cut.end == full.start + 2
+    plain = prompts.encode(tiny_lm.tokenizer, text, 10**6, chat_template=False)
+    assert (plain.start, plain.end) == (0, len(plain.ids)) and len(plain.ids) < len(full.ids)
+    positions = tiny_lm.model.config.max_position_embeddings
+    assert prompts.token_limit(tiny_lm.model, 10**9) == positions
+    assert prompts.token_limit(tiny_lm.model, 5) == 5

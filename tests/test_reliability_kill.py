@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from core.bricks import candidates as bricks
-from core.bricks import neuron_map
 from core.bricks.candidates import BrickParams
 from core.bricks.neuron_map import MapParams
-from core.store import Store
+from core.store import Store, codec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MAP = MapParams(pca=8, n_neighbors=5, min_cluster_size=5, min_samples=2, n_epochs=20)
@@ -71,18 +70,9 @@ def decoded_results(store: Store) -> dict:
     rows = store.cursor().execute("SELECT kind, params, payload FROM results").fetchall()
     out = {}
     for kind, params, payload in rows:
-        if kind == "map":
-            m = neuron_map._decode(bytes(payload), None)
-            out[kind, params] = (m.coords.tobytes(), m.labels.tobytes())
-        elif kind == "bricks":
-            out[kind, params] = [brick_values(b) for b in bricks._decode(bytes(payload))]
-        else:  # other derived arrays (e.g. functionality scores): plain bytes
-            out[kind, params] = bytes(payload)
+        arrays, meta = codec.unpack(bytes(payload))
+        out[kind, params] = ({k: (a.dtype.str, a.shape, a.tobytes()) for k, a in arrays.items()}, meta)
     return out
-
-
-def brick_values(b: bricks.Brick) -> tuple:
-    return (b.brick_id, b.neurons.tobytes(), b.layers, b.label, b.p_values, b.top_tokens, b.stability)
 
 
 def private_copy(path, dest: Path) -> Path:

@@ -23,6 +23,7 @@ from core.errors import BricklabError
 from core.live import compare
 from core.routing import tradeoff
 from core.store import Store
+from tests.conftest import app
 from tests.test_models import _Trap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,14 +216,12 @@ FORMULAS = ["=SUM(A1:A3)", "+1+2", "-2+3", "@SUM(1)", "=cmd|' /C calc'!A0"]
 def test_the_capture_page_shows_stores_formula_cells_verbatim_under_a_hostile_name(
     monkeypatch, tmp_path, tiny_dir
 ):
-    from streamlit.testing.v1 import AppTest
-
     db = tmp_path / "upload.duckdb"
     monkeypatch.setenv("BRICKLAB_DB", str(db))
     monkeypatch.setenv("BRICKLAB_MODEL", tiny_dir)
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    at = AppTest.from_file(str(ROOT / "pages" / "1_Capture.py"), default_timeout=180).run()
+    at = app("1_Capture.py").run()
     at.radio[0].set_value("My own file").run()
     at.file_uploader[0].set_value(("../../etc/passwd.csv", FORMULA_CSV, "text/csv")).run()
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])

@@ -1,5 +1,7 @@
-"""The DuckDB cache: schema, run look-ups and their errors, deletion, derived results, one writer."""
+"""The DuckDB cache: schema, run look-ups and their errors, deletion, derived results and their
+codec, a capture's chunk rows, one writer."""
 
+import io
 import json
 import shutil
 import subprocess
@@ -11,7 +13,7 @@ import pytest
 
 from core import store as store_module
 from core.errors import BricklabError
-from core.store import Run, Store
+from core.store import Run, Store, codec
 
 
 def add_run(s: Store, run_id: str, status: str = "complete", n_prompts: int = 2) -> None:
@@ -137,3 +139,127 @@ def test_a_file_held_by_another_process_gets_a_clear_error(tmp_path):
         holder.wait()
     time.sleep(0.1)
     Store(path).close()
+
+
+# the codec of cached arrays and results
+
+CODEC_ARRAYS = {
+    "f16": np.array([0.5, -1.0, np.inf], np.float16),
+    "f32": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "f64": np.array(np.pi),  # 0-d
+    "i8": np.array([-128, 0, 127], np.int8),
+    "i64": np.array([[2**40, -(2**40)]], np.int64),
+    "u64": np.array([2**64 - 1], np.uint64),
+    "bool": np.array([True, False, True]),
+    "c64": np.array([1 + 2j], np.complex64),
+    "big_endian": np.array([1, 256], ">i4"),
+    "text": np.array(["Ġthe", "▁Paris"]),
+    "empty": np.zeros(0, np.int32),
+    "empty_2d": np.zeros((3, 0), np.float32),
+    "strided": np.arange(20, dtype=np.int16).reshape(4, 5).T[::2],  # not contiguous
+}
+
+
+def test_codec_round_trips_dtypes_shapes_and_meta():
+    meta = {"fingerprint": "abc", "shape": [2, 3], "p": [0.5, None], "nested": {"k": ["a"]}}
+    arrays, back = codec.unpack(codec.pack(CODEC_ARRAYS, meta))
+    assert back == meta and list(arrays) == list(CODEC_ARRAYS)
+    for name, original in CODEC_ARRAYS.items():
+        assert arrays[name].dtype == original.dtype and arrays[name].shape == original.shape, name
+        np.testing.assert_array_equal(arrays[name], original)
+    arrays["f32"][0, 0] = 7  # writeable, as np.load gave, and no other array shares its bytes
+    assert arrays["f32"][0, 0] == 7 and arrays["i8"][0] == -128
+    assert codec.unpack(codec.pack({})) == ({}, None)
+
+
+def test_codec_refuses_what_it_cannot_store_or_read():
+    with pytest.raises(ValueError, match="dtype object"):
+        codec.pack({"bad": np.array([{}], dtype=object)})
+    with pytest.raises(ValueError, match="dtype"):
+        codec.pack({"record": np.zeros(2, dtype=[("a", "i4")])})
+    npz = io.BytesIO()
+    np.savez(npz, coords=np.zeros(3))  # a payload from before the codec
+    with pytest.raises(ValueError, match="not a bricklab result payload"):
+        codec.unpack(npz.getvalue())
+    payload = codec.pack({"x": np.arange(100)})
+    with pytest.raises(ValueError, match="truncated"):
+        codec.unpack(payload[:-8])
+    newer = payload[:4] + (codec.VERSION + 1).to_bytes(2, "little") + payload[6:]
+    with pytest.raises(ValueError, match=f"format {codec.VERSION + 1}"):
+        codec.unpack(newer)
+
+
+def test_cached_arrays_round_trip_and_ignore_payloads_of_an_older_format(store):
+    params = {"a": 1, "b": [2, 3]}
+    npz = io.BytesIO()
+    np.savez(npz, scores=np.ones(3))
+    store.put_result("r", "functionality", params, npz.getvalue())  # as an older bricklab cached it
+    assert store.get_arrays("r", "functionality", params) is None  # a miss: recomputed, never misread
+    store.put_arrays("r", "functionality", params, {"scores": np.arange(3.0)}, {"n": 3})
+    arrays, meta = store.get_arrays("r", "functionality", {"b": [2, 3], "a": 1})
+    np.testing.assert_array_equal(arrays["scores"], [0, 1, 2])
+    assert meta == {"n": 3}
+    assert store.get_arrays("r", "functionality", {"a": 2, "b": [2, 3]}) is None
+    assert store.get_arrays("r", "resident", params) is None
+
+
+def test_json_results_stay_plain_json(store):
+    assert store.get_json("r", "analysis.overlap", {"k": 1}) is None
+    store.put_json("r", "analysis.overlap", {"k": 1}, {"matrix": [[1.0, None]], "names": ["a"]})
+    assert store.get_json("r", "analysis.overlap", {"k": 1}) == {"matrix": [[1.0, None]], "names": ["a"]}
+    raw = store.get_result("r", "analysis.overlap", {"k": 1})
+    assert json.loads(raw) == {"matrix": [[1.0, None]], "names": ["a"]}  # caches of older versions still read
+
+
+# the capture's chunk rows
+
+
+def write_chunk(s: Store, chunk: int, n_tokens, partial: float = 1.0) -> None:
+    """A chunk of one prompt (prompt index = chunk) over one layer of 4 neurons, with 2 tokens."""
+    s.write_chunk(
+        "r", chunk, chunk,
+        acts=[[np.full(4, chunk, np.float16)]], bits=[[np.zeros((2, 1), np.uint64)]],
+        tokens={"prompt_idx": [chunk] * 2, "pos": [0, 1], "token_id": [5, 6], "token": ["Ġa", "b"],
+                "truncated": [False, False]},
+        partials=[(0, "sum_abs", np.full(4, partial))], n_tokens=n_tokens, seconds=0.5,
+    )  # fmt: skip
+
+
+def test_chunks_are_written_read_back_in_chunk_order_and_finished(store):
+    add_run(store, "r", status="incomplete")
+    assert store.chunk_totals("r") == (0, 0.0)
+    write_chunk(store, 1, n_tokens=2, partial=2.0)  # committed out of order, as shards may be
+    write_chunk(store, 0, n_tokens=2, partial=1.0)
+    assert store.done_chunks("r") == {0, 1} and store.chunk_totals("r") == (4, 1.0)
+    parts = store.chunk_partials("r", 0)
+    assert list(parts) == ["sum_abs"]
+    assert [np.frombuffer(b, np.float64)[0] for b in parts["sum_abs"]] == [1.0, 2.0]  # chunk order
+    assert store.prompt_tokens("r", [1, 0]) == {0: ["Ġa", "b"], 1: ["Ġa", "b"]}
+    assert store.prompt_tokens("r", []) == {}
+    # one top example: neuron (0, 0) at rank 0 peaks on prompt 1, position 1 (token "b")
+    top = {name: np.array([v], np.int32) for name, v in (("layer", 0), ("neuron", 0), ("rank", 0))}
+    top |= {"prompt_idx": np.ones(1, np.int32), "pos": np.ones(1, np.int32), "value": np.ones(1, np.float32)}
+    means = np.array([0.25, 0.5, 0.75, 1.0], np.float32)
+    store.finish_run("r", [(0, "mean_abs", means)], top, n_tokens=4, seconds=1.0)
+    run = store.require_run("r")
+    assert run.complete and run.n_tokens == 4 and run.seconds == 1.0
+    np.testing.assert_array_equal(store.prompt_activations("r")[:, 0], [0, 1])
+    assert store.firing_bits("r", 0).shape == (4, 1)
+    assert store.chunk_partials("r", 0) == {}  # partials are dropped once summed
+    np.testing.assert_array_equal(store.layer_array("r", "mean_abs"), [means])
+    assert store.neuron_stats("r", 0, 2) == {"mean_abs": 0.75}
+    assert store.neuron_examples("r", 0, 0) == [(0, 1, "id1", "math", 1, 1.0)]
+    assert store.search_tokens("r", "b", exact=True, limit=5) == [(0, 0, 1, 1, 1.0)]
+
+
+def test_a_chunk_that_fails_halfway_leaves_no_row(store):
+    add_run(store, "r", status="incomplete")
+    with pytest.raises(Exception, match="(?i)convert|cast"):
+        write_chunk(store, 0, n_tokens="not a number")  # its last statement fails
+    assert store.done_chunks("r") == set()
+    assert all(count(store, t, "r") == 0 for t in ("prompt_acts", "firing", "tokens", "chunk_arrays"))
+
+
+def test_prompt_text(store):
+    add_run(store, "r")
+    assert store.prompt_text("r", 1) == "text 1" and store.prompt_text("r", 5) is None

@@ -21,7 +21,7 @@ LABELS = {"grow": "Grow", "shrink": "Shrink", "merge": "Merge", "split": "Split"
 LAST, ERROR = "edit-last", "edit-error"  # the last operation (applied or undone), the last refusal
 
 
-def show(run: Run, found: list[core_bricks.Brick]) -> None:
+def show(run: Run, found: list[core_bricks.Candidate]) -> None:
     st.subheader("Edit bricks")
     st.caption(INTRO)
     chosen = config_state.chosen(run)
@@ -71,7 +71,7 @@ def _call(op: str, firing: Firing, bricks: dict, name: str) -> brick_ops.Outcome
     return brick_ops.rename(firing, bricks, name, state[f"edit-name-{name}"], state[f"edit-label-{name}"])
 
 
-def _apply(run: Run, computed: dict[str, core_bricks.Brick]) -> None:
+def _apply(run: Run, computed: dict[str, core_bricks.Candidate]) -> None:
     """Button callback (it runs before the page, so it may point the brick picker at the result)."""
     chosen, op, name = config_state.chosen(run), st.session_state["edit-op"], st.session_state["edit-brick"]
     involved = [name, st.session_state.get("edit-other")] if op == "merge" else [name]

@@ -10,6 +10,7 @@ import streamlit as st
 
 from core import configuration
 from core.bricks import candidates as core_bricks
+from core.bricks import configure
 from core.bricks import ops as brick_ops
 from core.configuration import BrickConfig
 from core.store import Run
@@ -33,7 +34,7 @@ def chosen(run: Run) -> dict[str, configuration.Brick]:
     return dict(_mine(run))
 
 
-def set_brick(run: Run, brick: core_bricks.Brick, mode: str, factor: float = 1.0) -> None:
+def set_brick(run: Run, brick: core_bricks.Candidate, mode: str, factor: float = 1.0) -> None:
     """Put a computed brick in the configuration with a mode (off, mean, scale, keep)."""
     _mine(run)[brick.brick_id] = core_bricks.brick_to_config(brick, run.n_layers, run.d_ff, mode, factor)
 
@@ -78,11 +79,9 @@ def adopt(run: Run, bricks: dict[str, configuration.Brick], log: brick_ops.OpLog
 
 def build(run: Run, note: str | None = None) -> BrickConfig:
     """The session's configuration as a BrickConfig for the run's model."""
-    return BrickConfig(
-        model_id=run.model_id, fingerprint=run.fingerprint, n_layers=run.n_layers, d_ff=run.d_ff,
-        bricks=tuple(_mine(run).values()), source={"run_id": run.run_id}, note=note,
-        operations=history(run).records() or None, adapters=tuple(adapters(run).values()),
-    )  # fmt: skip
+    return configure.config_from_bricks(
+        run, _mine(run).values(), note, history(run).records(), adapters(run).values()
+    )
 
 
 def adapters(run: Run) -> dict[str, configuration.AdapterRef]:

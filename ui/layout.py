@@ -69,17 +69,12 @@ def require_run() -> Run:
 
 def run_model(run: Run) -> models.LoadedModel:
     """The model a run was captured with (loaded once per process), or a clear error and a stop."""
+    fix = f"The weights of '{run.model_id}' changed since the capture: capture the prompt set again."
     try:
         lm = resources.model(run.model_id)
+        models.check_match(run, lm.info, f"Run '{run.run_id}'", fix)
     except BricklabError as exc:
         resources.show_error(exc)
-    if lm.info.fingerprint != run.fingerprint:
-        resources.show_error(
-            BricklabError(
-                f"The weights of '{run.model_id}' changed since run {run.run_id} was captured.",
-                "Capture the prompt set again with the current weights.",
-            )
-        )
     return lm
 
 

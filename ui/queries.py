@@ -53,7 +53,7 @@ def search_tokens(run_id: str, text: str, exact: bool) -> list[dict]:
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def bricks_of(run_id: str, params: dict) -> list[bricks.Brick]:
+def bricks_of(run_id: str, params: dict) -> list[bricks.Candidate]:
     return bricks.compute_bricks(resources.store(), run_id, bricks.BrickParams.from_dict(params))
 
 

@@ -18,16 +18,23 @@ from core.store import Run
 from ui import figures, layout, queries, resources
 
 MODES = ("Manual bricks", "Auto (router)")
+LABELS = {  # core.routing.tradeoff.PRESETS -> how the app names each router
+    "category": "category",
+    "static": "static",
+    "token_oracle": "token · oracle",
+    "token_learned": "token · learned",
+    "neuron_oracle": "neurons · oracle",
+}
 ABOUT = {
     "category": "guesses the prompt's category from its first {layers} layers and runs that category's "
     "neurons (plus the neurons every category uses)",
     "static": "runs one fixed set for every prompt: the neurons that matter most to any category",
-    "token · oracle": "per token and layer, runs the co-activation bricks ({size} neurons) with the most "
+    "token_oracle": "per token and layer, runs the co-activation bricks ({size} neurons) with the most "
     "activation; it must compute every neuron's activation to know, so it shows the quality token routing "
     "could reach and saves only the down projection's work",
-    "token · learned": "per token and layer, a small linear map predicts which co-activation bricks "
+    "token_learned": "per token and layer, a small linear map predicts which co-activation bricks "
     "({size} neurons) will be most active, and only those run",
-    "neurons · oracle": "per token and layer, computes every neuron's activation and runs the down "
+    "neuron_oracle": "per token and layer, computes every neuron's activation and runs the down "
     "projection only for the most active single neurons; it saves only the down projection's work, "
     "but at 35% it kept the loss of the dense model on held-out prompts (benchmarks/routing.py); token "
     "routers run the prompt dense and route each generated token",
@@ -41,11 +48,12 @@ def auto_mode() -> bool:
 
 def router_picker() -> RouterParams:
     left, right = st.columns([3, 2])
-    preset = left.radio("Router", list(tradeoff.PRESETS), horizontal=True, key="auto-kind")
+    presets = {LABELS[preset]: preset for preset in tradeoff.PRESETS}
+    label = left.radio("Router", list(presets), horizontal=True, key="auto-kind")
     percent = right.slider("Budget: share of each layer's neurons", 10, 90, 35, 5, format="%d%%")
-    params = tradeoff.router_params(preset, percent / 100)
-    about = ABOUT[preset].format(layers=params.profile_layers, size=params.brick_size)
-    left.caption(f"The **{preset}** router {about}.")
+    params = tradeoff.router_params(presets[label], percent / 100)
+    about = ABOUT[presets[label]].format(layers=params.profile_layers, size=params.brick_size)
+    left.caption(f"The **{label}** router {about}.")
     return params
 
 
@@ -192,8 +200,8 @@ def curve_section(run: Run, params: tradeoff.CurveParams = tradeoff.CurveParams(
             resources.show_error(exc)
         st.rerun()  # redraw from the cache, without the button and the progress bar
     lines = {
-        name: ([p["active_share"] for p in points], [p["loss_ratio"] for p in points])
-        for name, points in result["lines"].items()
+        LABELS[preset]: ([p["active_share"] for p in points], [p["loss_ratio"] for p in points])
+        for preset, points in result["lines"].items()
     }
     title = "Loss relative to dense vs share of FFN neurons that ran"
     st.plotly_chart(figures.tradeoff(lines, title))

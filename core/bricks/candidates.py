@@ -5,16 +5,11 @@ label, top tokens and a stability score, cached per parameters.
 
 from __future__ import annotations
 
-import io
-import json
 import math
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 from scipy import sparse
 
 from core import configuration
@@ -22,14 +17,13 @@ from core.bricks import neuron_map, scores
 from core.bricks.neuron_map import MapParams
 from core.errors import BricklabError
 from core.kernels import coact as kernels
+from core.progress import Progress
 from core.store import Run, Store
 
-Progress = Callable[[int, int, str], None]  # (steps done, steps total, message)
 Method = Literal["coact", "functional", "map"]
 METHODS = ("coact", "functional", "map")
 GRAPHS = ("jaccard", "pmi", "counts")
 _WEIGHT_SCALE = 1000  # METIS wants integer edge weights: the strongest edge gets this
-_TOKEN_SCORE = "n / (n_all + 10.0)"  # see top_tokens
 VERSION = 1  # part of every cache key: bump it when the way bricks are computed changes
 
 
@@ -89,7 +83,10 @@ class BrickParams:
 
 
 @dataclass(frozen=True, eq=False)
-class Brick:
+class Candidate:
+    """A brick found in a run (a group of neurons from a partition), with its evidence; `brick_to_config`
+    turns it into the core.configuration.Brick that a configuration applies."""
+
     brick_id: str  # e.g. "coact-L03-07", "functional-coding", "map-12"
     method: str  # the BrickParams.method that made it
     neurons: np.ndarray  # sorted global ids (layer * d_ff + index), int32, read-only
@@ -103,7 +100,7 @@ class Brick:
 
 def compute_bricks(
     store: Store, run_id: str | None, params: BrickParams = BrickParams(), progress: Progress | None = None
-) -> list[Brick]:
+) -> list[Candidate]:
     """The run's bricks for `params`; computed once, then read from the cache."""
     run = store.require_run(run_id)
     if params.method == "coact" and params.size > run.d_ff:
@@ -111,19 +108,19 @@ def compute_bricks(
             f"Brick size {params.size} is larger than the layer width d_ff = {run.d_ff}.",
             f"Choose a size between 1 and {run.d_ff}.",
         )
-    if (cached := store.get_result(run.run_id, "bricks", params.key())) is not None:
-        return _decode(cached)
+    if (cached := store.get_arrays(run.run_id, "bricks", params.key())) is not None:
+        return _from_arrays(*cached)
     with store.run_lock(f"{run.run_id}:bricks"):
-        if (cached := store.get_result(run.run_id, "bricks", params.key())) is not None:
-            return _decode(cached)
+        if (cached := store.get_arrays(run.run_id, "bricks", params.key())) is not None:
+            return _from_arrays(*cached)
         report = progress or (lambda done, total, message: None)
         groups, ids, stability = _GROUPERS[params.method](store, run, params, report)
         bricks = _describe(store, run, params, groups, ids, stability)
-        store.put_result(run.run_id, "bricks", params.key(), _encode(bricks))
+        store.put_arrays(run.run_id, "bricks", params.key(), *_to_arrays(bricks))
     return bricks
 
 
-def brick_to_config(brick: Brick, n_layers: int, d_ff: int, mode: str = "off", factor: float = 1.0):
+def brick_to_config(brick: Candidate, n_layers: int, d_ff: int, mode: str = "off", factor: float = 1.0):
     """The brick as a core.configuration.Brick (layer -> indices) to apply or export."""
     if len(brick.neurons) and brick.neurons[-1] >= n_layers * d_ff:
         raise BricklabError(
@@ -135,12 +132,12 @@ def brick_to_config(brick: Brick, n_layers: int, d_ff: int, mode: str = "off", f
     return configuration.Brick(brick.brick_id, neurons, mode, factor, brick.label)
 
 
-def functional_share(bricks: list[Brick]) -> float:
+def functional_share(bricks: list[Candidate]) -> float:
     return float(np.mean([b.label is not None for b in bricks])) if bricks else 0.0
 
 
 def random_baseline_share(
-    store: Store, run_id: str | None, bricks: list[Brick], params: BrickParams, repeats: int = 10
+    store: Store, run_id: str | None, bricks: list[Candidate], params: BrickParams, repeats: int = 10
 ) -> float:
     """Share labelled functional when each neuron id is swapped for a random one of the same
     layer (a random partition with the bricks' sizes and layer mix), averaged over `repeats`."""
@@ -179,6 +176,11 @@ def _coact_groups(store: Store, run: Run, params: BrickParams, report: Progress)
 
 def _functional_groups(store: Store, run: Run, params: BrickParams, report: Progress):
     _, names = scores.category_labels(store, run.run_id)
+    if not names:
+        raise BricklabError(
+            f"Functional bricks need prompt categories, and run '{run.run_id}' has none.",
+            "Use the coact or map method, or capture a prompt set whose prompts have a 'category'.",
+        )
     exclude = scores.resident_neurons(store, run.run_id) if params.exclude_resident else None
 
     def tops(half):
@@ -293,11 +295,14 @@ def _membership(groups: list[np.ndarray], n: int) -> sparse.csr_matrix:
 
 
 def _p_values(store: Store, run: Run, params: BrickParams, groups: list[np.ndarray]) -> np.ndarray:
+    """float64 (n_groups, n_categories) enrichment p-values; no columns for a run without categories."""
+    if not run.categories:
+        return np.ones((len(groups), 0))
     top = scores.top_neurons(scores.functionality_scores(store, run.run_id), params.label_percent)
     return scores.enrichment(groups, top, run.n_layers, run.d_ff)
 
 
-def _describe(store: Store, run: Run, params: BrickParams, groups, ids, stability) -> list[Brick]:
+def _describe(store: Store, run: Run, params: BrickParams, groups, ids, stability) -> list[Candidate]:
     _, names = scores.category_labels(store, run.run_id)
     p = _p_values(store, run, params, groups)
     tokens = top_tokens(store, run, groups, params.n_tokens)
@@ -311,11 +316,12 @@ def _describe(store: Store, run: Run, params: BrickParams, groups, ids, stabilit
     return bricks
 
 
-def _brick(brick_id, method, neurons, d_ff, label, p_values, tokens, stability) -> Brick:
+def _brick(brick_id, method, neurons, d_ff, label, p_values, tokens, stability) -> Candidate:
     neurons = np.sort(np.asarray(neurons, dtype=np.int32))
     neurons.flags.writeable = False
     layers = tuple(int(x) for x in np.unique(neurons // d_ff))
-    return Brick(brick_id, method, neurons, layers, len(neurons), label, p_values, tuple(tokens), stability)
+    size = len(neurons)
+    return Candidate(brick_id, method, neurons, layers, size, label, p_values, tuple(tokens), stability)
 
 
 def top_tokens(store: Store, run: Run, groups: list[np.ndarray], n: int) -> list[list[str]]:
@@ -323,102 +329,27 @@ def top_tokens(store: Store, run: Run, groups: list[np.ndarray], n: int) -> list
     if n == 0 or not groups:
         return [[] for _ in groups]
     ids = np.concatenate(groups).astype(np.int64)
-    members = pa.table(
-        {
-            "grp": np.repeat(np.arange(len(groups), dtype=np.int32), [len(g) for g in groups]),
-            "layer": (ids // run.d_ff).astype(np.int32),
-            "neuron": (ids % run.d_ff).astype(np.int32),
-        }
-    )
-    # Rank by n / (n_all + 10): a token counts when the brick holds much of the neurons that
-    # have it among their top examples; the +10 keeps rare tokens (and "the") from topping lists.
-    sql = f"""
-        WITH ex AS (
-            SELECT e.layer, e.neuron, t.token FROM top_examples e
-            JOIN tokens t ON t.run_id = e.run_id AND t.prompt_idx = e.prompt_idx AND t.pos = e.pos
-            WHERE e.run_id = ?
-        ),
-        everywhere AS (SELECT token, count(DISTINCT (layer, neuron)) AS n_all FROM ex GROUP BY token),
-        mine AS (
-            SELECT m.grp, ex.token, count(DISTINCT (ex.layer, ex.neuron)) AS n
-            FROM ex JOIN _members m ON ex.layer = m.layer AND ex.neuron = m.neuron
-            GROUP BY m.grp, ex.token
-        )
-        SELECT grp, token FROM mine JOIN everywhere USING (token)
-        QUALIFY row_number() OVER (PARTITION BY grp ORDER BY {_TOKEN_SCORE} DESC, token) <= ?
-        ORDER BY grp, {_TOKEN_SCORE} DESC, token
-    """
-    cur = store.cursor()
-    cur.register("_members", members)
-    try:
-        rows = cur.execute(sql, [run.run_id, n]).fetchall()
-    finally:
-        cur.unregister("_members")
-        cur.close()
+    group = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    rows = store.group_tokens(run.run_id, group, ids // run.d_ff, ids % run.d_ff, n)
     out = [[] for _ in groups]
     for grp, token in rows:
         out[grp].append(token)
     return out
 
 
-def _encode(bricks: list[Brick]) -> bytes:
+def _to_arrays(bricks: list[Candidate]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The bricks as the store caches them: all neuron ids in one array, the rest as JSON."""
     meta = [{k: v for k, v in vars(b).items() if k != "neurons"} for b in bricks]
-    buffer = io.BytesIO()
     neurons = np.concatenate([b.neurons for b in bricks]) if bricks else np.zeros(0, np.int32)
     sizes = np.array([b.size for b in bricks], np.int64)
-    np.savez(buffer, neurons=neurons, sizes=sizes, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-    return buffer.getvalue()
+    return {"neurons": neurons, "sizes": sizes}, meta
 
 
-def _decode(payload: bytes) -> list[Brick]:
-    arrays = np.load(io.BytesIO(payload), allow_pickle=False)
-    meta = json.loads(arrays["meta"].tobytes())
+def _from_arrays(arrays: dict[str, np.ndarray], meta: list[dict]) -> list[Candidate]:
     neurons = np.split(arrays["neurons"], np.cumsum(arrays["sizes"])[:-1]) if meta else []
     out = []
     for m, ids in zip(meta, neurons, strict=True):
         ids.flags.writeable = False
         fields = m | {"neurons": ids, "layers": tuple(m["layers"]), "top_tokens": tuple(m["top_tokens"])}
-        out.append(Brick(**fields))
+        out.append(Candidate(**fields))
     return out
-
-
-# --- command line ----------------------------------------------------------------------------
-
-
-def cmd_bricks(args) -> int:
-    import time
-
-    store = Store(args.db)
-    run = store.require_run(args.run)
-    print(f"run {run.run_id}: {run.n_layers} layers x {run.d_ff} neurons, {run.n_prompts} prompts")
-    print(f"{'method':10}  {'bricks':>6}  {'mean size':>9}  {'functional':>10}  {'random':>7}  "
-          f"{'stability':>9}  {'seconds':>7}")  # fmt: skip
-    made = {}
-    for method in [args.method] if args.method else METHODS:
-        params = BrickParams(method=method, size=args.size, stability=not args.no_stability)
-        started = time.perf_counter()
-        made[method] = found = compute_bricks(store, run.run_id, params)
-        seconds = time.perf_counter() - started
-        random_share = random_baseline_share(store, run.run_id, found, params)
-        stable = [b.stability for b in found if b.stability is not None]
-        stability = f"{np.mean(stable):.3f}" if stable else "-"
-        size, share = np.mean([b.size for b in found] or [0]), functional_share(found)
-        print(f"{method:10}  {len(found):>6}  {size:>9.1f}  {share:>10.1%}  {random_share:>7.1%}  "
-              f"{stability:>9}  {seconds:>7.1f}")  # fmt: skip
-    for method, found in made.items():
-        counts = Counter(b.label for b in found if b.label).most_common()
-        print(f"labels ({method}): {', '.join(f'{k} {v}' for k, v in counts) or 'none'}")
-    print("random: the share for random bricks of the same sizes and layer mix (mean of 10 draws)")
-    if "functional" in made:
-        sets = [brick.neurons for brick in made["functional"]]
-        print("\n" + scores.layer_report(store, run.run_id, sets))
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("bricks", help="candidate bricks of a run, with labels and stability")
-    p.add_argument("--run", help="run id (default: the newest complete run)")
-    p.add_argument("--method", choices=METHODS, help="one method (default: all three)")
-    p.add_argument("--size", type=int, default=BrickParams.size, help="coact: neurons per brick (32)")
-    p.add_argument("--no-stability", action="store_true", help="skip the half-prompt recomputation")
-    p.set_defaults(func=cmd_bricks)

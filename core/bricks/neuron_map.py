@@ -4,17 +4,14 @@ prompts, and clustered with HDBSCAN; cached per parameters. umap and hdbscan loa
 
 from __future__ import annotations
 
-import io
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from core.errors import BricklabError
+from core.progress import Progress
 from core.store import Store
 
-Progress = Callable[[int, int, str], None]  # (steps done, steps total, message)
 STEPS = 3  # features, embedding, clustering
 
 
@@ -96,15 +93,16 @@ def compute_map(
             f"with n_neighbors {params.n_neighbors}.",
             "Lower n_neighbors, or capture more prompts.",
         )
-    cached = store.get_result(run.run_id, "map", params.to_dict())
+    cached = store.get_arrays(run.run_id, "map", params.to_dict())
     if cached is not None:
-        return _decode(cached, params)
+        return _from_arrays(cached[0], params)
     with store.run_lock(f"{run.run_id}:map"):
-        cached = store.get_result(run.run_id, "map", params.to_dict())
+        cached = store.get_arrays(run.run_id, "map", params.to_dict())
         if cached is not None:
-            return _decode(cached, params)
+            return _from_arrays(cached[0], params)
         result = _compute(store, run.run_id, params, progress)
-        store.put_result(run.run_id, "map", params.to_dict(), _encode(result))
+        arrays = {"coords": result.coords, "labels": result.labels}
+        store.put_arrays(run.run_id, "map", params.to_dict(), arrays)
     return result
 
 
@@ -137,46 +135,7 @@ def _compute(store: Store, run_id: str, params: MapParams, progress: Progress | 
     return NeuronMap(coords, labels, params)
 
 
-def _encode(result: NeuronMap) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, coords=result.coords, labels=result.labels)
-    return buffer.getvalue()
-
-
-def _decode(payload: bytes, params: MapParams) -> NeuronMap:
-    arrays = np.load(io.BytesIO(payload), allow_pickle=False)
+def _from_arrays(arrays: dict[str, np.ndarray], params: MapParams) -> NeuronMap:
     coords, labels = arrays["coords"], arrays["labels"]
     coords.flags.writeable = labels.flags.writeable = False
     return NeuronMap(coords, labels, params)
-
-
-def cmd_map(args) -> int:
-    from core.bricks import scores
-
-    store = Store(args.db)
-    run = store.require_run(args.run)
-    params = MapParams(min_cluster_size=args.min_cluster_size, seed=args.seed)
-    started = time.perf_counter()
-    result = compute_map(store, run.run_id, params)
-    seconds = time.perf_counter() - started
-    noise = float(np.mean(result.labels < 0))
-    print(f"run {run.run_id}: {len(result.labels):,} neurons, {result.n_clusters} clusters, "
-          f"{noise:.1%} noise ({seconds:.1f} s)")  # fmt: skip
-    labels, names = scores.category_labels(store, run.run_id)
-    top = scores.top_neurons(scores.functionality_scores(store, run.run_id), 1.0)
-    print(f"{'cluster':>7}  {'neurons':>7}  {'layers':>9}  best category (share of its top-1%)")
-    for c, ids in enumerate(result.clusters()):
-        layers = ids // run.d_ff
-        shares = [np.isin(t, ids).mean() for t in top]
-        best = int(np.argmax(shares)) if shares else -1
-        tag = f"{names[best]} ({shares[best]:.0%})" if best >= 0 else "-"
-        print(f"{c:>7}  {len(ids):>7}  {layers.min():>4}-{layers.max():<4}  {tag}")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("map", help="embed every neuron in 2-D (UMAP) and cluster it (HDBSCAN)")
-    p.add_argument("--run", help="run id (default: the newest complete run)")
-    p.add_argument("--min-cluster-size", type=int, default=MapParams.min_cluster_size)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_map)

@@ -13,7 +13,8 @@ from core.bricks import scores
 from core.capture import run as capture
 from core.errors import BricklabError
 from core.live import interventions
-from core.models import LoadedModel
+from core.models import LoadedModel, check_match
+from core.prompts import encode, token_limit
 from core.store import Store
 
 
@@ -58,20 +59,8 @@ def neuron_detail(
     """Everything the cache knows about one neuron (a few small queries, no model call)."""
     run = check_neuron(store, run_id, layer, neuron)
     layer, neuron = int(layer), int(neuron)
-    cur = store.cursor()
-    stats = {}
-    sql = (
-        "SELECT name, data FROM layer_arrays WHERE run_id = ? AND layer = ? "
-        "AND name IN ('mean_abs', 'mean_act', 'fire_rate')"
-    )
-    for name, data in cur.execute(sql, [run.run_id, layer]).fetchall():
-        stats[name] = float(np.frombuffer(data, np.float32)[neuron])
-    sql = (
-        "SELECT e.rank, e.prompt_idx, p.prompt_id, p.category, e.pos, e.value FROM top_examples e "
-        "JOIN prompts p ON p.run_id = e.run_id AND p.prompt_idx = e.prompt_idx "
-        "WHERE e.run_id = ? AND e.layer = ? AND e.neuron = ? ORDER BY e.rank"
-    )
-    rows = cur.execute(sql, [run.run_id, layer, neuron]).fetchall()
+    stats = store.neuron_stats(run.run_id, layer, neuron)
+    rows = store.neuron_examples(run.run_id, layer, neuron)
     texts = _prompt_tokens(store, run.run_id, sorted({r[1] for r in rows}))
     examples = tuple(Example(*r[:5], float(r[5]), texts.get(r[1], ())) for r in rows)
     category_scores = {}
@@ -85,16 +74,8 @@ def neuron_detail(
 
 
 def _prompt_tokens(store: Store, run_id: str, prompt_idxs: list[int]) -> dict[int, tuple[str, ...]]:
-    if not prompt_idxs:
-        return {}
-    sql = (
-        "SELECT prompt_idx, token FROM tokens WHERE run_id = ? AND prompt_idx IN "
-        f"({', '.join('?' * len(prompt_idxs))}) ORDER BY prompt_idx, pos"
-    )
-    out: dict[int, list[str]] = {}
-    for idx, token in store.cursor().execute(sql, [run_id, *prompt_idxs]).fetchall():
-        out.setdefault(idx, []).append(display_token(token))
-    return {idx: tuple(tokens) for idx, tokens in out.items()}
+    tokens = store.prompt_tokens(run_id, prompt_idxs)
+    return {idx: tuple(display_token(t) for t in row) for idx, row in tokens.items()}
 
 
 def neuron_stat(store: Store, run_id: str, name: str) -> np.ndarray:
@@ -113,25 +94,14 @@ def token_activations(
     """Signed activation of one neuron at each of a captured prompt's own tokens, recomputed with the
     model (same tokenisation as the capture). float32 (n_tokens,)."""
     run = check_neuron(store, run_id, layer, neuron)
-    if lm.info.fingerprint != run.fingerprint:
-        raise BricklabError(
-            f"Run '{run.run_id}' was captured with another model ({run.model_id}).",
-            f"Load {run.model_id} to recompute its activations.",
-        )
-    rows = (
-        store.cursor()
-        .execute(
-            "SELECT text FROM prompts WHERE run_id = ? AND prompt_idx = ?", [run.run_id, int(prompt_idx)]
-        )
-        .fetchall()
-    )
-    if not rows:
+    check_match(run, lm.info, f"Run '{run.run_id}'", f"Load {run.model_id} to recompute its activations.")
+    text = store.prompt_text(run.run_id, int(prompt_idx))
+    if text is None:
         raise BricklabError(
             f"Run '{run.run_id}' has no prompt {prompt_idx}.", "Pick one of the run's prompts."
         )
     config = capture.CaptureConfig(**run.settings)
-    limit = min(config.max_tokens, getattr(lm.model.config, "max_position_embeddings", 10**9))
-    enc = capture.encode(lm.tokenizer, rows[0][0], config, limit)
+    enc = encode(lm.tokenizer, text, token_limit(lm.model, config.max_tokens), config.chat_template)
     seen: list[torch.Tensor] = []
 
     def observe(a: torch.Tensor) -> torch.Tensor:
@@ -155,20 +125,7 @@ def search_tokens(store: Store, run_id: str, text: str, exact: bool = True, limi
     needle = text.strip().lower()
     if not needle:
         raise BricklabError("The search text is empty.", "Type a word or token, e.g. Paris.")
-    plain = "lower(trim(replace(replace(replace(t.token, 'Ġ', ' '), '▁', ' '), 'Ċ', ' ')))"
-    if exact:
-        match, value = f"{plain} = ?", needle
-    else:
-        escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        match, value = f"{plain} LIKE ? ESCAPE '\\'", f"%{escaped}%"
-    sql = (
-        "WITH hit AS (SELECT prompt_idx, pos FROM tokens t WHERE t.run_id = ? AND " + match + ") "
-        "SELECT e.layer, e.neuron, count(*) AS hits, count(DISTINCT e.prompt_idx) AS prompts, "
-        "max(e.value) AS best FROM top_examples e "
-        "JOIN hit h ON h.prompt_idx = e.prompt_idx AND h.pos = e.pos WHERE e.run_id = ? "
-        "GROUP BY e.layer, e.neuron ORDER BY hits DESC, best DESC, e.layer, e.neuron LIMIT ?"
-    )
-    rows = store.cursor().execute(sql, [run.run_id, value, run.run_id, int(limit)]).fetchall()
+    rows = store.search_tokens(run.run_id, needle, exact, limit)
     keys = ("layer", "neuron", "hits", "prompts", "best")
     return [dict(zip(keys, r, strict=True)) for r in rows]
 

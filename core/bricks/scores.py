@@ -4,8 +4,6 @@ top neurons they select, and the "resident" neurons that are strongly active for
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from scipy.special import gammaln
 from scipy.stats import hypergeom
@@ -46,9 +44,9 @@ def functionality_scores(
     params = {"shuffled": bool(shuffled)}
     params |= {"seed": int(seed)} if shuffled or half is not None else {}
     params |= {"half": int(half)} if half is not None else {}
-    cached = store.get_result(run.run_id, "functionality", params)
+    cached = store.get_arrays(run.run_id, "functionality", params)
     if cached is not None:
-        return _load(cached)
+        return cached[0]["scores"]
     labels, names = category_labels(store, run.run_id)
     if not names:
         raise BricklabError(
@@ -64,7 +62,7 @@ def functionality_scores(
     # Uncategorised prompts count as "rest" for every category: give them one extra label.
     extra = np.where(labels < 0, len(names), labels)
     scores = kernels.average_precision(X, extra, len(names) + 1)[: len(names)]
-    store.put_result(run.run_id, "functionality", params, _dump(scores))
+    store.put_arrays(run.run_id, "functionality", params, {"scores": scores})
     return scores
 
 
@@ -106,9 +104,9 @@ def resident_neurons(
         )
     run = store.require_run(run_id)
     params = {"quantile": float(quantile), "share": float(share)}
-    cached = store.get_result(run.run_id, "resident", params)
+    cached = store.get_arrays(run.run_id, "resident", params)
     if cached is not None:
-        return _load(cached)
+        return cached[0]["ids"]
     labels, names = category_labels(store, run.run_id)
     acts = store.prompt_activations(run.run_id).reshape(run.n_prompts, run.n_layers, run.d_ff)
     strong = acts > np.quantile(acts, quantile, axis=2, keepdims=True).astype(acts.dtype)
@@ -117,7 +115,7 @@ def resident_neurons(
         rows = strong[labels == c].reshape(-1, run.n_layers * run.d_ff)
         resident &= rows.mean(axis=0) >= share if len(rows) else False
     ids = np.flatnonzero(resident).astype(np.int32) if names else np.zeros(0, np.int32)
-    store.put_result(run.run_id, "resident", params, _dump(ids))
+    store.put_arrays(run.run_id, "resident", params, {"ids": ids})
     return ids
 
 
@@ -176,27 +174,20 @@ def layer_summary(scores: np.ndarray, n_layers: int) -> dict[str, np.ndarray]:
     }
 
 
-def layer_report(store: Store, run_id: str | None, functional: list[np.ndarray]) -> str:
-    """The paper's Fig. 8 as text: per layer, the best, 5 per-mille and mean functionality score
-    over all neurons, and the mean score of the functional sets' neurons (one set per category,
-    scored for it), each against the same statistic with shuffled labels."""
+def layer_table(store: Store, run_id: str | None, functional: list[np.ndarray]) -> dict[str, dict]:
+    """The paper's Fig. 8 in numbers: per layer, the best, 5 per-mille and mean functionality
+    score over all neurons, and the count and mean score of the functional sets' neurons (one set
+    per category, scored for it); under "real", and under "shuffled" the same statistics with
+    shuffled labels (the shuffled sets are the top neurons of the shuffled scores)."""
     run = store.require_run(run_id)
     real = functionality_scores(store, run.run_id)
     fake = functionality_scores(store, run.run_id, shuffled=True)
-    a, b = layer_summary(real, run.n_layers), layer_summary(fake, run.n_layers)
     percent = 100 * np.mean([len(s) for s in functional]) / real.shape[1] if functional else 5.0
-    n, mine = _set_scores(real, functional, run.n_layers, run.d_ff)
-    _, theirs = _set_scores(fake, top_neurons(fake, percent), run.n_layers, run.d_ff)
-    lines = ["functionality per layer: real (shuffled labels)"]
-    heads = ("best", "5 per mille", "mean", "set neurons", "set mean")
-    lines.append(f"{'layer':>5}" + "".join(f"  {h:>{11 if h == 'set neurons' else 13}}" for h in heads))
-    for layer in range(run.n_layers):
-        cells = [f"{a[k][layer]:.3f} ({b[k][layer]:.3f})" for k in ("best", "permille5", "mean")]
-        cells.append(f"{mine[layer]:.3f} ({theirs[layer]:.3f})")
-        lines.append(
-            f"{layer:>5}  {cells[0]:>13}  {cells[1]:>13}  {cells[2]:>13}  {n[layer]:>11}  {cells[3]:>13}"
-        )
-    return "\n".join(lines)
+    out = {}
+    for name, s, sets in (("real", real, functional), ("shuffled", fake, top_neurons(fake, percent))):
+        n, mean = _set_scores(s, sets, run.n_layers, run.d_ff)
+        out[name] = layer_summary(s, run.n_layers) | {"set_neurons": n, "set_mean": mean}
+    return out
 
 
 def _set_scores(scores: np.ndarray, sets: list[np.ndarray], n_layers: int, d_ff: int):
@@ -206,13 +197,3 @@ def _set_scores(scores: np.ndarray, sets: list[np.ndarray], n_layers: int, d_ff:
     count = np.bincount(layer, minlength=n_layers)
     with np.errstate(invalid="ignore"):
         return count, np.bincount(layer, weights=value, minlength=n_layers) / count
-
-
-def _dump(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _load(payload: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(payload), allow_pickle=False)

@@ -27,8 +27,8 @@ PARTIAL_NAMES = (
 )
 
 
-# CUDA: the fused reductions on a stream beside the forward pass's (gpu_capture.py --inline times both;
-# on an H200, capture / bare in four runs beside 1.092-1.098, in line 1.093-1.110: within noise)
+# CUDA: the fused reductions run on a stream beside the forward pass's, taking what it leaves of the
+# device; in line they cost the same within noise (benchmarks/gpu_capture.py --inline compares them)
 OVERLAP = True
 
 
@@ -259,7 +259,7 @@ class ChunkReducer:
         """Distributions of |a| and output magnitude over every `hist_stride`-th token.
 
         Most values fall in the lowest bins, so each of 64 row groups counts into its own copy of
-        the bins: a plain histogram would serialise on a few atomics (5x slower on an H200).
+        the bins: a plain histogram would serialise on the atomics of those few bins.
         """
         step, bins = self.config.hist_stride, self.config.hist_bins
         for slot, values in enumerate((absx[::step].float(), out[::step].float())):
@@ -291,8 +291,8 @@ class ChunkReducer:
         """The chunk's partial reductions as (layer, name, array) rows for `chunk_arrays`.
 
         Every kind for every layer at once, copied to the host together (on CUDA into pinned memory,
-        then one wait) in their stored dtypes: 8 ms a chunk on an H200, where a copy and a wait per
-        layer and kind took 57-76 ms.
+        then one wait) in their stored dtypes: a copy and a wait per layer and kind would stall the
+        device once per array.
         """
         if self.side is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.side)
@@ -329,19 +329,15 @@ class ChunkReducer:
 
 def merge_partials(store, run_id: str, n_layers: int, top_k: int, n_tokens: int):
     """Sum chunk partials per layer; merge the chunks' top examples (stable, chunk order)."""
-    cur = store.cursor()
-    # One layer's partials at a time: all of them at once grow with the number of chunks
-    # (about 10 MB per chunk on the default model), so capture memory grew with the prompt set.
-    sql = "SELECT name, data FROM chunk_arrays WHERE run_id = ? AND layer = ? ORDER BY chunk"
     dtypes = {"sum_act": np.float64, "sum_abs": np.float64, "fire_count": np.float64,
               "hist_abs": np.int64, "hist_out": np.int64, "top_val": np.float32,
               "top_prompt": np.int32, "top_pos": np.int32}  # fmt: skip
     layer_rows, top = [], {"layer": [], "neuron": [], "rank": [], "prompt_idx": [], "pos": [], "value": []}
     denom = max(n_tokens, 1)
     for layer in range(n_layers):
-        parts: dict[str, list[bytes]] = {}
-        for name, data in cur.execute(sql, [run_id, layer]).fetchall():
-            parts.setdefault(name, []).append(bytes(data))
+        # One layer's partials at a time: all of them at once would grow with the number of chunks
+        # (about 10 MB per chunk on the default model), and capture memory with the prompt set.
+        parts = store.chunk_partials(run_id, layer)
         arr = {name: [np.frombuffer(b, dtypes[name]) for b in parts[name]] for name in PARTIAL_NAMES}
         layer_rows += [
             (layer, "mean_act", (sum(arr["sum_act"]) / denom).astype(np.float32)),

@@ -12,21 +12,18 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import numpy as np
-import pyarrow as pa
 import torch
 
 from core import models
 from core.capture.reduce import ChunkReducer
 from core.models import LoadedModel
-from core.prompts import PromptSet
+from core.progress import Progress
+from core.prompts import PromptSet, as_prompt_set, encode, token_limit
 from core.store import Store
-
-Progress = Callable[[int, int, str], None]  # (prompts done, prompts total, message)
 
 
 @dataclass(frozen=True)
@@ -76,14 +73,6 @@ class CaptureResult:
     warnings: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Encoded:
-    ids: list[int]  # token ids fed to the model (template included)
-    start: int  # the prompt's own tokens are ids[start:end]
-    end: int
-    truncated: bool
-
-
 # Bump when what a run stores changes meaning (2: one top example per prompt), so older runs miss the cache.
 FORMAT_VERSION = 2
 
@@ -93,30 +82,9 @@ def run_id_for(fingerprint: str, prompt_hash: str, config: CaptureConfig) -> str
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def encode(tokenizer, text: str, config: CaptureConfig, limit: int) -> Encoded:
-    """Token ids for one prompt and the span of the prompt's own tokens inside them."""
-    rendered, span = text, (0, len(text))
-    if config.chat_template and getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        begin = rendered.rfind(text)
-        span = (begin, begin + len(text)) if begin >= 0 else (0, len(rendered))
-    add_special = not (config.chat_template and getattr(tokenizer, "chat_template", None))
-    enc = tokenizer(rendered, add_special_tokens=add_special, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    inside = [i for i, (a, b) in enumerate(offsets) if b > span[0] and a < span[1] and b > a]
-    start, end = (inside[0], inside[-1] + 1) if inside else (0, len(ids))
-    truncated = len(ids) > limit
-    if truncated:
-        ids = ids[:limit]
-        start, end = min(start, limit - 1), min(end, limit)
-    return Encoded(ids, start, max(end, start + 1), truncated)
-
-
 def capture(
     lm: LoadedModel,
-    prompt_set: PromptSet,
+    prompt_set: PromptSet | Iterable[str],
     store: Store,
     config: CaptureConfig = CaptureConfig(),
     progress: Progress | None = None,
@@ -124,11 +92,13 @@ def capture(
 ) -> CaptureResult:
     """Capture a run, or return at once when the same run is already cached (a cache hit).
 
+    `prompt_set`: a PromptSet, or plain strings (prompts.from_texts makes them one).
     With `shard=(i, n)` only chunks c with c % n == i are captured and the run is left for
     `core.capture.shards.merge` to finish: n processes or machines can share one prompt set.
     """
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= I < N")
+    prompt_set = as_prompt_set(prompt_set)
     info = lm.info
     run_id = run_id_for(info.fingerprint, prompt_set.hash, config)
     with store.run_lock(run_id):
@@ -136,8 +106,8 @@ def capture(
         if existing and existing.complete:
             return CaptureResult(run_id, True, False, existing.n_tokens or 0, 0.0)
         started = time.perf_counter()
-        limit = min(config.max_tokens, getattr(lm.model.config, "max_position_embeddings", 10**9))
-        encoded = [encode(lm.tokenizer, p.text, config, limit) for p in prompt_set.prompts]
+        limit = token_limit(lm.model, config.max_tokens)
+        encoded = [encode(lm.tokenizer, p.text, limit, config.chat_template) for p in prompt_set.prompts]
         warnings = (
             tuple(
                 f"Prompt '{p.id}' is longer than {limit} tokens and was truncated."
@@ -170,11 +140,8 @@ def capture(
             )
             reported += hi - lo
         if shard is not None:
-            sql = "SELECT coalesce(sum(n_tokens), 0) FROM chunks WHERE run_id = ?"
-            n_tokens = store.cursor().execute(sql, [run_id]).fetchone()[0]
-            return CaptureResult(
-                run_id, False, bool(done), int(n_tokens), time.perf_counter() - started, warnings
-            )
+            n_tokens, _ = store.chunk_totals(run_id)
+            return CaptureResult(run_id, False, bool(done), n_tokens, time.perf_counter() - started, warnings)
         n_tokens = finalise(store, run_id, info.n_layers, config)
         seconds = time.perf_counter() - started
         if progress:
@@ -275,93 +242,35 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, 
         reducer.file(previous)
 
 
-def blobs(arrays: list[np.ndarray]) -> pa.Array:
-    """A BLOB column from numpy arrays with one copy (a list of bytes objects would take two)."""
-    sizes = np.array([a.nbytes for a in arrays], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    if offsets[-1] >= 2**31:
-        data = [a.tobytes() for a in arrays]
-        return pa.array(data, pa.large_binary())
-    flat = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays]) if arrays else np.zeros(0, np.uint8)
-    return pa.Array.from_buffers(
-        pa.binary(), len(arrays), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(flat)]
-    )
-
-
 def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds) -> None:
-    """Everything a chunk produced, in one transaction: it lands whole or not at all."""
-    n, L = len(encoded), reducer.n_layers
-    prompt_idx = np.repeat(np.arange(lo, lo + n, dtype=np.int32), L)
-    layer_idx = np.tile(np.arange(L, dtype=np.int32), n)
-    means = blobs([reducer.prompt_means[i][layer] for i in range(n) for layer in range(L)])
-    bits = blobs([reducer.prompt_bits[i][layer] for i in range(n) for layer in range(L)])
-    tok_prompt, tok_pos, tok_id, tok_text, tok_trunc = [], [], [], [], []
+    """Everything a chunk produced, committed by the store in one transaction."""
+    n = len(encoded)
+    tokens = {"prompt_idx": [], "pos": [], "token_id": [], "token": [], "truncated": []}
     for i, e in enumerate(encoded):
         own = e.ids[e.start : e.end]
-        tok_prompt += [lo + i] * len(own)
-        tok_pos += list(range(len(own)))
-        tok_id += own
-        tok_text += tokenizer.convert_ids_to_tokens(own)
-        tok_trunc += [e.truncated] * len(own)
-    with store.write() as cur:
-        base = {"run_id": [run_id] * len(means), "prompt_idx": prompt_idx, "layer": layer_idx}
-        store.insert(cur, "prompt_acts", {**base, "mean_abs": means})
-        store.insert(cur, "firing", {**base, "bits": bits})
-        store.insert(
-            cur,
-            "tokens",
-            {
-                "run_id": [run_id] * len(tok_id),
-                "prompt_idx": pa.array(tok_prompt, pa.int32()),
-                "pos": pa.array(tok_pos, pa.int32()),
-                "token_id": pa.array(tok_id, pa.int32()),
-                "token": pa.array([str(t) for t in tok_text], pa.string()),
-                "truncated": pa.array(tok_trunc, pa.bool_()),
-            },
-        )
-        rows = reducer.partials(lo)
-        store.insert(
-            cur,
-            "chunk_arrays",
-            {
-                "run_id": [run_id] * len(rows),
-                "chunk": pa.array([chunk] * len(rows), pa.int32()),
-                "layer": pa.array([r[0] for r in rows], pa.int32()),
-                "name": [r[1] for r in rows],
-                "data": blobs([r[2] for r in rows]),
-            },
-        )
-        cur.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", [run_id, chunk, reducer.n_tokens, seconds])
+        tokens["prompt_idx"] += [lo + i] * len(own)
+        tokens["pos"] += list(range(len(own)))
+        tokens["token_id"] += own
+        tokens["token"] += tokenizer.convert_ids_to_tokens(own)
+        tokens["truncated"] += [e.truncated] * len(own)
+    store.write_chunk(
+        run_id,
+        chunk,
+        lo,
+        acts=[reducer.prompt_means[i] for i in range(n)],
+        bits=[reducer.prompt_bits[i] for i in range(n)],
+        tokens=tokens,
+        partials=reducer.partials(lo),
+        n_tokens=reducer.n_tokens,
+        seconds=seconds,
+    )
 
 
 def finalise(store: Store, run_id: str, n_layers: int, config: CaptureConfig) -> int:
     """Sum the chunks' partial reductions into the run's final arrays and mark it complete."""
     from core.capture.reduce import merge_partials
 
-    cur = store.cursor()
-    n_tokens, seconds = cur.execute(
-        "SELECT sum(n_tokens), sum(seconds) FROM chunks WHERE run_id = ?", [run_id]
-    ).fetchone()
-    layer_rows, top_rows = merge_partials(store, run_id, n_layers, config.top_k, int(n_tokens))
-    with store.write() as cur:
-        cur.execute("DELETE FROM layer_arrays WHERE run_id = ?", [run_id])
-        cur.execute("DELETE FROM top_examples WHERE run_id = ?", [run_id])
-        store.insert(
-            cur,
-            "layer_arrays",
-            {
-                "run_id": [run_id] * len(layer_rows),
-                "layer": pa.array([r[0] for r in layer_rows], pa.int32()),
-                "name": [r[1] for r in layer_rows],
-                "data": blobs([r[2] for r in layer_rows]),
-            },
-        )
-        n_top = len(top_rows["layer"])  # ~1M rows on the default model: no Python list of ids
-        store.insert(cur, "top_examples", {"run_id": pa.repeat(pa.scalar(run_id), n_top), **top_rows})
-        cur.execute("DELETE FROM chunk_arrays WHERE run_id = ?", [run_id])
-        cur.execute(
-            "UPDATE runs SET status = 'complete', n_tokens = ?, seconds = ?, finished = current_timestamp "
-            "WHERE run_id = ?",
-            [int(n_tokens), float(seconds), run_id],
-        )
-    return int(n_tokens)
+    n_tokens, seconds = store.chunk_totals(run_id)
+    layer_rows, top_rows = merge_partials(store, run_id, n_layers, config.top_k, n_tokens)
+    store.finish_run(run_id, layer_rows, top_rows, n_tokens, seconds)
+    return n_tokens

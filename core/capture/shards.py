@@ -11,41 +11,19 @@ import json
 import tempfile
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 
 from core import settings
 from core.capture import run as capture
 from core.errors import BricklabError
+from core.progress import Progress
 from core.prompts import Prompt, PromptSet
 from core.store import Store
-
-CHUNK_TABLES = ("chunks", "prompt_acts", "firing", "tokens", "chunk_arrays")
 
 
 def export_shard(path: str | Path) -> dict[str, pa.Table]:
     """Every run row and chunk row of a shard file, as Arrow tables (cheap to ship between machines)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BricklabError(f"The shard '{path}' does not exist.", "Check the path.")
-    try:
-        con = duckdb.connect(str(path), read_only=True)
-    except duckdb.Error as exc:
-        raise BricklabError(
-            f"'{path}' is not a bricklab shard ({exc}).", "Give shard files written by capture --shard."
-        ) from exc
-    try:
-        tables = {
-            name: con.sql(f"SELECT * FROM {name}").to_arrow_table()
-            for name in ("runs", "prompts", *CHUNK_TABLES)
-        }
-    except duckdb.Error as exc:
-        raise BricklabError(
-            f"'{path}' is not a bricklab shard ({exc}).", "Give shard files written by capture --shard."
-        ) from exc
-    finally:
-        con.close()
-    return tables
+    return Store.read_shard(path)
 
 
 def merge_tables(store: Store, tables: dict[str, pa.Table]) -> list[str]:
@@ -55,57 +33,25 @@ def merge_tables(store: Store, tables: dict[str, pa.Table]) -> list[str]:
         run_id = run["run_id"]
         run_ids.append(run_id)
         existing = store.run(run_id)
-        if existing is not None and existing.settings != json.loads(run["settings"]):
+        captured_with = json.loads(run["settings"])
+        if existing is not None and existing.settings != captured_with:
             raise BricklabError(
                 f"Shards of run {run_id} disagree on capture settings.", "Capture all shards alike."
             )
         done = store.done_chunks(run_id)
-        with store.write() as cur:
-            if existing is None:
-                row = {k: v for k, v in run.items() if k not in ("created", "finished")}
-                row.update(status="incomplete", n_tokens=None, seconds=None)
-                prompts = [r for r in tables["prompts"].to_pylist() if r["run_id"] == run_id]
-                store.create_run(
-                    cur, row, [(p["prompt_idx"], p["prompt_id"], p["category"], p["text"]) for p in prompts]
-                )
-            new_chunks = [c for c in _chunks_of(tables["chunks"], run_id) if c not in done]
-            for name in CHUNK_TABLES:
-                _insert_chunk_rows(store, cur, name, tables, run_id, new_chunks)
+        new_run = None
+        if existing is None:
+            row = {k: v for k, v in run.items() if k not in ("created", "finished")}
+            row.update(status="incomplete", n_tokens=None, seconds=None)
+            prompts = [r for r in tables["prompts"].to_pylist() if r["run_id"] == run_id]
+            new_run = (row, [(p["prompt_idx"], p["prompt_id"], p["category"], p["text"]) for p in prompts])
+        new_chunks = [c for c in _chunks_of(tables["chunks"], run_id) if c not in done]
+        store.add_shard_chunks(run_id, tables, new_chunks, int(captured_with["chunk_prompts"]), new_run)
     return run_ids
 
 
 def _chunks_of(chunks: pa.Table, run_id: str) -> list[int]:
     return [r["chunk"] for r in chunks.to_pylist() if r["run_id"] == run_id]
-
-
-def _insert_chunk_rows(store, cur, name, tables, run_id, new_chunks) -> None:
-    """Rows of one table that belong to the new chunks (prompt-keyed tables map prompts to chunks)."""
-    table = tables[name]
-    if not new_chunks or table.num_rows == 0:
-        return
-    cur.register("_shard_rows", table)
-    try:
-        if "chunk" in table.column_names:
-            where = "chunk IN (SELECT unnest(?))"
-        else:
-            where = "prompt_idx // ? IN (SELECT unnest(?))"
-        params = (
-            [run_id, new_chunks]
-            if "chunk" in table.column_names
-            else [run_id, _chunk_size(tables, run_id), new_chunks]
-        )
-        columns = ", ".join(table.column_names)
-        cur.execute(
-            f"INSERT INTO {name} ({columns}) SELECT {columns} FROM _shard_rows WHERE run_id = ? AND {where}",
-            params,
-        )
-    finally:
-        cur.unregister("_shard_rows")
-
-
-def _chunk_size(tables, run_id) -> int:
-    run = next(r for r in tables["runs"].to_pylist() if r["run_id"] == run_id)
-    return int(json.loads(run["settings"])["chunk_prompts"])
 
 
 def finish(store: Store, run_ids: list[str]) -> list[str]:
@@ -152,7 +98,7 @@ def capture_ray(
     n_shards: int,
     address: str | None = None,
     device: str | None = None,
-    progress=None,
+    progress: Progress | None = None,
 ) -> str:
     """Fan the shards out as Ray tasks (one per GPU, or per CPU slot) and merge them into `store`."""
     try:

@@ -61,7 +61,7 @@ def _select_pack_kernel(
 def _kth_key(key, k):
     """The largest t with at least k keys >= t (keys in [0, 2^15)), one bit a step.
 
-    (Two bits a step, three counts packed in one int64 reduction, ran 15% slower on an H200.)
+    One bit a step: two bits a step, with three counts packed in one int64 reduction, is slower.
     """
     t = 0
     for bit in tl.static_range(14, -1, -1):
@@ -198,8 +198,8 @@ def _kth_pair_key_near(key, k, guess, NEAR: tl.constexpr):
     """_kth_pair_key for one row, searching first the 2^NEAR keys from guess - 2^(NEAR - 1).
 
     A row's mean key (its log-magnitude) plus the last row's cut-off minus its mean key predicts the
-    cut-off: on SmolLM2-135M the k-th largest lay in such a 128-key window for 98.2% of tokens
-    (benchmarks/select_window.py). Then 2 + NEAR block reductions (the mean's among them) find it, not
+    cut-off, nearly always within a 128-key window on a real model (benchmarks/select_window.py
+    measures how often). Then 2 + NEAR block reductions (the mean's among them) find it, not
     15; otherwise the full search follows: 17, or 18 + NEAR, in all. Exact either way: the window is
     checked, never trusted.
     """
@@ -283,9 +283,8 @@ def _count_bits_kernel(
     tl.atomic_add(count_ptr + neuron, total, mask=neuron < d)
 
 
-# The paired kernel's settings; gpu_capture.py --kernels times others (H200, 8192 x 14336: these 0.60 ms,
-# 0.75 with the full search always, the one-lane kernel 1.11; two rows a reduction, 32 warps or 64
-# registers spill and ran 1.05-1.12 ms)
+# The paired kernel's settings: the fastest that benchmarks/gpu_capture.py --kernels found, which also
+# times the alternatives (two rows a reduction, 32 warps or 64 registers spill registers)
 PAIRS = {
     "per_program": 64,
     "rows_at_once": 1,
@@ -343,7 +342,7 @@ def select_pack(
 
 def count_bits(bits, counts, d: int, steps=32, rows=8, words=32) -> None:
     """Add each neuron's firing count over the (N, 2W) words `bits` into counts (d,) int32; or over
-    the (L, N, 2W) words of L layers into (L, d) counts at once (one launch: 0.04 ms a layer apart).
+    the (L, N, 2W) words of L layers into (L, d) counts at once (one launch instead of one a layer).
     Both contiguous."""
     layers = bits.shape[0] if bits.dim() == 3 else 1
     n, n_words = bits.shape[-2:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,8 +15,8 @@ import torch
 from core import models, prompts, settings
 from core.errors import BricklabError
 from core.live import adapters, compare
+from core.progress import Progress
 
-Progress = Callable[[int, int, str], None]  # (steps done, steps total, message)
 FACTS_PATH = settings.ROOT / "data" / "facts" / "invented_country.jsonl"
 MAX_TEXTS = 2000
 

@@ -4,7 +4,6 @@ switches an adapter on never changes what another session's forward passes compu
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import hashlib
 import json
@@ -21,13 +20,11 @@ from safetensors.torch import save as st_save
 from core import models, settings
 from core.configuration import ConfigError
 from core.errors import BricklabError
-from core.live.hooks import SharedInstall
+from core.live.hooks import Dispatcher
 
 MODULES = ("gate", "up", "down")  # the FFN projections an adapter may change
 META_KEY = "bricklab_adapter"  # safetensors metadata entry holding the adapter's JSON description
 Active = Sequence[tuple["Adapter", float]]  # adapters switched on, each with its factor
-
-_active: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bricklab_adapters", default=None)
 
 
 def adapters_dir() -> Path:
@@ -148,9 +145,9 @@ def load(sha: str, info: models.ModelInfo | None = None, directory=None, where="
     stamp = path.stat() if path.is_file() else None
     key = (str(path), sha, stamp and (stamp.st_mtime_ns, stamp.st_size))
     adapter = _cached(key, where) if stamp else decode(read(sha, directory, where))
-    if info is not None and adapter.meta["fingerprint"] != info.fingerprint:
-        problem = f"adapter {sha[:12]}… was trained on {adapter.meta['model_id']}, not the loaded model"
-        raise ConfigError(where, f"{problem}; load the model it was trained on, or train it again")
+    found = None if info is None else models.mismatch(adapter.meta, info, f"adapter {sha[:12]}…")
+    if found is not None:
+        raise ConfigError(where, f"{found[1]}; load the model it was trained on, or train it again")
     return adapter
 
 
@@ -196,51 +193,41 @@ def resolve(lm: models.LoadedModel, config) -> tuple[tuple[Adapter, float], ...]
 # --- live application -----------------------------------------------------------------------------
 
 
-def _hook(module, args, output):
-    terms = (_active.get() or {}).get(id(module))
-    if not terms:
-        return None
-    x = args[0]
-    for a, b, scale in terms:
-        output = output + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
-    return output
+def _projections(model) -> list:
+    return [projection(model, layer, name) for layer in range(len(models.blocks(model))) for name in MODULES]
 
 
-def _install(model):
-    handles = [
-        projection(model, layer, name).register_forward_hook(_hook)
-        for layer in range(len(models.blocks(model)))
-        for name in MODULES
-    ]
-    return lambda: [handle.remove() for handle in handles]
+_hooks = Dispatcher("adapters", "output", _projections)
 
 
-_hooks = SharedInstall(_install)
+def _term(a: torch.Tensor, b: torch.Tensor, scale: float):
+    """y + scale * B(A(x)): one adapter's update of one projection's output."""
+
+    def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+
+    return fn
 
 
 @contextmanager
 def applied(model, active: Active):
     """Add factor * scaling * B(A(x)) to the adapted projections' outputs, in this context only.
 
-    One forward hook per projection exists while any context anywhere uses an adapter; each hook
-    reads the calling context's adapters through a ContextVar. Nested uses add up.
+    One forward hook per projection exists while any context anywhere uses an adapter (a
+    core.live.hooks.Dispatcher); each hook runs the calling context's adapters. Nested uses add up.
     """
     if not active:
         yield
         return
-    terms = dict(_active.get() or {})
+    terms = []
     for adapter, factor in active:
         for (layer, name), (a, b) in adapter.weights.items():
             module = projection(model, layer, name)
             w = module.weight
-            term = (a.to(w.device, w.dtype), b.to(w.device, w.dtype), adapter.scaling * float(factor))
-            terms[id(module)] = (*terms.get(id(module), ()), term)
-    with _hooks.held(model):
-        token = _active.set(terms)
-        try:
-            yield
-        finally:
-            _active.reset(token)
+            scale = adapter.scaling * float(factor)
+            terms.append((module, _term(a.to(w.device, w.dtype), b.to(w.device, w.dtype), scale)))
+    with _hooks.using(model, terms):
+        yield
 
 
 # --- copies and merging ---------------------------------------------------------------------------

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from core import configuration
-from core.capture.run import CaptureConfig, encode
 from core.configuration import BrickConfig
 from core.errors import BricklabError
 from core.live import interventions
+from core.live.plan import active_share
 from core.models import LoadedModel
+from core.prompts import encode
 
 MAX_NEW_TOKENS = 256  # a side-by-side view, not a long-form generator
 MAX_PROMPT_TOKENS = 1024  # chat template included
@@ -58,13 +58,23 @@ def prompt_ids(lm: LoadedModel, prompt: str, chat_template: bool = True) -> list
     """Token ids for a prompt, wrapped in the chat template like capture does for instruct models."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise BricklabError("The prompt is empty.", "Type a prompt to generate from.")
-    encoded = encode(lm.tokenizer, prompt, CaptureConfig(chat_template=chat_template), MAX_PROMPT_TOKENS)
+    encoded = encode(lm.tokenizer, prompt, MAX_PROMPT_TOKENS, chat_template)
     if encoded.truncated:
         raise BricklabError(
             f"The prompt is longer than {MAX_PROMPT_TOKENS} tokens.",
             "Shorten it; comparisons are for short prompts.",
         )
     return encoded.ids
+
+
+def check_new_tokens(max_new_tokens) -> None:
+    """Refuse a generation length that is not an integer from 1 to MAX_NEW_TOKENS."""
+    n = max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
+        raise BricklabError(
+            f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, got {n!r}.",
+            f"Ask for at most {MAX_NEW_TOKENS} new tokens.",
+        )
 
 
 def compare(
@@ -80,15 +90,7 @@ def compare(
     """Generate greedily without and with `config`; store and run_id are needed for `mean` bricks.
     `baseline`: the plain continuation when already known (a UI caches it, best as a Generation with
     its log-probabilities), so only the configured model generates."""
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or not 1 <= max_new_tokens <= MAX_NEW_TOKENS
-    ):
-        raise BricklabError(
-            f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}.",
-            f"Ask for at most {MAX_NEW_TOKENS} new tokens.",
-        )
+    check_new_tokens(max_new_tokens)
     plan = interventions.plan_for(lm, config, store, run_id)  # validates before generating anything
     ids = prompt_ids(lm, prompt, chat_template)
     if baseline is None:
@@ -110,7 +112,7 @@ def compare(
         configured_text=lm.tokenizer.decode(c, skip_special_tokens=True),
         first_divergence=first_divergence(b, c),
         kl=tuple(token_kl(lm, ids, baseline, configured, plan)),
-        active_share=configuration.active_share(config),
+        active_share=active_share(config),
     )
 
 

@@ -11,9 +11,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.capture.run import CaptureConfig, encode
 from core.live import interventions
 from core.models import LoadedModel
+from core.prompts import encode, token_limit
 
 
 @torch.inference_mode()
@@ -32,9 +32,8 @@ def loss_per_prompt(
     own token is the first token of the sequence has nothing to predict and gets NaN.
     `per_layer` ({layer: fn(a) -> a'}) is applied to the FFN activations for these passes only.
     """
-    config = CaptureConfig(chat_template=chat_template, max_tokens=max_tokens)
-    limit = min(max_tokens, getattr(lm.model.config, "max_position_embeddings", 10**9))
-    encoded = [encode(lm.tokenizer, t, config, limit) for t in texts]
+    limit = token_limit(lm.model, max_tokens)
+    encoded = [encode(lm.tokenizer, t, limit, chat_template) for t in texts]
     out = np.full(len(texts), np.nan)
     if not encoded:
         return out

@@ -1,14 +1,13 @@
 """Changing FFN activations of a shared live model, safely for many threads at once.
 
-One dispatcher pre-hook per layer's down projection is installed while at least one intervention
-is active anywhere in the process; each hook looks up the *calling context's* transforms through a
-ContextVar, so a thread (a browser session) only ever sees its own configuration. When the last
-intervention exits, every hook is removed.
+The activation is the input of each layer's down projection; a core.live.hooks.Dispatcher puts one
+pre-hook on each while at least one intervention is active anywhere in the process, and each hook runs
+the *calling context's* transform, so a thread (a browser session) only ever sees its own
+configuration. When the last intervention exits, every hook is removed.
 """
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -16,38 +15,20 @@ import numpy as np
 import torch
 
 from core import configuration, models
-from core.configuration import BrickConfig, ConfigError
+from core.configuration import BrickConfig
 from core.errors import BricklabError
 from core.live import adapters
-from core.live.hooks import SharedInstall
+from core.live.hooks import Dispatcher
+from core.live.plan import Plan, compile_plan
 
 Transform = Callable[[torch.Tensor], torch.Tensor]  # a (..., d_ff) -> a' (..., d_ff)
 
-_active: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bricklab_transforms", default=None)
+
+def _down_projections(model) -> list:
+    return [models.down_proj(model, layer) for layer in range(len(models.blocks(model)))]
 
 
-def _dispatch(layer: int):
-    def hook(module, args):
-        transforms = _active.get()
-        if not transforms:
-            return None
-        fn = transforms.get((id(module), layer))
-        if fn is None:
-            return None
-        return (fn(args[0]), *args[1:])
-
-    return hook
-
-
-def _install(model):
-    handles = [
-        models.down_proj(model, layer).register_forward_pre_hook(_dispatch(layer))
-        for layer in range(len(models.blocks(model)))
-    ]
-    return lambda: [handle.remove() for handle in handles]
-
-
-_hooks = SharedInstall(_install)
+_hooks = Dispatcher("transforms", "input", _down_projections)
 
 
 @contextmanager
@@ -60,22 +41,8 @@ def transforms(model, per_layer: dict[int, Transform]):
     for layer in per_layer:
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer} is out of range for a model with {n_layers} layers")
-    outer = _active.get() or {}
-    mine = dict(outer)
-    for layer, fn in per_layer.items():
-        key = (id(models.down_proj(model, layer)), layer)
-        previous = outer.get(key)
-        mine[key] = fn if previous is None else _compose(previous, fn)
-    with _hooks.held(model):
-        token = _active.set(mine)
-        try:
-            yield
-        finally:
-            _active.reset(token)
-
-
-def _compose(first: Transform, second: Transform) -> Transform:
-    return lambda a: second(first(a))
+    with _hooks.using(model, [(models.down_proj(model, layer), fn) for layer, fn in per_layer.items()]):
+        yield
 
 
 def affine(scale: torch.Tensor, add: torch.Tensor | None = None) -> Transform:
@@ -92,16 +59,10 @@ def affine(scale: torch.Tensor, add: torch.Tensor | None = None) -> Transform:
     return fn
 
 
-class Plan(dict):
-    """{layer: LayerPlan} and the adapter bricks switched on, as (adapters.Adapter, factor) pairs."""
-
-    adapters: tuple = ()
-
-
 @contextmanager
 def apply_plan(model, plan: dict):
-    """Apply a compiled brick configuration: {layer: LayerPlan(scale, add)} from core.configuration,
-    and the adapters of a Plan."""
+    """Apply a compiled brick configuration: {layer: LayerPlan(scale, add)} from core.live.plan, and
+    the adapters of a Plan."""
     per_layer = {}
     for layer, lp in plan.items():
         # copies: LayerPlan arrays are read-only, which torch.as_tensor warns about
@@ -110,16 +71,6 @@ def apply_plan(model, plan: dict):
         per_layer[int(layer)] = affine(scale, add if bool(add.any()) else None)
     with transforms(model, per_layer), adapters.applied(model, getattr(plan, "adapters", ())):
         yield
-
-
-def check_model(config: BrickConfig, info: models.ModelInfo) -> None:
-    """Refuse a configuration made for other weights or another FFN shape."""
-    for field in ("fingerprint", "n_layers", "d_ff"):
-        got, want = getattr(config, field), getattr(info, field)
-        if got != want:
-            problem = f"the configuration says {got!r} ({config.model_id}), the loaded model {info.model_id}"
-            fix = "load the model it was made for, or export it again from this one"
-            raise ConfigError(f"model.{field}", f"{problem} has {want!r}; {fix}")
 
 
 def run_means(config: BrickConfig, info: models.ModelInfo, store=None, run_id=None) -> np.ndarray | None:
@@ -133,19 +84,16 @@ def run_means(config: BrickConfig, info: models.ModelInfo, store=None, run_id=No
             "Name a complete run captured with this model (store and run_id; --run on the CLI).",
         )
     run = store.require_run(run_id)
-    if run.fingerprint != info.fingerprint:
-        raise BricklabError(
-            f"Run '{run_id}' was captured with {run.model_id}, not the loaded model {info.model_id}.",
-            "Use a run of the loaded model for 'mean' bricks, or capture one.",
-        )
+    fix = "Use a run of the loaded model for 'mean' bricks, or capture one."
+    models.check_match(run, info, f"Run '{run_id}'", fix)
     return store.layer_array(run_id, "mean_act")
 
 
 def plan_for(lm: models.LoadedModel, config: BrickConfig, store=None, run_id=None) -> dict:
     """Validate `config` against the loaded model and compile it: {layer: LayerPlan}, with its adapters
     checked (file present, hash right) and loaded."""
-    check_model(config, lm.info)
-    plan = Plan(configuration.compile_plan(config, run_means(config, lm.info, store, run_id)))
+    configuration.check_model(config, lm.info)
+    plan = Plan(compile_plan(config, run_means(config, lm.info, store, run_id)))
     plan.adapters = adapters.resolve(lm, config)
     return plan
 
@@ -169,5 +117,4 @@ def hook_count(model) -> int:
 def has_transform(model, layer: int) -> bool:
     """Whether the calling context transforms layer `layer`'s activation (for core.live.sparse, which
     must then hand the down projection the full-width activation)."""
-    active = _active.get()
-    return bool(active) and (id(models.down_proj(model, layer)), layer) in active
+    return _hooks.lookup(models.down_proj(model, layer)) is not None

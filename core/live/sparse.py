@@ -1,12 +1,12 @@
 """Sparse FFN execution: compute a gated MLP only for the neurons a configuration or a router keeps,
 so skipped neurons save real time. Context-local and thread-safe like core.live.interventions: while any
-sparse context is active, each MLP's forward is a dispatcher that runs the calling context's layer
-function (or the dense forward); the last context to exit restores the model's own forward.
+sparse context is active, each MLP's forward is a core.live.hooks.Dispatcher's, which runs the calling
+context's layer function (or the dense forward); the last context to exit restores the model's own.
 """
 
 from __future__ import annotations
 
-import contextvars
+import functools
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,10 +19,8 @@ import torch.nn.functional as F
 from core import models
 from core.errors import BricklabError
 from core.kernels import ffn as ffn_kernels
-from core.live import interventions
-from core.live.hooks import SharedInstall
+from core.live import hooks, interventions
 
-_active: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bricklab_sparse", default=None)
 _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # down module -> {(device, dtype): W_down.T}
 
 
@@ -92,40 +90,16 @@ def ffn(model, layer: int) -> Ffn:
     return Ffn(model, layer, gate, up, models.down_proj(model, layer), act, silu, *biases)
 
 
-def _dispatcher(mlp, layer_ffn: Ffn):
-    dense = mlp.forward  # the bound forward in use (the class's, or e.g. accelerate's wrapper)
-
-    def forward(x, *args, **kwargs):
-        table = _active.get()
-        fn = table.get(id(mlp)) if table else None
-        return dense(x, *args, **kwargs) if fn is None else fn(layer_ffn, x)
-
-    forward.bricklab_dense = dense
-    return forward
+def _mlps(model) -> list:
+    return [_mlp(model, layer) for layer in range(len(models.blocks(model)))]
 
 
-def _install(model):
-    mlps = [_mlp(model, layer) for layer in range(len(models.blocks(model)))]
-    ffns = [ffn(model, layer) for layer in range(len(mlps))]  # may raise: nothing patched yet
-    own = [vars(mlp).get("forward") for mlp in mlps]  # an instance forward set by someone else
-    for mlp, layer_ffn in zip(mlps, ffns, strict=True):
-        mlp.forward = _dispatcher(mlp, layer_ffn)  # an instance attribute, not a hook
-
-    def remove() -> None:
-        for mlp, previous in zip(mlps, own, strict=True):
-            del mlp.forward
-            if previous is not None:
-                mlp.forward = previous
-
-    return remove
-
-
-_patches = SharedInstall(_install)
+_patches = hooks.Dispatcher("sparse", "forward", _mlps)
 
 
 def patched_count(model) -> int:
     """MLPs whose forward is currently bricklab's dispatcher (0 outside every sparse context)."""
-    return sum(hasattr(vars(m).get("forward"), "bricklab_dense") for m in model.modules())
+    return sum(hooks.replaced(m) for m in model.modules())
 
 
 @contextmanager
@@ -141,13 +115,12 @@ def sparse(model, per_layer: dict[int, LayerFn]):
     if not per_layer:
         yield
         return
-    mine = dict(_active.get() or {}) | {id(_mlp(model, layer)): fn for layer, fn in per_layer.items()}
-    with _patches.held(model):
-        token = _active.set(mine)
-        try:
-            yield
-        finally:
-            _active.reset(token)
+    # each function gets its layer's Ffn bound here, so building one fails before anything is patched
+    functions = [
+        (_mlp(model, layer), functools.partial(fn, ffn(model, layer))) for layer, fn in per_layer.items()
+    ]
+    with _patches.using(model, functions):
+        yield
 
 
 class KeepOnly:

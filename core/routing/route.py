@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from core import models
-from core.capture.run import CaptureConfig, encode
+from core.capture.run import CaptureConfig
 from core.configuration import Brick, BrickConfig
 from core.errors import BricklabError
 from core.live import evaluate, interventions, sparse
+from core.prompts import encode
 from core.routing import topk
 from core.routing.routers import (  # noqa: F401 (the public names of core.routing.route)
     KINDS,
@@ -194,7 +195,7 @@ def routed(
 
 def prompt_span(lm: models.LoadedModel, text: str) -> tuple[list[int], tuple[int, int]]:
     """Token ids for a prompt as capture encodes it, and the span of its own tokens."""
-    e = encode(lm.tokenizer, text, CaptureConfig(), CaptureConfig().max_tokens)
+    e = encode(lm.tokenizer, text, CaptureConfig().max_tokens, CaptureConfig().chat_template)
     return e.ids, (e.start, e.end)
 
 
@@ -216,11 +217,8 @@ def routed_losses(lm: models.LoadedModel, router: Router, texts: list[str]) -> t
 
 
 def check(router: Router, info: models.ModelInfo) -> None:
-    if (router.fingerprint, router.shape) != (info.fingerprint, (info.n_layers, info.d_ff)):
-        raise BricklabError(
-            f"This router was fitted for another model (run '{router.run_id}'), not {info.model_id}.",
-            "Fit a router on a run of the loaded model.",
-        )
+    what = f"The router fitted on run '{router.run_id}'"
+    models.check_match(router, info, what, "Fit a router on a run of the loaded model.")
 
 
 def to_config(router: Router, info: models.ModelInfo, note: str | None = None) -> BrickConfig:
@@ -246,8 +244,5 @@ def from_config(store: Store, config: BrickConfig) -> Router | None:
             f"The configuration's router ({json.dumps(ref)}) is not in this cache.",
             "Fit it again on the same run (same parameters), or open the cache it was made with.",
         )
-    if router.fingerprint != config.fingerprint:
-        raise BricklabError(
-            "The configuration's router belongs to another model.", "Fit a router for this model."
-        )
+    models.check_match(router, config, "The configuration's router", "Fit a router for this model.")
     return router

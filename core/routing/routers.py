@@ -4,7 +4,6 @@ a learned map or the gate proposing them per token), fitted on the selection hal
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -15,13 +14,14 @@ import torch
 from core import models
 from core.bricks import scores
 from core.errors import BricklabError
+from core.progress import Progress
 from core.routing import token_map
 from core.routing.token_map import MAP_ARRAYS, MAP_KIND, brick_assignment
 from core.store import Store
 
 Kind = Literal["static", "category", "token"]
 KINDS = ("static", "category", "token")
-RESULT_KIND = "router"  # store.put_result kind of routers
+RESULT_KIND = "router"  # store.put_arrays kind of routers
 MAP_FIELDS = ("brick_size", "router_rank", "fit_prompts")
 
 
@@ -92,15 +92,15 @@ class Router:
 
 
 def fit(
-    lm: models.LoadedModel, store: Store, run_id: str | None, params: RouterParams, progress=None
+    lm: models.LoadedModel,
+    store: Store,
+    run_id: str | None,
+    params: RouterParams,
+    progress: Progress | None = None,
 ) -> Router:
     """The router for (run, params): read from the cache, else fitted on the selection half and stored."""
     run = store.require_run(run_id)
-    if run.fingerprint != lm.info.fingerprint:
-        raise BricklabError(
-            f"Run '{run.run_id}' was captured with {run.model_id}, not the loaded model {lm.info.model_id}.",
-            "Fit routers on a run of the loaded model.",
-        )
+    models.check_match(run, lm.info, f"Run '{run.run_id}'", "Fit routers on a run of the loaded model.")
     if (cached := load(store, {"run_id": run.run_id, "params": params.key()})) is not None:
         return cached
     with store.run_lock(f"{run.run_id}:router"):
@@ -111,7 +111,7 @@ def fit(
         router = Router(
             params, run.run_id, run.fingerprint, (run.n_layers, run.d_ff), tuple(run.categories), arrays
         )
-        store.put_result(run.run_id, RESULT_KIND, params.key(), _dump(router))
+        store.put_arrays(run.run_id, RESULT_KIND, params.key(), *_to_arrays(router))
     return router
 
 
@@ -204,31 +204,28 @@ def load(store: Store, ref: dict) -> Router | None:
         raise BricklabError(
             f"Unknown router parameters in {json.dumps(ref)[:80]}: {err}.", "Export it again."
         ) from None
-    payload = store.get_result(ref["run_id"], RESULT_KIND, params.key())
-    if payload is None:
+    cached = store.get_arrays(ref["run_id"], RESULT_KIND, params.key())
+    if cached is None:
         return None
-    with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files if k != "meta"}
-        meta = json.loads(data["meta"].tobytes())
+    arrays, meta = cached
     if params.kind == "token" and not (params.oracle or params.gate):
-        learned = store.get_result(ref["run_id"], MAP_KIND, params.map_key())
+        learned = store.get_arrays(ref["run_id"], MAP_KIND, params.map_key())
         if learned is None:
             return None
-        arrays |= token_map.unpack(learned)
+        arrays |= learned[0]
     return Router(
         params, ref["run_id"], meta["fingerprint"], tuple(meta["shape"]), tuple(meta["categories"]), arrays
     )
 
 
-def _dump(router: Router) -> bytes:
+def _to_arrays(router: Router) -> tuple[dict[str, np.ndarray], dict]:
     """The router's own arrays and identity; a learned token map is stored once, under MAP_KIND."""
     meta = {
         "fingerprint": router.fingerprint,
         "shape": list(router.shape),
         "categories": list(router.categories),
     }
-    own = {k: v for k, v in router.arrays.items() if k not in MAP_ARRAYS}
-    return token_map.pack(own | {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)})
+    return {k: v for k, v in router.arrays.items() if k not in MAP_ARRAYS}, meta
 
 
 def _fit_token(lm, store, run, params, progress) -> dict:

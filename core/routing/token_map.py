@@ -3,18 +3,16 @@ each brick's activation mass sum |a|, fitted on a run's prompts in one pass (nor
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 
 from core.bricks import candidates as bricks
 from core.bricks import scores
-from core.capture.run import CaptureConfig, encode
 from core.live import sparse
+from core.prompts import encode
 from core.store import Store
 
-MAP_KIND = "router_map"  # store.put_result kind of learned token maps, shared by routers of every budget
+MAP_KIND = "router_map"  # store.put_arrays kind of learned token maps, shared by routers of every budget
 MAP_ARRAYS = ("w_in", "w_out", "bias")
 
 
@@ -74,14 +72,14 @@ def fit_token(lm, store, run, params, progress) -> dict:
     brick_of = brick_assignment(store, run, params.brick_size)
     if params.oracle:
         return {"brick_of": brick_of}
-    if (cached := store.get_result(run.run_id, MAP_KIND, params.map_key())) is not None:
-        return {"brick_of": brick_of} | unpack(cached)
+    if (cached := store.get_arrays(run.run_id, MAP_KIND, params.map_key())) is not None:
+        return {"brick_of": brick_of} | cached[0]
     half = np.flatnonzero(scores.prompt_halves(store, run.run_id, params.seed))
     if params.fit_prompts:
         half = np.sort(np.random.default_rng(params.seed).permutation(half)[: params.fit_prompts])
     rows = store.prompts(run.run_id)
-    config = CaptureConfig(**{k: run.settings[k] for k in ("chat_template", "max_tokens")})
-    encoded = [encode(lm.tokenizer, rows[i][3], config, config.max_tokens) for i in half]
+    limit, chat_template = run.settings["max_tokens"], run.settings["chat_template"]
+    encoded = [encode(lm.tokenizer, rows[i][3], limit, chat_template) for i in half]
     normals = {layer: _Normal(brick_of[layer], lm.info.d_model) for layer in range(run.n_layers)}
     device = next(lm.model.parameters()).device
     with torch.inference_mode(), sparse.sparse(lm.model, normals):
@@ -94,7 +92,7 @@ def fit_token(lm, store, run, params, progress) -> dict:
                 progress(min(b + 8, len(encoded)), len(encoded), "fitting the token router")
     solved = [normals[layer].solve(params.router_rank) for layer in range(run.n_layers)]
     learned = {k: torch.stack([s[k] for s in solved]).numpy() for k in MAP_ARRAYS}
-    store.put_result(run.run_id, MAP_KIND, params.map_key(), pack(learned))
+    store.put_arrays(run.run_id, MAP_KIND, params.map_key(), learned)
     return {"brick_of": brick_of} | learned
 
 
@@ -105,14 +103,3 @@ def _padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor
     for i, r in enumerate(rows):
         ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
     return ids, mask
-
-
-def pack(arrays: dict) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def unpack(payload: bytes) -> dict:
-    with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}

@@ -1,10 +1,9 @@
-"""What routing buys and costs, for the app: one prompt generated dense and routed side by side (what
+"""What routing buys and costs: one prompt generated dense and routed side by side (what
 the router chose, the share of neurons that ran, the time per token), and the quality–compute curve
 of router kinds over budgets on a few held-out prompts, cached in the store."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 
@@ -15,20 +14,21 @@ from core import models
 from core.bricks import scores
 from core.errors import BricklabError
 from core.live import compare, evaluate, sparse
+from core.progress import Progress
 from core.routing import route as routing
 from core.routing.route import Router, RouterParams
 from core.store import Store
 
-CURVE_KIND = "routing_curve"  # store.put_result kind of curves
-PRESETS = {  # router kind as the app names it -> RouterParams fields besides the budget
+CURVE_KIND = "routing_curve"  # store.put_json kind of curves
+PRESETS = {  # router preset -> RouterParams fields besides the budget
     "category": {"kind": "category"},
     "static": {"kind": "static"},
-    "token · oracle": {"kind": "token", "oracle": True},
-    "token · learned": {"kind": "token", "fit_prompts": 32},  # 32 prompts: a fit of seconds, not minutes
+    "token_oracle": {"kind": "token", "oracle": True},
+    "token_learned": {"kind": "token", "fit_prompts": 32},  # 32 prompts: a fit of seconds, not minutes
     # single neurons, not bricks: the best trade-off of benchmarks/routing.py (loss ~1.00x at 35%)
-    "neurons · oracle": {"kind": "token", "oracle": True, "brick_size": 1},
+    "neuron_oracle": {"kind": "token", "oracle": True, "brick_size": 1},
 }
-CURVE_PRESETS = ("category", "static", "token · oracle", "token · learned")  # brick routers
+CURVE_PRESETS = ("category", "static", "token_oracle", "token_learned")  # brick routers
 TIMING_REPEATS = 2  # dense and routed generation, interleaved; the fastest of each counts
 
 
@@ -59,13 +59,7 @@ class RoutedRun:
 
 
 def routed_run(lm: models.LoadedModel, router: Router, prompt: str, max_new_tokens: int) -> RoutedRun:
-    cap = compare.MAX_NEW_TOKENS  # the same cap as the manual comparison: a caller may not pass more
-    n = max_new_tokens
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cap:
-        raise BricklabError(
-            f"max_new_tokens must be an integer from 1 to {cap}, got {max_new_tokens!r}.",
-            f"Ask for at most {cap} new tokens.",
-        )
+    compare.check_new_tokens(max_new_tokens)  # the same cap as the manual comparison
     compare.prompt_ids(lm, prompt)  # the same checks (empty, too long) as the manual comparison
     ids, span = routing.prompt_span(lm, prompt)
     best = {"dense": np.inf, "routed": np.inf}
@@ -160,12 +154,15 @@ def held_out(store: Store, run_id: str, per_category: int) -> list[str]:
 
 
 def stored_curve(store: Store, run_id: str, params: CurveParams = CurveParams()) -> dict | None:
-    payload = store.get_result(run_id, CURVE_KIND, params.to_dict())
-    return None if payload is None else json.loads(payload)
+    return store.get_json(run_id, CURVE_KIND, params.to_dict())
 
 
 def curve(
-    lm: models.LoadedModel, store: Store, run_id: str, params: CurveParams = CurveParams(), progress=None
+    lm: models.LoadedModel,
+    store: Store,
+    run_id: str,
+    params: CurveParams = CurveParams(),
+    progress: Progress | None = None,
 ) -> dict:
     """Per router kind and budget: the loss on held-out prompts relative to the dense model and the
     mean share of FFN neurons that ran; fits the routers it needs. From the cache when measured."""
@@ -192,5 +189,5 @@ def curve(
     if progress:
         progress(len(steps), len(steps), "done")
     result = {"n_prompts": len(texts), "dense_loss": dense, "lines": lines}
-    store.put_result(run.run_id, CURVE_KIND, params.to_dict(), json.dumps(result).encode())
+    store.put_json(run.run_id, CURVE_KIND, params.to_dict(), result)
     return result

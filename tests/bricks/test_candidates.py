@@ -1,11 +1,10 @@
-"""Bricks: balanced METIS partitions, labels, stability, the cache and the CLI, on the tiny run."""
+"""Bricks: balanced METIS partitions, labels, stability and the cache, on the tiny run."""
 
 import shutil
 
 import numpy as np
 import pytest
 
-from core import cli
 from core.bricks import candidates as bricks
 from core.bricks.candidates import BrickParams
 from core.errors import BricklabError
@@ -152,17 +151,6 @@ def test_bad_runs_and_sizes_get_clear_errors(run_copy):
     fake_run(store, np.ones((2, 1, 4)), ["a", "b"], status="incomplete", run_id="half")
     with pytest.raises(BricklabError, match="incomplete"):
         bricks.compute_bricks(store, "half", BrickParams())
-
-
-def test_cli_prints_shares_and_the_layer_table(run_copy, capsys):
-    store, run_id = run_copy
-    path = str(store.path)
-    store.close()
-    assert cli.main(["--db", path, "bricks", "--run", run_id, "--method", "functional"]) == 0
-    out = capsys.readouterr().out
-    assert "functional" in out and "random" in out and "5 per mille" in out
-    assert cli.main(["--db", path, "bricks", "--run", run_id, "--size", "0"]) == 2
-    assert "size 0" in capsys.readouterr().err
 
 
 def test_top_tokens_prefer_tokens_particular_to_the_brick(store):

@@ -1,11 +1,10 @@
-"""The neuron map: standardised profiles, UMAP + HDBSCAN on the tiny run, the cache and the CLI."""
+"""The neuron map: standardised profiles, UMAP + HDBSCAN on the tiny run, and the cache."""
 
 import shutil
 
 import numpy as np
 import pytest
 
-from core import cli
 from core.bricks import neuron_map
 from core.bricks.neuron_map import MapParams
 from core.errors import BricklabError
@@ -65,21 +64,11 @@ def test_map_is_cached_per_params(mapped):
     again = neuron_map.compute_map(store, run_id, SMALL)
     np.testing.assert_array_equal(again.coords, result.coords)
     np.testing.assert_array_equal(again.labels, result.labels)
-    assert store.get_result(run_id, "map", SMALL.to_dict()) is not None
-    assert store.get_result(run_id, "map", MapParams().to_dict()) is None
+    assert store.get_arrays(run_id, "map", SMALL.to_dict()) is not None
+    assert store.get_arrays(run_id, "map", MapParams().to_dict()) is None
 
 
 def test_map_refuses_runs_too_small_for_its_neighbourhood(store):
     fake_run(store, np.ones((4, 1, 8)), ["a", "b"] * 2)
     with pytest.raises(BricklabError, match="too few"):
         neuron_map.compute_map(store, "fake", MapParams(n_neighbors=15))
-
-
-def test_cli_lists_the_clusters(small_run, tmp_path, capsys):
-    path, run_id = small_run
-    shutil.copy(path, tmp_path / "copy.duckdb")
-    args = ["--db", str(tmp_path / "copy.duckdb"), "map", "--run", run_id, "--min-cluster-size", "5"]
-    assert cli.main(args) == 0
-    out = capsys.readouterr().out
-    assert f"run {run_id}: 192 neurons" in out and "noise" in out
-    assert cli.main([*args[:-1], "1"]) == 2

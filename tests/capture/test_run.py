@@ -32,10 +32,10 @@ def slow_reference(tiny_lm, small_prompts):
     Computed one prompt at a time, without padding, with a plain hook that only copies.
     """
     model, info = tiny_lm.model, tiny_lm.info
-    limit = min(SMALL.max_tokens, model.config.max_position_embeddings)
+    limit = prompts.token_limit(model, SMALL.max_tokens)
     out = []
     for p in small_prompts.prompts:
-        enc = capture.encode(tiny_lm.tokenizer, p.text, SMALL, limit)
+        enc = prompts.encode(tiny_lm.tokenizer, p.text, limit, SMALL.chat_template)
         seen = {}
         handles = [
             models.down_proj(model, layer).register_forward_pre_hook(
@@ -268,7 +268,7 @@ def test_batches_take_prompts_in_length_order_by_count_or_by_a_token_budget():
 
 
 def test_the_batch_size_is_fixed_on_the_cpu_and_only_fit_to_memory_on_cuda(tiny_lm):
-    encoded = [capture.Encoded([1, 2, 3], 0, 3, False)]
+    encoded = [prompts.Encoded([1, 2, 3], 0, 3, False)]
     assert capture.token_budget(tiny_lm, encoded, capture.CaptureConfig()) is None  # CPU
     assert capture.token_budget(tiny_lm, encoded, capture.CaptureConfig(batch_size=4)) is None
     with pytest.raises(ValueError):

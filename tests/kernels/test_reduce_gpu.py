@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 from core.capture.reduce import ChunkReducer  # noqa: E402
 from core.capture.run import CaptureConfig  # noqa: E402
 from core.kernels import coact as kernels  # noqa: E402
+from core.prompts import Encoded  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 D, WIDTH = 200, 40
@@ -193,7 +194,6 @@ def tiny_cuda_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from core import models
-    from core.capture import run as capture
 
     config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=1000)  # fmt: skip
@@ -207,7 +207,7 @@ def tiny_cuda_llama():
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(5, 200, (24,), generator=g).tolist()
     ids = [torch.randint(1, 1000, (n,), generator=g).tolist() for n in lengths]
-    return lm, [capture.Encoded(row, 2, len(row), False) for row in ids]
+    return lm, [Encoded(row, 2, len(row), False) for row in ids]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="streams need CUDA")

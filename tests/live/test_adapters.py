@@ -17,6 +17,7 @@ from core import export, models
 from core.configuration import AdapterRef, Brick, BrickConfig, ConfigError, loads
 from core.errors import BricklabError
 from core.live import adapter_train, adapters, interventions
+from core.live.plan import Plan
 
 IDS = torch.tensor([[1, 250, 3000, 17, 9000, 42, 7, 123]])
 
@@ -269,7 +270,7 @@ def test_merge_refuses_models_whose_ffn_an_adapter_cannot_target(tiny_lm):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
-    plan = interventions.Plan()
+    plan = Plan()
     plan.adapters = ((adapters.decode(synthetic(tiny_lm, layers=(0,))), 1.0),)
     with pytest.raises(BricklabError, match="cannot be merged into a pruned 'gpt2' model"):
         export._with_adapters(gpt2, plan)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from core import configuration
-from core.capture.run import CaptureConfig, encode
 from core.configuration import Brick, BrickConfig
 from core.errors import BricklabError
 from core.live import compare
 from core.live.interventions import configured, hook_count
+from core.live.plan import active_share
+from core.prompts import encode
 
 PROMPT = "Explain why the sky is blue."
 
@@ -33,7 +33,7 @@ def test_empty_configuration_matches_plain_generate(tiny_lm):
 
 def test_prompt_is_wrapped_in_the_chat_template_like_capture(tiny_lm):
     result = compare.compare(tiny_lm, PROMPT, make(tiny_lm), max_new_tokens=1)
-    assert list(result.prompt_ids) == encode(tiny_lm.tokenizer, PROMPT, CaptureConfig(), 10**6).ids
+    assert list(result.prompt_ids) == encode(tiny_lm.tokenizer, PROMPT, 10**6).ids
     assert "<|im_start|>assistant" in tiny_lm.tokenizer.decode(list(result.prompt_ids))
     raw = compare.compare(tiny_lm, PROMPT, make(tiny_lm), max_new_tokens=1, chat_template=False)
     assert "<|im_start|>" not in tiny_lm.tokenizer.decode(list(raw.prompt_ids))
@@ -44,11 +44,7 @@ def test_bricks_off_move_the_distribution(tiny_lm):
     result = compare.compare(tiny_lm, PROMPT, config, max_new_tokens=6)
     assert len(result.kl) == len(result.baseline_tokens) == 6
     assert min(result.kl) > 0 and result.mean_kl > 0
-    assert (
-        result.active_share
-        == pytest.approx(configuration.active_share(config))
-        == pytest.approx(1 - 160 / 192)
-    )
+    assert result.active_share == pytest.approx(active_share(config)) == pytest.approx(1 - 160 / 192)
     assert len(result.baseline_pieces) == len(result.configured_pieces) == 6
     assert result.to_dict()["mean_kl"] == result.mean_kl
     assert hook_count(tiny_lm.model) == 0

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.capture.run import CaptureConfig, encode
 from core.live import evaluate, interventions
+from core.prompts import encode
 
 TEXTS = [
     "Write a Python function that adds two numbers.",
@@ -15,7 +15,7 @@ TEXTS = [
 
 
 def hand_loss(lm, text: str, chat_template: bool = True) -> float:
-    e = encode(lm.tokenizer, text, CaptureConfig(chat_template=chat_template), 256)
+    e = encode(lm.tokenizer, text, 256, chat_template)
     with torch.inference_mode():
         logits = lm.model(input_ids=torch.tensor([e.ids])).logits[0].double()
     logp = logits.log_softmax(-1)

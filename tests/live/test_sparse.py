@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from core import configuration, models
+from core import models
 from core.configuration import Brick, BrickConfig
 from core.errors import BricklabError
 from core.live import compare, evaluate, interventions, sparse
+from core.live.plan import compile_plan
 from core.routing import topk
 from tests.conftest import save_tiny
 
@@ -51,7 +52,7 @@ def test_compiled_plan_runs_sparse_like_apply_plan(tiny_lm):
     )
     config = BrickConfig(info.model_id, info.fingerprint, info.n_layers, info.d_ff, bricks)
     means = np.random.default_rng(1).random(config.shape).astype(np.float32)
-    plan = configuration.compile_plan(config, means)
+    plan = compile_plan(config, means)
     with interventions.apply_plan(tiny_lm.model, plan):
         want = logits(tiny_lm)
     with sparse.sparse(tiny_lm.model, sparse.from_plan(plan)):

@@ -7,21 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from core.configuration import AdapterRef
 from core.live import adapters
+from tests.conftest import app, texts
 from ui import config_state
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def app(name: str) -> AppTest:
-    return AppTest.from_file(str(ROOT / "pages" / name), default_timeout=180)
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
 
 
 @pytest.fixture

@@ -4,20 +4,18 @@ refusal, undo, and the operations in the session's configuration."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import app
 
 
 @pytest.fixture
-def bricks_page(monkeypatch, small_run, tiny_dir) -> AppTest:
+def bricks_page(monkeypatch, small_run, tiny_dir):
     path, _ = small_run
     monkeypatch.setenv("BRICKLAB_DB", str(path))
     monkeypatch.setenv("BRICKLAB_MODEL", tiny_dir)
-    at = AppTest.from_file(str(ROOT / "pages/3_Bricks.py"), default_timeout=180).run()
+    at = app("3_Bricks.py").run()
     assert not at.exception
     return at
 
@@ -99,7 +97,7 @@ def test_the_exported_configuration_records_the_operations(bricks_page):
     at.radio(key="edit-op").set_value("grow")
     at.selectbox(key="edit-brick").set_value("coact-L01-02")
     at.button(key="edit-apply").click().run()
-    export = AppTest.from_file(str(ROOT / "pages/6_Export.py"), default_timeout=180)
+    export = app("6_Export.py")
     for key in ("config_bricks", "config_fingerprint", "config_history", "run_id"):
         export.session_state[key] = at.session_state[key]
     export.run()

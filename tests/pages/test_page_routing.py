@@ -18,7 +18,8 @@ from core.live import compare, evaluate
 from core.routing import route as routing
 from core.routing import tradeoff
 from core.store import Store
-from tests.pages.test_pages import app, texts
+from tests.conftest import app, texts
+from ui import routing_view
 
 
 @pytest.fixture
@@ -114,7 +115,7 @@ def test_auto_mode_token_router_shows_the_bricks_per_token(run_copy, tiny_lm):
     assert not at.exception and not at.error
     assert "co-activation bricks** of each layer" in texts(at.markdown)
     use = chart_array(json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["z"])
-    router = stored(*run_copy, "token · oracle", 0.35)
+    router = stored(*run_copy, "token_oracle", 0.35)
     k = max(1, round(0.35 * (router.arrays["brick_of"].max() + 1)))
     assert use.shape == (2, router.arrays["brick_of"].max() + 1)
     assert np.allclose(use.sum(axis=1), k)  # every token ran exactly k bricks per layer
@@ -151,7 +152,7 @@ def test_paper_draws_the_quality_compute_curve(run_copy, tiny_lm):
     assert not at.exception and not at.error
     assert len(at.get("plotly_chart")) == 6
     traces = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"]
-    assert [t["name"] for t in traces] == [*tradeoff.CURVE_PRESETS, "dense"]
+    assert [t["name"] for t in traces] == [*(routing_view.LABELS[p] for p in tradeoff.CURVE_PRESETS), "dense"]
     held = tradeoff.held_out(Store(path), run_id, 2)
     assert f"Measured on {len(held)} held-out prompts" in texts(at.caption)
 

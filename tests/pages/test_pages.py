@@ -10,21 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from core.store import Store
-
-ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 180  # seconds per script run: the first run of a page loads the tiny model
-
-
-def app(name: str) -> AppTest:
-    path = ROOT / ("app.py" if name == "app.py" else f"pages/{name}")
-    return AppTest.from_file(str(path), default_timeout=TIMEOUT)
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
+from tests.conftest import app, texts
 
 
 @pytest.fixture

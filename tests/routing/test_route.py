@@ -8,7 +8,7 @@ import torch
 from core import configuration
 from core.bricks import scores
 from core.errors import BricklabError
-from core.live import evaluate, interventions, sparse
+from core.live import evaluate, interventions, plan, sparse
 from core.routing import route as routing
 from core.routing import token_map, topk
 from core.routing.route import RouterParams
@@ -151,7 +151,7 @@ def test_static_router_config_applies_without_the_cache(tiny_lm, run_store):
     store, run_id = run_store
     router = routing.fit(tiny_lm, store, run_id, RouterParams(kind="static", budget=0.4))
     config = routing.to_config(router, tiny_lm.info)
-    assert configuration.active_share(config) == pytest.approx(routing.active_share(router))
+    assert plan.active_share(config) == pytest.approx(routing.active_share(router))
     some = texts(store, run_id)[:3]
     with interventions.configured(tiny_lm, config):
         want = evaluate.loss_per_prompt(tiny_lm, some)

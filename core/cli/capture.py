@@ -1,28 +1,59 @@
-"""Command-line interface: capture and list runs; other modules add their commands via `register_cli`."""
+"""`capture`, `merge`, `runs` and `prepare`: filling the cache and listing what it holds."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+import time
 
+from core import models, prompts
+from core.capture import run as capture
+from core.capture import shards
 from core.errors import BricklabError
+from core.store import Store
 
-# Modules that contribute subcommands through `register_cli(subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = (
-    "core.bricks.candidates",
-    "core.bricks.neuron_map",
-    "core.export",
-    "core.analysis",
-)
+
+def register(sub) -> None:
+    p = sub.add_parser("capture", help="capture a prompt set's FFN activations into the cache")
+    p.add_argument("--prompts", help="JSONL, CSV or TXT prompt file (default: the bundled set)")
+    p.add_argument("--limit", type=positive, help="capture only N prompts, spread over categories")
+    p.add_argument(
+        "--batch-size", type=non_negative, default=0,
+        help="prompts per forward pass (default 0: as many as fit in free GPU memory; 8 on the CPU)",
+    )  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shard", metavar="I/N", help="capture only shard I of N (chunks c with c %% N == I)")
+    p.add_argument(
+        "--backend", choices=("local", "ray"), default="local", help="ray: fan shards out as Ray tasks"
+    )
+    p.add_argument("--shards", type=positive, default=2, help="shards for --backend ray (default 2)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
+    p.set_defaults(func=cmd_capture)
+    p = sub.add_parser("merge", help="merge shard files (from capture --shard) into the cache")
+    p.add_argument("shards", nargs="+", help="shard DuckDB files")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("prepare", help="convert the embedded default model once (idempotent)")
+    p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("runs", help="list cached runs")
+    p.set_defaults(func=cmd_runs)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text}")
+    return value
 
 
 def cmd_capture(args) -> int:
     from tqdm import tqdm
-
-    from core import models, prompts
-    from core.capture import run as capture
-    from core.store import Store
 
     prompt_set = prompts.load_prompt_file(args.prompts) if args.prompts else prompts.default_prompt_set()
     if args.limit:
@@ -78,10 +109,6 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _capture_ray(args, prompt_set) -> int:
-    from core.capture import run as capture
-    from core.capture import shards
-    from core.store import Store
-
     store = Store(args.db)
     try:
         config = capture.CaptureConfig(batch_size=args.batch_size)
@@ -96,9 +123,6 @@ def _capture_ray(args, prompt_set) -> int:
 
 
 def cmd_merge(args) -> int:
-    from core.capture import shards
-    from core.store import Store
-
     store = Store(args.db)
     try:
         merged, missing = shards.merge(store, args.shards)
@@ -111,8 +135,6 @@ def cmd_merge(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from core.store import Store
-
     store = Store(args.db)
     try:
         runs = store.runs()
@@ -133,67 +155,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    import time
-
-    from core import models
-
     started = time.perf_counter()
     path = models.prepare_default_model()
     print(f"default model ready at {path} ({time.perf_counter() - started:.1f} s)")
     return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description="bricklab: bricks in FFN layers.")
-    parser.add_argument("--db", help="DuckDB cache file (default: data/bricklab.duckdb or $BRICKLAB_DB)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("capture", help="capture a prompt set's FFN activations into the cache")
-    p.add_argument("--model", help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", help="JSONL, CSV or TXT prompt file (default: the bundled set)")
-    p.add_argument("--limit", type=_positive, help="capture only N prompts, spread over categories")
-    p.add_argument(
-        "--batch-size", type=_non_negative, default=0,
-        help="prompts per forward pass (default 0: as many as fit in free GPU memory; 8 on the CPU)",
-    )  # fmt: skip
-    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--shard", metavar="I/N", help="capture only shard I of N (chunks c with c %% N == I)")
-    p.add_argument(
-        "--backend", choices=("local", "ray"), default="local", help="ray: fan shards out as Ray tasks"
-    )
-    p.add_argument("--shards", type=_positive, default=2, help="shards for --backend ray (default 2)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
-    p.set_defaults(func=cmd_capture)
-    p = sub.add_parser("merge", help="merge shard files (from capture --shard) into the cache")
-    p.add_argument("shards", nargs="+", help="shard DuckDB files")
-    p.set_defaults(func=cmd_merge)
-    p = sub.add_parser("prepare", help="convert the embedded default model once (idempotent)")
-    p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("runs", help="list cached runs")
-    p.set_defaults(func=cmd_runs)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register_cli(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except BricklabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2

@@ -1,19 +1,10 @@
-"""`python -m core`: capture with --limit, the cache hit, runs, --help everywhere, clear error exits."""
+"""`capture` and `runs`: capture with --limit, the cache hit, the listing, clear error exits."""
 
-import argparse
 import re
-import runpy
-import sys
 
 import pytest
 
 from core import cli
-
-
-def subcommands() -> list[str]:
-    parser = cli.build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sorted(action.choices)
 
 
 def test_capture_then_cache_hit_then_runs(tiny_dir, tmp_path, capsys):
@@ -30,21 +21,20 @@ def test_capture_then_cache_hit_then_runs(tiny_dir, tmp_path, capsys):
     assert re.search(rf"{match.group(1)}\s+complete\s+\S+\s+7\s+{match.group(2)}", listing), listing
 
 
+def test_global_options_after_the_command_reach_the_same_cache(tiny_dir, tmp_path, capsys):
+    db = str(tmp_path / "c.duckdb")
+    assert (
+        cli.main(["capture", "--db", db, "--model", tiny_dir, "--device", "cpu", "--limit", "8", "--quiet"])
+        == 0
+    )
+    run_id = re.search(r"run (\w+): captured 8 prompts", capsys.readouterr().out).group(1)
+    assert cli.main(["runs", "--db", db]) == 0
+    assert run_id in capsys.readouterr().out
+
+
 def test_runs_on_an_empty_cache(tmp_path, capsys):
     assert cli.main(["--db", str(tmp_path / "c.duckdb"), "runs"]) == 0
     assert "no runs yet" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("command", [None, *subcommands()])
-def test_help_works_on_every_command(command, capsys):
-    with pytest.raises(SystemExit) as done:
-        cli.main(["--help"] if command is None else [command, "--help"])
-    assert done.value.code == 0
-    assert capsys.readouterr().out.startswith("usage: python -m core")
-
-
-def test_every_documented_command_exists():
-    assert {"capture", "runs", "prepare"} <= set(subcommands())
 
 
 def test_a_missing_prompt_file_is_a_clear_error_that_creates_nothing(tiny_dir, tmp_path, capsys):
@@ -68,8 +58,10 @@ def test_limit_must_be_positive(value, capsys):
     assert done.value.code == 2 and "--limit" in capsys.readouterr().err
 
 
-def test_module_entry_point(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["python -m core", "--help"])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_module("core", run_name="__main__")
-    assert done.value.code == 0 and "list cached runs" in capsys.readouterr().out
+@pytest.mark.parametrize("value", ["0/0", "2/2", "x"])
+def test_a_bad_shard_is_a_clear_error(tiny_dir, tmp_path, value, capsys):
+    argv = ["capture", "--db", str(tmp_path / "c.duckdb"), "--model", tiny_dir, "--shard", value]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --shard {value}" if "/" in value else "error: --shard 'x'"
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -19,90 +18,18 @@ import pyarrow as pa
 
 from core import settings
 from core.errors import BricklabError
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id VARCHAR PRIMARY KEY,   -- hash of (fingerprint, prompt hash, capture settings)
-    model_id VARCHAR, model_type VARCHAR, fingerprint VARCHAR,
-    prompt_set VARCHAR, prompt_hash VARCHAR, settings VARCHAR,
-    n_layers INTEGER, d_ff INTEGER, n_prompts INTEGER, n_chunks INTEGER,
-    categories VARCHAR,           -- JSON list, in label order
-    status VARCHAR,               -- 'incomplete' until finalised, then 'complete'
-    n_tokens BIGINT, seconds DOUBLE, created TIMESTAMP DEFAULT current_timestamp, finished TIMESTAMP
-);
-CREATE TABLE IF NOT EXISTS prompts (
-    run_id VARCHAR, prompt_idx INTEGER, prompt_id VARCHAR, category VARCHAR, text VARCHAR
-);
-CREATE TABLE IF NOT EXISTS chunks (run_id VARCHAR, chunk INTEGER, n_tokens BIGINT, seconds DOUBLE);
-CREATE TABLE IF NOT EXISTS tokens (   -- the prompt's own tokens (chat-template tokens excluded)
-    run_id VARCHAR, prompt_idx INTEGER, pos INTEGER, token_id INTEGER, token VARCHAR,
-    truncated BOOLEAN
-);
-CREATE TABLE IF NOT EXISTS prompt_acts (  -- float16 (d_ff,): mean |a| over the prompt's tokens
-    run_id VARCHAR, prompt_idx INTEGER, layer INTEGER, mean_abs BLOB
-);
-CREATE TABLE IF NOT EXISTS firing (       -- uint64 (n_tokens, ceil(d_ff/64)): neurons that fire
-    run_id VARCHAR, prompt_idx INTEGER, layer INTEGER, bits BLOB
-);
-CREATE TABLE IF NOT EXISTS chunk_arrays ( -- per-chunk partial reductions, summed when finalised
-    run_id VARCHAR, chunk INTEGER, layer INTEGER, name VARCHAR, data BLOB
-);
-CREATE TABLE IF NOT EXISTS layer_arrays ( -- final per-layer arrays: histograms, neuron means
-    run_id VARCHAR, layer INTEGER, name VARCHAR, data BLOB
-);
-CREATE TABLE IF NOT EXISTS top_examples (
-    run_id VARCHAR, layer INTEGER, neuron INTEGER, rank INTEGER,
-    prompt_idx INTEGER, pos INTEGER, value REAL
-);
-CREATE TABLE IF NOT EXISTS results (      -- cached derived results (bricks, maps, reports)
-    run_id VARCHAR, kind VARCHAR, params VARCHAR, created TIMESTAMP DEFAULT current_timestamp,
-    payload BLOB
-);
-"""
-
-RUN_TABLES = (
-    "prompts",
-    "chunks",
-    "tokens",
-    "prompt_acts",
-    "firing",
-    "chunk_arrays",
-    "layer_arrays",
-    "top_examples",
-    "results",
-)
+from core.store import codec
+from core.store.chunks import ChunkTables
+from core.store.queries import NeuronQueries
+from core.store.schema import RUN_COLUMNS, RUN_TABLES, SCHEMA, Run, to_run
 
 
-@dataclass(frozen=True)
-class Run:
-    run_id: str
-    model_id: str
-    model_type: str
-    fingerprint: str
-    prompt_set: str
-    prompt_hash: str
-    settings: dict
-    n_layers: int
-    d_ff: int
-    n_prompts: int
-    n_chunks: int
-    categories: list[str]
-    status: str
-    n_tokens: int | None
-    seconds: float | None
-    created: object
-    finished: object
+class Store(ChunkTables, NeuronQueries):
+    """One DuckDB file; safe to share between threads (each call uses its own cursor).
 
-    @property
-    def complete(self) -> bool:
-        return self.status == "complete"
-
-
-_RUN_COLUMNS = ", ".join(Run.__dataclass_fields__)
-
-
-class Store:
-    """One DuckDB file; safe to share between threads (each call uses its own cursor)."""
+    The capture's chunk writes and the neuron and token queries live in two mixins, so that each
+    module stays short.
+    """
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else settings.db_path()
@@ -150,12 +77,12 @@ class Store:
     # runs
 
     def run(self, run_id: str) -> Run | None:
-        row = self.cursor().execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", [run_id]).fetchone()
-        return _to_run(row) if row else None
+        row = self.cursor().execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        return to_run(row) if row else None
 
     def runs(self) -> list[Run]:
-        rows = self.cursor().execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created DESC").fetchall()
-        return [_to_run(r) for r in rows]
+        rows = self.cursor().execute(f"SELECT {RUN_COLUMNS} FROM runs ORDER BY created DESC").fetchall()
+        return [to_run(r) for r in rows]
 
     def require_run(self, run_id: str | None = None, complete: bool = True) -> Run:
         """The named run, or the newest complete one; a clear error when there is none."""
@@ -199,10 +126,6 @@ class Store:
                 cur.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
             cur.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
 
-    def done_chunks(self, run_id: str) -> set[int]:
-        rows = self.cursor().execute("SELECT chunk FROM chunks WHERE run_id = ?", [run_id]).fetchall()
-        return {r[0] for r in rows}
-
     # bulk inserts
 
     @staticmethod
@@ -228,7 +151,7 @@ class Store:
         if layer is not None:
             where, params = where + " AND layer = ?", params + [layer]
         sql = f"SELECT mean_abs FROM prompt_acts WHERE {where} ORDER BY prompt_idx, layer"
-        flat = _blob_column(self.cursor().sql(sql, params=params), np.float16)
+        flat = _blobs(self.cursor().sql(sql, params=params), np.float16)
         width = run.d_ff if layer is not None else run.n_layers * run.d_ff
         return flat.reshape(run.n_prompts, width)
 
@@ -236,7 +159,7 @@ class Store:
         """Packed firing bits of one layer over every token of the run: uint64 (n_tokens, words)."""
         run = self.require_run(run_id)
         sql = "SELECT bits FROM firing WHERE run_id = ? AND layer = ? ORDER BY prompt_idx"
-        flat = _blob_column(self.cursor().sql(sql, params=[run_id, layer]), np.uint64)
+        flat = _blobs(self.cursor().sql(sql, params=[run_id, layer]), np.uint64)
         return flat.reshape(-1, (run.d_ff + 63) // 64)
 
     def token_prompts(self, run_id: str) -> np.ndarray:
@@ -252,7 +175,7 @@ class Store:
         """A final per-layer array stacked over layers: (n_layers, ...)."""
         run = self.require_run(run_id)
         sql = "SELECT data FROM layer_arrays WHERE run_id = ? AND name = ? ORDER BY layer"
-        flat = _blob_column(self.cursor().sql(sql, params=[run_id, name]), dtype)
+        flat = _blobs(self.cursor().sql(sql, params=[run_id, name]), dtype)
         return flat.reshape(run.n_layers, -1)
 
     def top_examples(self, run_id: str, layer: int, neuron: int) -> list[tuple]:
@@ -265,6 +188,7 @@ class Store:
     # derived results
 
     def get_result(self, run_id: str, kind: str, params: dict) -> bytes | None:
+        """The raw payload cached for (run, kind, params); `get_arrays` and `get_json` decode theirs."""
         sql = "SELECT payload FROM results WHERE run_id = ? AND kind = ? AND params = ?"
         row = self.cursor().execute(sql, [run_id, kind, _canon(params)]).fetchone()
         return bytes(row[0]) if row else None
@@ -280,6 +204,26 @@ class Store:
                 [run_id, kind, _canon(params), payload],
             )
 
+    def get_arrays(self, run_id: str, kind: str, params: dict) -> tuple[dict[str, np.ndarray], object] | None:
+        """The (arrays, meta) cached by `put_arrays` for (run, kind, params); None on a miss."""
+        payload = self.get_result(run_id, kind, _codec_key(params))
+        return None if payload is None else codec.unpack(payload)
+
+    def put_arrays(
+        self, run_id: str, kind: str, params: dict, arrays: dict[str, np.ndarray], meta=None
+    ) -> None:
+        """Cache named arrays and JSON-serialisable `meta` as one payload of `codec`."""
+        self.put_result(run_id, kind, _codec_key(params), codec.pack(arrays, meta))
+
+    def get_json(self, run_id: str, kind: str, params: dict):
+        """A result cached by `put_json`; None on a miss."""
+        payload = self.get_result(run_id, kind, params)
+        return None if payload is None else json.loads(payload)
+
+    def put_json(self, run_id: str, kind: str, params: dict, value) -> None:
+        """Cache a JSON value as plain UTF-8 JSON, readable in DuckDB with `decode(payload)`."""
+        self.put_result(run_id, kind, params, json.dumps(value).encode())
+
     def size_bytes(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
 
@@ -288,19 +232,11 @@ def _canon(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def _blob_column(result, dtype) -> np.ndarray:
-    """Concatenate a one-column BLOB result into one numpy array without a Python loop."""
-    column = result.to_arrow_table().column(0).combine_chunks()
-    if len(column) == 0:
-        return np.zeros(0, dtype=dtype)
-    _, offsets, data = column.buffers()
-    off = np.frombuffer(offsets, dtype=np.int32, count=len(column) + 1, offset=column.offset * 4)
-    raw = np.frombuffer(data, dtype=np.uint8)[off[0] : off[-1]]
-    return raw.view(dtype).copy()
+def _codec_key(params: dict) -> dict:
+    """The params key of a codec payload: it names the format, so a payload written in an older
+    format (numpy's .npz before format 1) is never read as this one; it is simply recomputed."""
+    return {**params, "codec": codec.VERSION}
 
 
-def _to_run(row) -> Run:
-    values = dict(zip(Run.__dataclass_fields__, row, strict=True))
-    values["settings"] = json.loads(values["settings"])
-    values["categories"] = json.loads(values["categories"])
-    return Run(**values)
+def _blobs(result, dtype) -> np.ndarray:
+    return codec.concat_blobs(result.to_arrow_table().column(0), dtype)

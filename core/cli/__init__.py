@@ -1,0 +1,52 @@
+"""Command-line interface (`python -m core`): the parser, the global options and error handling.
+
+The commands live beside this file, grouped by concern (capture, bricks, report, export); they
+do all the printing, and the rest of core only computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from core.cli import bricks, capture, export, report
+from core.errors import BricklabError
+
+COMMAND_MODULES = (capture, bricks, report, export)  # each adds its subcommands with `register`
+GLOBAL_TITLE = "global options (before or after the command)"
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_argument_group(GLOBAL_TITLE)
+    group.add_argument(
+        "--db", default=default, help="DuckDB cache file (default: data/bricklab.duckdb or $BRICKLAB_DB)"
+    )
+    group.add_argument(
+        "--model", default=default,
+        help="hub id or local folder, for the commands that load a model: capture (default: the "
+        "embedded SmolLM2-135M-Instruct), report (the run's model), apply and prune (the configuration's)",
+    )  # fmt: skip
+    group.add_argument(
+        "--device", default=default, help="cpu or cuda, where a model is loaded (default: cuda when present)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="bricklab: bricks in FFN layers.")
+    _add_global_options(parser, None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    for command in sub.choices.values():
+        # SUPPRESS: an option not written after the command leaves the value given before it.
+        _add_global_options(command, argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BricklabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

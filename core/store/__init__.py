@@ -1,0 +1,11 @@
+"""The DuckDB cache behind one boundary: every SQL statement of bricklab lives in this package.
+
+`Store` is the connection and its named reads and writes; `codec` is the byte format of cached
+arrays and results; `schema` holds the tables.
+"""
+
+from core.store import codec
+from core.store.cache import Store
+from core.store.schema import CHUNK_TABLES, RUN_TABLES, SCHEMA, Run
+
+__all__ = ["CHUNK_TABLES", "RUN_TABLES", "SCHEMA", "Run", "Store", "codec"]

@@ -1,0 +1,177 @@
+"""The store's side of a capture: a chunk's rows committed in one transaction, its partial reductions
+read back, the run finalised, and a shard's chunks copied in from another cache file.
+
+Each write here is one `Store.write()` transaction, so a killed capture leaves whole chunks only and
+resumes from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from core.errors import BricklabError
+from core.store import codec
+from core.store.schema import CHUNK_TABLES
+
+
+class ChunkTables:
+    """Mixin of `Store`: the writes and reads of a capture in progress."""
+
+    def write_chunk(
+        self,
+        run_id: str,
+        chunk: int,
+        first_prompt: int,
+        acts: list[list[np.ndarray]],
+        bits: list[list[np.ndarray]],
+        tokens: dict[str, list],
+        partials: list[tuple[int, str, np.ndarray]],
+        n_tokens: int,
+        seconds: float,
+    ) -> None:
+        """Everything a chunk produced, in one transaction: it lands whole or not at all.
+
+        acts and bits: per prompt of the chunk (from `first_prompt` on), per layer, the mean |a| and
+        the packed firing bits. tokens: the columns prompt_idx, pos, token_id, token, truncated of
+        the prompts' own tokens. partials: (layer, name, array) rows that `finish_run` sums.
+        """
+        n_layers = len(acts[0]) if acts else 0
+        prompt_idx = np.repeat(np.arange(first_prompt, first_prompt + len(acts), dtype=np.int32), n_layers)
+        layer_idx = np.tile(np.arange(n_layers, dtype=np.int32), len(acts))
+        means = codec.blob_column([a for per_layer in acts for a in per_layer])
+        packed = codec.blob_column([b for per_layer in bits for b in per_layer])
+        token_columns = {
+            "run_id": [run_id] * len(tokens["token_id"]),
+            "prompt_idx": pa.array(tokens["prompt_idx"], pa.int32()),
+            "pos": pa.array(tokens["pos"], pa.int32()),
+            "token_id": pa.array(tokens["token_id"], pa.int32()),
+            "token": pa.array([str(t) for t in tokens["token"]], pa.string()),
+            "truncated": pa.array(tokens["truncated"], pa.bool_()),
+        }
+        partial_columns = {
+            "run_id": [run_id] * len(partials),
+            "chunk": pa.array([chunk] * len(partials), pa.int32()),
+            "layer": pa.array([r[0] for r in partials], pa.int32()),
+            "name": [r[1] for r in partials],
+            "data": codec.blob_column([r[2] for r in partials]),
+        }
+        with self.write() as cur:
+            base = {"run_id": [run_id] * len(means), "prompt_idx": prompt_idx, "layer": layer_idx}
+            self.insert(cur, "prompt_acts", {**base, "mean_abs": means})
+            self.insert(cur, "firing", {**base, "bits": packed})
+            self.insert(cur, "tokens", token_columns)
+            self.insert(cur, "chunk_arrays", partial_columns)
+            cur.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", [run_id, chunk, n_tokens, seconds])
+
+    def done_chunks(self, run_id: str) -> set[int]:
+        rows = self.cursor().execute("SELECT chunk FROM chunks WHERE run_id = ?", [run_id]).fetchall()
+        return {r[0] for r in rows}
+
+    def chunk_totals(self, run_id: str) -> tuple[int, float]:
+        """Tokens and seconds summed over the run's committed chunks."""
+        sql = "SELECT coalesce(sum(n_tokens), 0), coalesce(sum(seconds), 0) FROM chunks WHERE run_id = ?"
+        n_tokens, seconds = self.cursor().execute(sql, [run_id]).fetchone()
+        return int(n_tokens), float(seconds)
+
+    def chunk_partials(self, run_id: str, layer: int) -> dict[str, list[bytes]]:
+        """One layer's partial reductions: name -> one payload per committed chunk, in chunk order."""
+        sql = "SELECT name, data FROM chunk_arrays WHERE run_id = ? AND layer = ? ORDER BY chunk"
+        parts: dict[str, list[bytes]] = {}
+        for name, data in self.cursor().execute(sql, [run_id, layer]).fetchall():
+            parts.setdefault(name, []).append(bytes(data))
+        return parts
+
+    def finish_run(
+        self,
+        run_id: str,
+        layer_rows: list[tuple[int, str, np.ndarray]],
+        top_rows: dict[str, np.ndarray],
+        n_tokens: int,
+        seconds: float,
+    ) -> None:
+        """In one transaction: the final per-layer arrays and top examples replace any earlier ones,
+        the chunk partials go, and the run is marked complete."""
+        layer_columns = {
+            "run_id": [run_id] * len(layer_rows),
+            "layer": pa.array([r[0] for r in layer_rows], pa.int32()),
+            "name": [r[1] for r in layer_rows],
+            "data": codec.blob_column([r[2] for r in layer_rows]),
+        }
+        n_top = len(top_rows["layer"])  # ~1M rows on the default model: no Python list of ids
+        with self.write() as cur:
+            cur.execute("DELETE FROM layer_arrays WHERE run_id = ?", [run_id])
+            cur.execute("DELETE FROM top_examples WHERE run_id = ?", [run_id])
+            self.insert(cur, "layer_arrays", layer_columns)
+            self.insert(cur, "top_examples", {"run_id": pa.repeat(pa.scalar(run_id), n_top), **top_rows})
+            cur.execute("DELETE FROM chunk_arrays WHERE run_id = ?", [run_id])
+            cur.execute(
+                "UPDATE runs SET status = 'complete', n_tokens = ?, seconds = ?, "
+                "finished = current_timestamp WHERE run_id = ?",
+                [int(n_tokens), float(seconds), run_id],
+            )
+
+    @staticmethod
+    def read_shard(path: str | Path) -> dict[str, pa.Table]:
+        """Every run row and chunk row of a shard file, as Arrow tables (cheap to ship between machines)."""
+        path = Path(path)
+        if not path.is_file():
+            raise BricklabError(f"The shard '{path}' does not exist.", "Check the path.")
+        try:
+            con = duckdb.connect(str(path), read_only=True)
+        except duckdb.Error as exc:
+            raise _not_a_shard(path, exc) from exc
+        try:
+            # the names come from the schema's own constants, never from the caller
+            return {
+                name: con.sql(f"SELECT * FROM {name}").to_arrow_table()
+                for name in ("runs", "prompts", *CHUNK_TABLES)
+            }
+        except duckdb.Error as exc:
+            raise _not_a_shard(path, exc) from exc
+        finally:
+            con.close()
+
+    def add_shard_chunks(
+        self,
+        run_id: str,
+        tables: dict[str, pa.Table],
+        chunks: list[int],
+        chunk_prompts: int,
+        new_run: tuple[dict, list[tuple]] | None = None,
+    ) -> None:
+        """Copy the rows of a shard's `chunks` of one run into the cache in one transaction; with
+        `new_run` = (runs row, prompt rows) the run is created in that same transaction."""
+        with self.write() as cur:
+            if new_run is not None:
+                self.create_run(cur, *new_run)
+            for name in CHUNK_TABLES:
+                _insert_chunk_rows(cur, name, tables[name], run_id, chunks, chunk_prompts)
+
+
+def _not_a_shard(path: Path, exc: Exception) -> BricklabError:
+    return BricklabError(
+        f"'{path}' is not a bricklab shard ({exc}).", "Give shard files written by capture --shard."
+    )
+
+
+def _insert_chunk_rows(cur, name, table, run_id, chunks, chunk_prompts) -> None:
+    """Rows of one table that belong to the new chunks (prompt-keyed tables map prompts to chunks)."""
+    if not chunks or table.num_rows == 0:
+        return
+    cur.register("_shard_rows", table)
+    try:
+        if "chunk" in table.column_names:
+            where, params = "chunk IN (SELECT unnest(?))", [run_id, chunks]
+        else:
+            where, params = "prompt_idx // ? IN (SELECT unnest(?))", [run_id, chunk_prompts, chunks]
+        columns = ", ".join(table.column_names)
+        cur.execute(
+            f"INSERT INTO {name} ({columns}) SELECT {columns} FROM _shard_rows WHERE run_id = ? AND {where}",
+            params,
+        )
+    finally:
+        cur.unregister("_shard_rows")

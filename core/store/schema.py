@@ -1,0 +1,97 @@
+"""The cache's tables as one constant, the run record read back from them, and which tables a run owns."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,   -- hash of (fingerprint, prompt hash, capture settings)
+    model_id VARCHAR, model_type VARCHAR, fingerprint VARCHAR,
+    prompt_set VARCHAR, prompt_hash VARCHAR, settings VARCHAR,
+    n_layers INTEGER, d_ff INTEGER, n_prompts INTEGER, n_chunks INTEGER,
+    categories VARCHAR,           -- JSON list, in label order
+    status VARCHAR,               -- 'incomplete' until finalised, then 'complete'
+    n_tokens BIGINT, seconds DOUBLE, created TIMESTAMP DEFAULT current_timestamp, finished TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS prompts (
+    run_id VARCHAR, prompt_idx INTEGER, prompt_id VARCHAR, category VARCHAR, text VARCHAR
+);
+CREATE TABLE IF NOT EXISTS chunks (run_id VARCHAR, chunk INTEGER, n_tokens BIGINT, seconds DOUBLE);
+CREATE TABLE IF NOT EXISTS tokens (   -- the prompt's own tokens (chat-template tokens excluded)
+    run_id VARCHAR, prompt_idx INTEGER, pos INTEGER, token_id INTEGER, token VARCHAR,
+    truncated BOOLEAN
+);
+CREATE TABLE IF NOT EXISTS prompt_acts (  -- float16 (d_ff,): mean |a| over the prompt's tokens
+    run_id VARCHAR, prompt_idx INTEGER, layer INTEGER, mean_abs BLOB
+);
+CREATE TABLE IF NOT EXISTS firing (       -- uint64 (n_tokens, ceil(d_ff/64)): neurons that fire
+    run_id VARCHAR, prompt_idx INTEGER, layer INTEGER, bits BLOB
+);
+CREATE TABLE IF NOT EXISTS chunk_arrays ( -- per-chunk partial reductions, summed when finalised
+    run_id VARCHAR, chunk INTEGER, layer INTEGER, name VARCHAR, data BLOB
+);
+CREATE TABLE IF NOT EXISTS layer_arrays ( -- final per-layer arrays: histograms, neuron means
+    run_id VARCHAR, layer INTEGER, name VARCHAR, data BLOB
+);
+CREATE TABLE IF NOT EXISTS top_examples (
+    run_id VARCHAR, layer INTEGER, neuron INTEGER, rank INTEGER,
+    prompt_idx INTEGER, pos INTEGER, value REAL
+);
+CREATE TABLE IF NOT EXISTS results (      -- cached derived results (bricks, maps, reports)
+    run_id VARCHAR, kind VARCHAR, params VARCHAR, created TIMESTAMP DEFAULT current_timestamp,
+    payload BLOB
+);
+"""
+
+RUN_TABLES = (
+    "prompts",
+    "chunks",
+    "tokens",
+    "prompt_acts",
+    "firing",
+    "chunk_arrays",
+    "layer_arrays",
+    "top_examples",
+    "results",
+)
+
+# The tables a committed chunk writes rows to: what a shard hands over to be merged.
+CHUNK_TABLES = ("chunks", "prompt_acts", "firing", "tokens", "chunk_arrays")
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    model_id: str
+    model_type: str
+    fingerprint: str
+    prompt_set: str
+    prompt_hash: str
+    settings: dict
+    n_layers: int
+    d_ff: int
+    n_prompts: int
+    n_chunks: int
+    categories: list[str]
+    status: str
+    n_tokens: int | None
+    seconds: float | None
+    created: object
+    finished: object
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+RUN_COLUMNS = ", ".join(Run.__dataclass_fields__)
+
+
+def to_run(row) -> Run:
+    """A `runs` row, selected as RUN_COLUMNS, with its JSON columns decoded."""
+    values = dict(zip(Run.__dataclass_fields__, row, strict=True))
+    values["settings"] = json.loads(values["settings"])
+    values["categories"] = json.loads(values["categories"])
+    return Run(**values)
