@@ -6,6 +6,7 @@ from core import models, prompts
 from core.capture import run as capture
 from core.errors import BricklabError
 from ui import layout, resources
+from ui.text import md
 
 layout.page(
     "bricklab",
@@ -27,7 +28,7 @@ with st.sidebar:
             resources.model(ref.strip() or models.DEFAULT_MODEL)
             st.session_state["model_ref"] = ref.strip() or models.DEFAULT_MODEL
         except BricklabError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
 
 lm = resources.current_model()
 info = lm.info
@@ -41,7 +42,10 @@ c3.metric("FFN neurons", f"{info.n_neurons:,}")
 c4.metric("device", info.device)
 
 st.subheader("Cached runs")
-runs = resources.store().runs()
+try:
+    runs = resources.store().runs()
+except BricklabError as exc:
+    resources.show_error(exc)
 if runs:
     st.dataframe(
         [

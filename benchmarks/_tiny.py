@@ -6,6 +6,9 @@ Not a benchmark itself (the leading underscore keeps it out of tests/test_benchm
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,3 +53,15 @@ def run(lm: models.LoadedModel, folder: str | Path, per_category: int = 2) -> tu
     finally:
         store.close()
     return path, result.run_id
+
+
+@contextmanager
+def opened_run(lm: models.LoadedModel) -> Iterator[tuple[Store, str]]:
+    """(store, run id) of a fresh `run` in a temporary folder, open for the duration."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, run_id = run(lm, tmp)
+        store = Store(path)
+        try:
+            yield store, run_id
+        finally:
+            store.close()

@@ -17,7 +17,6 @@ The last line is one JSON object with neuron_detail_p95_ms and regen_ratio.
 import argparse
 import json
 import statistics
-import tempfile
 import time
 
 import numpy as np
@@ -108,11 +107,8 @@ def main() -> None:
 
     args.queries, args.repeats, args.tokens = 5, 1, 4
     lm = _tiny.model()
-    with tempfile.TemporaryDirectory() as tmp:
-        path, args.run = _tiny.run(lm, tmp)
-        store = Store(path)
+    with _tiny.opened_run(lm) as (store, args.run):
         measure(args, store, lm)
-        store.close()
 
 
 def measure(args, store: Store, lm=None) -> None:

@@ -55,7 +55,7 @@ def main() -> None:
             copy = Path(tmp) / "bench.duckdb"
             shutil.copy(args.db, copy)
         store = Store(copy)
-        store.cursor().execute("DELETE FROM results")  # measure from scratch, not cache hits
+        store.clear_results()  # measure from scratch, not cache hits
         run = store.require_run(args.run)
         out = {"run": run.run_id, "neurons": run.n_layers * run.d_ff, "prompts": run.n_prompts}
         out["n_tokens"] = run.n_tokens

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import tempfile
 import time
 
 import numpy as np
@@ -151,11 +150,8 @@ def main() -> None:
 
     args.quick, args.tokens, args.reps = True, args.tokens or 4, args.reps or 1
     lm = _tiny.model()
-    with tempfile.TemporaryDirectory() as tmp:
-        path, args.run = _tiny.run(lm, tmp)
-        store = Store(path)
+    with _tiny.opened_run(lm) as (store, args.run):
         measure(args, store, lm)
-        store.close()
 
 
 def measure(args, store: Store, lm) -> None:

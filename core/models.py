@@ -228,6 +228,9 @@ def load_model(ref: str | None = None, device: str | None = None) -> LoadedModel
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:
+        raise _tokenizer_error(ref, path, exc) from exc
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=False, use_safetensors=True, dtype=dtype
         )
@@ -242,6 +245,8 @@ def load_model(ref: str | None = None, device: str | None = None) -> LoadedModel
 def _resolve(ref: str) -> str:
     path = Path(ref).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise _not_a_folder(ref, path)
         if not (path / "config.json").is_file():
             raise BricklabError(
                 f"'{ref}' is a folder but not a Hugging Face model (it has no config.json).",
@@ -254,6 +259,36 @@ def _resolve(ref: str) -> str:
             "Check the path, or leave it empty for the default model.",
         )
     return ref
+
+
+def _not_a_folder(ref: str, path: Path) -> BricklabError:
+    if (path.parent / "config.json").is_file():  # a file inside a model folder, e.g. its weights
+        fix = f"Pass its folder, '{path.parent}'."
+    else:
+        fix = "Pass a folder that holds config.json, the tokenizer files and the .safetensors weights, "
+        fix += "or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+    return BricklabError(f"'{ref}' is a file, not a model folder.", fix)
+
+
+# What transformers builds a tokenizer from: a tokenizers file, a sentencepiece model or a vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def _tokenizer_error(ref: str, path: str, exc: Exception) -> BricklabError:
+    """A local folder without tokenizer files gets its own message: transformers' own is a list of
+    alternatives that reads as a sentence cut in the middle."""
+    folder = Path(path)
+    if not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return _load_error(ref, exc)  # a hub id, or tokenizer files that are present but unreadable
+    missing = "tokenizer files"
+    if not any(folder.glob("*.safetensors")):
+        missing += " and no .safetensors weights"
+    return BricklabError(
+        f"The model folder '{ref}' has config.json but no {missing}; a tokenizer needs one of "
+        f"{', '.join(TOKENIZER_FILES)}.",
+        "Copy the missing files into it from the model's original folder or hub repository, "
+        "or pass the hub id instead.",
+    )
 
 
 def _load_error(ref: str, exc: Exception) -> BricklabError:
@@ -273,12 +308,24 @@ def _load_error(ref: str, exc: Exception) -> BricklabError:
         )
     if isinstance(exc, BricklabError):
         return exc
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return BricklabError(
-        f"Could not load the model '{ref}': {first}",
+        f"Could not load the model '{ref}': {_summary(text) or type(exc).__name__ + '.'}",
         "Give a local folder with config.json and safetensors weights, or a hub id already in the "
         "local Hugging Face cache (this machine may be offline).",
     )
+
+
+def _summary(text: str, limit: int = 240) -> str:
+    """A library's message on one line, whole sentences where it is short: its first line alone can
+    end in a colon that introduces a list ("...from one of:")."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        sentence, word = text.rfind(". ", 0, limit), text.rfind(" ", 0, limit)
+        if sentence > 0:  # keep the whole sentences that fit
+            text = text[: sentence + 1]
+        else:
+            text = text[: word if word > 0 else limit].rstrip(":;,") + " ..."
+    return text if not text or text.endswith((".", "!", "?", "...")) else text.rstrip(":;,") + "."
 
 
 def default_model_dir() -> Path:

@@ -21,6 +21,7 @@ from core.errors import BricklabError
 CATEGORIES = ("coding", "math", "linguistic", "knowledge", "translation", "ethics", "writing")
 MAX_FILE_BYTES = 20 * 1024 * 1024  # uploads past this are refused before parsing
 MAX_PROMPTS = 20_000
+FORMATS = (".jsonl", ".csv", ".txt")  # the file name's suffix picks the parser (parse_prompts)
 MAX_PROMPT_CHARS = 20_000  # longer texts are cut here; the model's context cuts tokens later
 
 
@@ -77,11 +78,24 @@ def default_prompt_set() -> PromptSet:
 
 def load_prompt_file(path: str | Path, name: str | None = None) -> PromptSet:
     path = Path(path)
+    if path.is_dir():
+        raise _folder_error(path)
     if not path.is_file():
         raise BricklabError(f"The prompt file '{path}' does not exist.", "Check the path.")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise _too_big(path.stat().st_size)
     return parse_prompts(path.read_bytes(), path.name, name=name or path.stem)
+
+
+def _folder_error(path: Path) -> BricklabError:
+    try:  # naming one of the folder's prompt files makes the fix concrete
+        found = min((f for f in path.iterdir() if f.suffix.lower() in FORMATS and f.is_file()), default=None)
+    except OSError:  # an unreadable folder: the message names no file
+        found = None
+    example = f", e.g. '{found}'" if found else ""
+    return BricklabError(
+        f"'{path}' is a folder, not a prompt file.", f"Pass one .jsonl, .csv or .txt file{example}."
+    )
 
 
 def parse_prompts(data: bytes, filename: str, name: str | None = None) -> PromptSet:

@@ -6,6 +6,7 @@ from core import prompts
 from core.capture import run as capture
 from core.errors import BricklabError
 from ui import layout, resources
+from ui.text import md
 
 layout.page(
     "Capture", "📥", "The model reads every prompt once; every other page is computed from this capture."
@@ -28,7 +29,7 @@ if source.startswith("My own"):
 else:
     prompt_set = prompts.default_prompt_set()
 for warning in prompt_set.warnings[:5]:
-    st.warning(warning)
+    st.warning(md(warning))
 
 n = st.number_input(
     f"Prompts to capture (of {len(prompt_set):,})", 1, len(prompt_set), len(prompt_set),
@@ -39,8 +40,8 @@ st.dataframe(
     [{"id": p.id, "category": p.category, "text": p.text} for p in prompt_set.prompts[:200]],
     hide_index=True, height=220, width="stretch",
 )  # fmt: skip
-categories = ", ".join(prompt_set.categories) or "none"
-st.caption(f"**{prompt_set.name}**: {len(prompt_set):,} prompts; categories: {categories}")
+categories = ", ".join(map(md, prompt_set.categories)) or "none"
+st.caption(f"**{md(prompt_set.name)}**: {len(prompt_set):,} prompts; categories: {categories}")
 
 with st.expander("Capture settings"):
     fire = st.slider("Share of a layer's neurons that fire at each token", 0.01, 0.5, 0.10, 0.01)
@@ -49,7 +50,7 @@ with st.expander("Capture settings"):
 config = capture.CaptureConfig(fire_fraction=fire, top_k=int(top_k), max_tokens=int(max_tokens))
 
 if st.button(
-    f"Capture {len(prompt_set):,} prompts with {layout.model_name(lm.info.model_id)}", type="primary"
+    f"Capture {len(prompt_set):,} prompts with {md(layout.model_name(lm.info.model_id))}", type="primary"
 ):
     try:
         result = capture.capture(lm, prompt_set, resources.store(), config, progress=layout.progress_bar())
@@ -66,7 +67,7 @@ if "captured" in st.session_state:
     message, warnings = st.session_state.pop("captured")
     st.success(message)
     for warning in warnings:
-        st.warning(warning)
+        st.warning(md(warning))
 
 run_id = resources.current_run_id()
 if run_id:

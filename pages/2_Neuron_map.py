@@ -6,6 +6,7 @@ import streamlit as st
 from core.bricks.neuron_map import MapParams
 from core.errors import BricklabError
 from ui import figures, layout, neuron_view, queries, resources
+from ui.text import md
 
 layout.page(
     "Neuron map", "🗺️", "Each point is one FFN neuron; neurons active on the same prompts sit together."
@@ -57,7 +58,7 @@ with right:
     word = st.text_input("Which neurons fire most on…", placeholder="Python")
     if word.strip():
         found = queries.search_tokens(run.run_id, word, exact=not st.toggle("substring match"))
-        st.caption(f"{len(found)} neurons have top examples on tokens reading '{word.strip()}'.")
+        st.caption(f"{len(found)} neurons have top examples on tokens reading '{md(word.strip())}'.")
         if found and (row := neuron_view.table_pick(found, "search")):
             neuron_view.open_neuron(row["layer"], row["neuron"])
 

@@ -7,6 +7,7 @@ from core.bricks import candidates as bricks
 from core.bricks import neurons
 from core.errors import BricklabError
 from ui import brick_ops_view, config_state, figures, layout, neuron_view, queries, resources
+from ui.text import code, md
 
 METHODS = {
     "coact": "co-activation (per layer, METIS)",
@@ -66,10 +67,10 @@ if run.categories and strongest:
 
 brick = next((b for b in found if b.brick_id == st.session_state.get("brick")), None)
 if brick is not None:
-    st.subheader(f"Brick {brick.brick_id}" + (f" · {brick.label}" if brick.label else ""))
+    st.subheader(f"Brick {md(brick.brick_id)}" + (f" · {md(brick.label)}" if brick.label else ""))
     per_layer = np.bincount(brick.neurons // run.d_ff, minlength=run.n_layers)
     st.plotly_chart(figures.bars(list(range(run.n_layers)), per_layer.tolist(), "Neurons per layer"))
-    st.markdown("**Top tokens:** " + " · ".join(f"`{neurons.display_token(t)}`" for t in brick.top_tokens))
+    st.markdown("**Top tokens:** " + " · ".join(code(neurons.display_token(t)) for t in brick.top_tokens))
     modes = st.columns(4)
     for column, mode in zip(modes, ["off", "mean", "keep"], strict=False):
         if column.button(

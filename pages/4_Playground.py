@@ -8,6 +8,7 @@ import streamlit as st
 from core import configuration
 from core.errors import BricklabError
 from ui import adapter_view, config_state, figures, layout, queries, resources, routing_view
+from ui.text import md
 
 INTRO = "Pick bricks and a mode for each; the configured model writes next to the plain one."
 layout.page("Playground", "🎛️", INTRO)
@@ -39,11 +40,10 @@ st.multiselect("Bricks to change", [*chosen, *(n for n in found if n not in chos
                format_func=lambda n: label.get(n, n), on_change=_toggle)  # fmt: skip
 for name, brick in config_state.chosen(run).items():
     a, b, c = st.columns([2, 3, 2], vertical_alignment="center")
-    a.markdown(
-        f"**{name}**  \n{brick.label or 'unlabelled'} · {sum(map(len, brick.neurons.values()))} neurons"
-    )
+    size = sum(map(len, brick.neurons.values()))
+    a.markdown(f"**{md(name)}**  \n{md(brick.label or 'unlabelled')} · {size} neurons")
     mode = b.segmented_control(
-        name, configuration.MODES, default=brick.mode, key=f"mode-{name}", label_visibility="collapsed"
+        md(name), configuration.MODES, default=brick.mode, key=f"mode-{name}", label_visibility="collapsed"
     )
     factor = c.slider("factor", 0.0, 4.0, brick.factor, 0.1, key=f"factor-{name}", disabled=mode != "scale")
     if mode and (mode, factor if mode == "scale" else 1.0) != (brick.mode, brick.factor):

@@ -8,6 +8,7 @@ from core import configuration, export, settings
 from core.errors import BricklabError
 from core.live import plan
 from ui import config_state, export_view, figures, layout, resources
+from ui.text import md
 
 layout.page("Export", "📦", "Take a configuration away as JSON, bring one back, or write a pruned model.")
 run = layout.require_run()
@@ -28,13 +29,14 @@ other = st.file_uploader("Optional: a second one, to compare the two files", typ
 if upload is not None:
     loaded = export_view.validated(upload, run)
     share = plan.active_share(loaded)
-    st.success(f"Valid: {len(loaded.bricks)} bricks for {loaded.model_id}, {share:.1%} of neurons active.")
+    model_id = md(loaded.model_id)
+    st.success(f"Valid: {len(loaded.bricks)} bricks for {model_id}, {share:.1%} of neurons active.")
     if other is None:
         st.markdown("**What loading it changes** (added, removed, changed bricks):")
         st.json(configuration.diff(config, loaded), expanded=2)
     else:
         second = export_view.validated(other, run)
-        st.markdown(f"**From {upload.name} to {other.name}** (added, removed, changed bricks):")
+        st.markdown(f"**From {md(upload.name)} to {md(other.name)}** (added, removed, changed bricks):")
         st.json(configuration.diff(loaded, second), expanded=2)
     if st.button("Use this configuration"):
         config_state.replace_with(run, loaded)
@@ -64,4 +66,4 @@ if st.button("Write pruned model", disabled=not config.bricks):
             list(range(run.n_layers)), list(report.kept), f"Neurons kept per layer (of {report.d_ff})"
         )
     )
-    st.success(f"Written to {report.out_dir}: load it with AutoModelForCausalLM.from_pretrained(...).")
+    st.success(f"Written to {md(report.out_dir)}: load it with AutoModelForCausalLM.from_pretrained(...).")

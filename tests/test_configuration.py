@@ -217,6 +217,28 @@ def test_rejected_with_the_field_named(text, path, words):
     assert words in err.problem
 
 
+def test_too_many_bricks_are_refused_before_any_brick_is_checked(monkeypatch):
+    # The document declares the largest shape, so no count relative to it could refuse this.
+    model = {"id": "m", "fingerprint": "f", "n_layers": 4096, "d_ff": 2**20}
+    brick = {"name": "b", "neurons": {"0": [float("nan")]}, "mode": "off"}  # bad, and never reached
+    text = json.dumps({"schema_version": 1, "model": model, "bricks": [brick] * 1001})
+
+    def walked(*_):
+        raise AssertionError("a brick-by-brick check ran")
+
+    for check in ("_check_values", "_skeleton", "_brick"):
+        monkeypatch.setattr(cfg, check, walked)
+    monkeypatch.setattr(cfg, "MAX_BRICKS", 1000)  # the real limit's document takes seconds to decode
+    assert str(rejected(text)) == (
+        "bricks: 1,001 bricks, over the limit of 1,000; merge small bricks or split the configuration"
+    )
+    assert [str(e) for e in cfg.problems(text)] == [str(rejected(text))]  # alone: nothing past it is checked
+
+
+def test_the_brick_limit_is_the_schemas_and_fits_one_brick_per_neuron_of_the_default_model():
+    assert cfg.MAX_BRICKS == cfg.SCHEMA["properties"]["bricks"]["maxItems"] >= 30 * 1536
+
+
 def test_non_text_input_is_rejected():
     assert "str or bytes" in rejected(None).problem
     assert "str or bytes" in rejected(12).problem

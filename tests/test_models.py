@@ -178,6 +178,44 @@ def test_missing_folder(tmp_path):
         models.load_model(str(tmp_path / "nowhere"), device="cpu")
 
 
+def test_a_file_is_refused_as_a_file_with_what_to_pass(tmp_path):
+    (tmp_path / "weights.gguf").write_bytes(b"GGUF")
+    with pytest.raises(BricklabError) as err:
+        models.load_model(str(tmp_path / "weights.gguf"), device="cpu")
+    assert err.value.message == f"'{tmp_path / 'weights.gguf'}' is a file, not a model folder."
+    assert "config.json" in err.value.hint and "hub id" in err.value.hint
+    (tmp_path / "config.json").write_text("{}")  # now a file inside a model folder: name the folder
+    with pytest.raises(BricklabError) as err:
+        models.load_model(str(tmp_path / "config.json"), device="cpu")
+    assert err.value.hint == f"Pass its folder, '{tmp_path}'."
+
+
+def test_a_folder_with_only_config_names_the_missing_tokenizer_in_whole_sentences(tiny_dir, tmp_path):
+    (tmp_path / "config.json").write_bytes((Path(tiny_dir) / "config.json").read_bytes())
+    with pytest.raises(BricklabError) as err:
+        models.load_model(str(tmp_path), device="cpu")
+    message = err.value.message
+    assert "no tokenizer files and no .safetensors weights" in message and "tokenizer.json" in message
+    assert message.endswith(".") and ":" not in message and "Copy the missing files" in err.value.hint
+    (tmp_path / "model.safetensors").write_bytes(b"")  # weights present: only the tokenizer is missing
+    with pytest.raises(BricklabError, match="no tokenizer files; a tokenizer needs one of"):
+        models.load_model(str(tmp_path), device="cpu")
+
+
+def test_a_library_message_is_summed_up_in_whole_sentences():
+    listing = (
+        "Couldn't instantiate the backend tokenizer from one of: \n(1) a `tokenizers` library "
+        "serialization file, \n(2) a slow tokenizer instance to convert or \n(3) an equivalent slow "
+        "tokenizer class to instantiate and convert. \nYou need to have sentencepiece or tiktoken "
+        "installed to convert a slow tokenizer to a fast one."
+    )
+    assert models._summary(listing).endswith(
+        "(3) an equivalent slow tokenizer class to instantiate and convert."
+    )
+    assert models._summary("Bad header:") == "Bad header."
+    assert models._summary("x " * 200).endswith("x ...") and len(models._summary("x " * 200)) <= 244
+
+
 def test_folder_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(BricklabError, match="no config.json"):

@@ -115,6 +115,18 @@ def test_missing_file(tmp_path):
         prompts.load_prompt_file(tmp_path / "nope.jsonl")
 
 
+def test_a_folder_is_refused_as_a_folder_naming_a_file_to_pass(tmp_path):
+    with pytest.raises(BricklabError) as err:
+        prompts.load_prompt_file(tmp_path)
+    assert err.value.message == f"'{tmp_path}' is a folder, not a prompt file."
+    assert err.value.hint == "Pass one .jsonl, .csv or .txt file."
+    (tmp_path / "notes.md").write_text("x")
+    (tmp_path / "set.jsonl").write_text('{"text": "x"}')
+    with pytest.raises(BricklabError) as err:
+        prompts.load_prompt_file(tmp_path)
+    assert err.value.hint == f"Pass one .jsonl, .csv or .txt file, e.g. '{tmp_path / 'set.jsonl'}'."
+
+
 def test_plain_strings_become_a_prompt_set_with_a_stable_hash():
     ps = prompts.from_texts(["  Hello  ", "", "World"])
     assert [(p.id, p.category, p.text) for p in ps.prompts] == [

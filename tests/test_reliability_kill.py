@@ -45,8 +45,8 @@ def event(name):
 plain_write, plain_map = Store.write, neuron_map._compute
 
 @contextmanager
-def write(self):
-    with plain_write(self) as cur:
+def write(self, **kwargs):
+    with plain_write(self, **kwargs) as cur:
         yield cur
         event("commit")
 

@@ -263,3 +263,13 @@ def test_a_chunk_that_fails_halfway_leaves_no_row(store):
 def test_prompt_text(store):
     add_run(store, "r")
     assert store.prompt_text("r", 1) == "text 1" and store.prompt_text("r", 5) is None
+
+
+def test_clear_results_forgets_one_run_or_all(store):
+    for run_id in ("a", "b"):
+        store.put_json(run_id, "report", {"k": 1}, {"run": run_id})
+    store.clear_results("a")
+    assert store.get_json("a", "report", {"k": 1}) is None
+    assert store.get_json("b", "report", {"k": 1}) == {"run": "b"}
+    store.clear_results()
+    assert store.get_json("b", "report", {"k": 1}) is None

@@ -13,6 +13,7 @@ from core.live import adapter_train, adapters
 from core.models import LoadedModel
 from core.store import Run
 from ui import config_state, layout, resources
+from ui.text import md
 
 FACTS = "adapter_facts"  # the session's training set (adapter_train.Facts)
 
@@ -31,7 +32,7 @@ def facts_picker() -> adapter_train.Facts:
         resources.show_error(exc)
     st.session_state[FACTS] = facts
     st.caption(
-        f"**{facts.name}**: {len(facts.texts)} training texts, {len(facts.questions)} held-out questions"
+        f"**{md(facts.name)}**: {len(facts.texts)} training texts, {len(facts.questions)} held-out questions"
     )
     with st.expander("Training texts"):
         st.write(pd.DataFrame({"text": facts.texts}))
@@ -81,7 +82,7 @@ def catalog(run: Run) -> None:
         config_state.set_adapter(run, ref)
         st.rerun()
     if chosen:
-        st.caption(f"**{name}** is in this session's configuration: toggle it on the Playground.")
+        st.caption(f"**{md(name)}** is in this session's configuration: toggle it on the Playground.")
 
 
 def recall(lm: LoadedModel, facts: adapter_train.Facts, run: Run) -> None:
@@ -110,11 +111,10 @@ def toggles(run: Run) -> None:
     """One row per adapter brick of the session: on, off or scale (Playground)."""
     for name, ref in list(config_state.adapters(run).items()):
         a, b, c = st.columns([2, 3, 2], vertical_alignment="center")
-        a.markdown(
-            f"**{name}** (adapter)  \n{ref.label or 'trained'} · {len(ref.layers)} layers · rank {ref.rank}"
-        )
-        mode = b.segmented_control(name, configuration.ADAPTER_MODES, default=ref.mode, key=f"admode-{name}",
-                                   label_visibility="collapsed")  # fmt: skip
+        label = f"{md(ref.label or 'trained')} · {len(ref.layers)} layers · rank {ref.rank}"
+        a.markdown(f"**{md(name)}** (adapter)  \n{label}")
+        mode = b.segmented_control(md(name), configuration.ADAPTER_MODES, default=ref.mode,
+                                   key=f"admode-{name}", label_visibility="collapsed")  # fmt: skip
         factor = c.slider(
             "factor", 0.0, 4.0, ref.factor, 0.1, key=f"adfactor-{name}", disabled=mode != "scale"
         )

@@ -11,6 +11,7 @@ from core.bricks.coherence import Firing
 from core.errors import BricklabError
 from core.store import Run
 from ui import config_state, resources
+from ui.text import md
 
 INTRO = (
     "Edited bricks join the configuration unchanged (scale × 1); pick their mode in the Playground. "
@@ -36,7 +37,7 @@ def show(run: Run, found: list[core_bricks.Candidate]) -> None:
     _inputs(run, op, name, names, chosen, right)
     st.button("Apply", type="primary", key="edit-apply", on_click=_apply, args=(run, computed))
     if error := st.session_state.pop(ERROR, None):
-        st.error(error)
+        st.error(md(error))
     _last()
     _history(run)
 
@@ -51,7 +52,8 @@ def _inputs(run: Run, op: str, name: str, names: list[str], chosen: dict, column
         column.selectbox("With", [n for n in names if n != name], key="edit-other")
         column.text_input("Name of the merged brick", key="edit-merged", placeholder="first+second")
     if op == "split":
-        column.caption(f"Two halves with the least co-activation between them: {name}-a and {name}-b.")
+        halves = f"{md(name)}-a and {md(name)}-b"
+        column.caption(f"Two halves with the least co-activation between them: {halves}.")
     if op == "rename":
         old = chosen.get(name)
         column.text_input("New name", name, key=f"edit-name-{name}")
@@ -106,7 +108,7 @@ def _last() -> None:
     if (last := st.session_state.get(LAST)) is None:
         return
     what, op = last
-    st.success(f"{LABELS[op.op]} {what}: {', '.join(op.bricks)} → {', '.join(op.result)}")
+    st.success(f"{LABELS[op.op]} {what}: {', '.join(map(md, op.bricks))} → {', '.join(map(md, op.result))}")
     before, after = op.coherence_before, op.coherence_after
     one = len(before) == len(after) == 1 and None not in (*before, *after)
     c = st.columns(2)

@@ -6,6 +6,7 @@ import streamlit as st
 
 from core import configuration
 from core.configuration import BrickConfig
+from ui.text import code, md
 
 
 def validated(upload, run) -> BrickConfig:
@@ -14,8 +15,9 @@ def validated(upload, run) -> BrickConfig:
     found = configuration.problems(text, model=run)
     if not found:
         return configuration.loads(text, model=run)
-    lines = "\n".join(f"- **{e.path}**: {e.problem}" for e in found)  # the field first, then the problem
+    # the field first (a code span keeps it verbatim), then the problem
+    lines = "\n".join(f"- {code(e.path)}: {md(e.problem)}" for e in found)
     more = " (the first 20)" if len(found) == 20 else ""
-    st.error(f"{upload.name}: {len(found)} problem{'s' * (len(found) > 1)}{more}\n\n{lines}")
+    st.error(f"{md(upload.name)}: {len(found)} problem{'s' * (len(found) > 1)}{more}\n\n{lines}")
     st.caption("Nothing was applied.")
     st.stop()

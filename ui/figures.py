@@ -7,6 +7,8 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
+from ui.text import plain, plain_labels
+
 PALETTE = (
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
     "#bab0ac", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
@@ -17,7 +19,7 @@ FONT = {"size": 15}  # readable on a classroom projector
 
 def _layout(fig: go.Figure, title: str = "", height: int = 420) -> go.Figure:
     fig.update_layout(
-        title=title, height=height, margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10}
+        title=plain(title), height=height, margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10}
     )
     fig.update_layout(font=FONT, template="plotly_white")
     return fig
@@ -61,7 +63,10 @@ def neuron_map(
 
 
 def bars(names: list[str], values: list[float], title: str, baseline: float | None = None) -> go.Figure:
-    fig = go.Figure(go.Bar(x=list(names), y=list(values), marker_color=PALETTE[0], name=title.split(" (")[0]))
+    """Bars over `names` (categories, layers…); string names are escaped, so read them back from
+    `fig.data[0].x` to add a trace over the same categories."""
+    name = plain(title.split(" (")[0])
+    fig = go.Figure(go.Bar(x=plain_labels(names), y=list(values), marker_color=PALETTE[0], name=name))
     if baseline is not None:
         fig.add_hline(y=baseline, line_dash="dot", annotation_text="chance")
     return _layout(fig, title, height=300)
@@ -72,7 +77,7 @@ def heatmap(
 ) -> go.Figure:
     """A labelled matrix; `zmid` centres a diverging colour scale (e.g. 0 for a change)."""
     text = "%{z:" + zfmt + "}" if z.size <= 400 else None
-    labels = {"x": [str(v) for v in x], "y": [str(v) for v in y]}
+    labels = {"x": [plain(v) for v in x], "y": [plain(v) for v in y]}
     fig = go.Figure(
         go.Heatmap(z=z, **labels, colorscale=colorscale, zmid=zmid, texttemplate=text, hoverongaps=False)
     )
@@ -84,10 +89,10 @@ def curves(x: np.ndarray, series: dict[str, np.ndarray], title: str, xaxis: str,
     fig = go.Figure()
     for i, (name, y) in enumerate(series.items()):
         fig.add_trace(
-            go.Scatter(x=x, y=y, name=name, mode="lines", line={"color": PALETTE[i % len(PALETTE)]})
+            go.Scatter(x=x, y=y, name=plain(name), mode="lines", line={"color": PALETTE[i % len(PALETTE)]})
         )
-    fig.update_xaxes(title=xaxis)
-    fig.update_yaxes(title=yaxis)
+    fig.update_xaxes(title=plain(xaxis))
+    fig.update_yaxes(title=plain(yaxis))
     return _layout(fig, title)
 
 
@@ -117,9 +122,8 @@ def tradeoff(lines: dict[str, tuple[list, list]], title: str) -> go.Figure:
     relative to dense), the dense model as a star at (1, 1)."""
     fig = go.Figure()
     for i, (name, (x, y)) in enumerate(lines.items()):
-        fig.add_trace(
-            go.Scatter(x=x, y=y, name=name, mode="lines+markers", line={"color": PALETTE[i % len(PALETTE)]})
-        )
+        line = {"color": PALETTE[i % len(PALETTE)]}
+        fig.add_trace(go.Scatter(x=x, y=y, name=plain(name), mode="lines+markers", line=line))
     star = {"symbol": "star", "size": 16, "color": "black"}
     fig.add_trace(go.Scatter(x=[1.0], y=[1.0], name="dense", mode="markers", marker=star))
     fig.add_hline(y=1.1, line_dash="dot", line_color="grey", annotation_text="10% above dense")

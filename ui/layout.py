@@ -12,6 +12,7 @@ from core import models
 from core.errors import BricklabError
 from core.store import Run
 from ui import resources
+from ui.text import md
 
 
 def page(title: str, icon: str, intro: str = "") -> None:
@@ -64,7 +65,10 @@ def require_run() -> Run:
             "There is no captured run yet. Capture one on the **Capture** page (or Home), then come back."
         )
         st.stop()
-    return resources.store().require_run(run_id)
+    try:
+        return resources.store().require_run(run_id)
+    except BricklabError as exc:
+        resources.show_error(exc)
 
 
 def run_model(run: Run) -> models.LoadedModel:
@@ -101,8 +105,8 @@ def run_summary(run: Run) -> None:
     c[4].metric("tokens / s", f"{(run.n_tokens or 0) / max(run.seconds or 0, 1e-9):,.0f}")
     counts = Counter(p[2] or "(none)" for p in resources.store().prompts(run.run_id))
     st.caption(
-        f"Run `{run.run_id}` · prompt set **{run.prompt_set}** · model **{run.model_id}** · "
-        + ", ".join(f"{name}: {n}" for name, n in counts.most_common())
+        f"Run `{run.run_id}` · prompt set **{md(run.prompt_set)}** · model **{md(run.model_id)}** · "
+        + ", ".join(f"{md(name)}: {n}" for name, n in counts.most_common())
     )
 
 

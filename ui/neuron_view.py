@@ -8,6 +8,7 @@ import streamlit as st
 from core.errors import BricklabError
 from core.store import Run
 from ui import figures, queries, resources
+from ui.text import md
 
 CONTEXT = (24, 8)  # tokens shown before and after an example's token
 
@@ -39,7 +40,7 @@ def show_neuron(
             names, [detail.scores[k] for k in names], "Functionality score (average precision)"
         )
         fig.add_scatter(
-            x=names,
+            x=fig.data[0].x,  # the bars' escaped category labels
             y=prevalence,
             mode="markers",
             name="chance",
@@ -58,13 +59,13 @@ def show_neuron(
                     run.run_id, run.model_id, example.prompt_idx, layer, neuron
                 )
             except BricklabError as exc:
-                st.warning(str(exc))
+                st.warning(md(exc))
                 shade = False
         lo, hi = max(0, example.pos - CONTEXT[0]), example.pos + CONTEXT[1] + 1
         strip = figures.token_strip(
             example.tokens[lo:hi], None if values is None else values[lo:hi], example.pos - lo, scale
         )
-        where = f"{example.prompt_id} ({example.category or 'no category'})"
+        where = f"{md(example.prompt_id)} ({md(example.category) if example.category else 'no category'})"
         st.caption(f"#{example.rank + 1} · {where} · |a| = {example.value:.3f}")
         st.html(strip)
 

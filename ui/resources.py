@@ -13,6 +13,7 @@ import streamlit as st
 from core import models, settings
 from core.errors import BricklabError
 from core.store import Store
+from ui.text import md
 
 
 def default_model_ref() -> str:
@@ -21,8 +22,12 @@ def default_model_ref() -> str:
 
 
 def store() -> Store:
-    """The cache named by BRICKLAB_DB now (one Store per path, so tests can switch files)."""
-    return _store(str(settings.db_path()))
+    """The cache named by BRICKLAB_DB now (one Store per path, so tests can switch files); a cache that
+    cannot be opened (damaged, locked) stops the page with the store's advice."""
+    try:
+        return _store(str(settings.db_path()))
+    except BricklabError as exc:
+        show_error(exc)
 
 
 @st.cache_resource(show_spinner=False)
@@ -42,13 +47,16 @@ def current_model() -> models.LoadedModel:
         return model(ref)
     except BricklabError as exc:
         st.session_state["model_ref"] = default_model_ref()
-        st.error(str(exc))
+        st.error(md(exc))
         st.stop()
 
 
 def current_run_id() -> str | None:
     """The run this session looks at: its choice, else the newest complete run."""
-    runs = [r for r in store().runs() if r.complete]
+    try:
+        runs = [r for r in store().runs() if r.complete]
+    except BricklabError as exc:
+        show_error(exc)
     chosen = st.session_state.get("run_id")
     if chosen and any(r.run_id == chosen for r in runs):
         return chosen
@@ -56,5 +64,5 @@ def current_run_id() -> str | None:
 
 
 def show_error(exc: BricklabError) -> None:
-    st.error(str(exc))
+    st.error(md(exc))  # messages quote file names, paths and ids: text, never markup
     st.stop()

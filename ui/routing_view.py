@@ -16,6 +16,7 @@ from core.routing import tradeoff
 from core.routing.route import Router, RouterParams
 from core.store import Run
 from ui import figures, layout, queries, resources
+from ui.text import md
 
 MODES = ("Manual bricks", "Auto (router)")
 LABELS = {  # core.routing.tradeoff.PRESETS -> how the app names each router
@@ -133,7 +134,7 @@ def choice_sentence(result: tradeoff.RoutedRun) -> str:
     route, share = result.route, f"{result.route.active_share:.0%}"
     if route.kind == "category":
         sure = route.probabilities[route.category]
-        return (f"The router read the prompt as **{route.category}** ({sure:.0%} sure) and ran that "
+        return (f"The router read the prompt as **{md(route.category)}** ({sure:.0%} sure) and ran that "
                 f"category's neurons: {share} of the FFN; the rest was skipped.")  # fmt: skip
     if route.kind == "static":
         return f"The router ran its one set for every prompt: {share} of the FFN; the rest was skipped."

@@ -68,9 +68,15 @@ class CaptureResult:
     run_id: str
     cache_hit: bool
     resumed: bool
-    n_tokens: int
-    seconds: float
+    n_tokens: int  # the run's tokens, including those captured before a resume
+    seconds: float  # this call's time
     warnings: tuple[str, ...] = ()
+    new_tokens: int = 0  # tokens captured by this call: n_tokens less what a resumed run already had
+
+    @property
+    def tokens_per_second(self) -> float:
+        """This call's speed: its own tokens over its own time (a resume's earlier chunks took other time)."""
+        return self.new_tokens / max(self.seconds, 1e-9)
 
 
 # Bump when what a run stores changes meaning (2: one top example per prompt), so older runs miss the cache.
@@ -98,7 +104,10 @@ def capture(
     """
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= I < N")
-    prompt_set = as_prompt_set(prompt_set)
+    given, prompt_set = prompt_set, as_prompt_set(prompt_set)
+    # A PromptSet's own warnings (texts cut at load) were its caller's to show when it loaded it;
+    # repeating them in the result showed each twice. Those of a set made here from strings are news.
+    load_warnings = () if prompt_set is given else prompt_set.warnings
     info = lm.info
     run_id = run_id_for(info.fingerprint, prompt_set.hash, config)
     with store.run_lock(run_id):
@@ -114,7 +123,7 @@ def capture(
                 for p, e in zip(prompt_set.prompts, encoded, strict=True)
                 if e.truncated
             )
-            + prompt_set.warnings
+            + load_warnings
         )
         n_chunks = math.ceil(len(encoded) / config.chunk_prompts)
         if existing is None:
@@ -127,6 +136,7 @@ def capture(
             progress(reported, total, "resuming" if done else "capturing")
         norms = [models.down_column_norms(lm.model, layer) for layer in range(info.n_layers)]
         budget = token_budget(lm, encoded, config)
+        new_tokens = 0
         for chunk in mine:
             if chunk in done:
                 continue
@@ -139,14 +149,16 @@ def capture(
                 store, run_id, chunk, lo, encoded[lo:hi], lm.tokenizer, reducer, time.perf_counter() - t0
             )
             reported += hi - lo
+            new_tokens += reducer.n_tokens
         if shard is not None:
             n_tokens, _ = store.chunk_totals(run_id)
-            return CaptureResult(run_id, False, bool(done), n_tokens, time.perf_counter() - started, warnings)
+            seconds = time.perf_counter() - started
+            return CaptureResult(run_id, False, bool(done), n_tokens, seconds, warnings, new_tokens)
         n_tokens = finalise(store, run_id, info.n_layers, config)
         seconds = time.perf_counter() - started
         if progress:
             progress(total, total, "done")
-        return CaptureResult(run_id, False, bool(done), n_tokens, seconds, warnings)
+        return CaptureResult(run_id, False, bool(done), n_tokens, seconds, warnings, new_tokens)
 
 
 def _create_run(store, run_id, lm, prompt_set, config, n_chunks) -> None:

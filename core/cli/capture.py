@@ -86,12 +86,15 @@ def cmd_capture(args) -> int:
     if result.cache_hit:
         print(f"run {result.run_id}: cache hit ({result.n_tokens:,} tokens, nothing computed)")
     else:
-        rate = result.n_tokens / max(result.seconds, 1e-9)
-        verb = "resumed and finished" if result.resumed else "captured"
-        print(
-            f"run {result.run_id}: {verb} {len(prompt_set)} prompts, {result.n_tokens:,} tokens "
-            f"in {result.seconds:.1f} s ({rate:,.0f} tokens/s)"
-        )
+        # The rate is this session's tokens over this session's time: a resumed run's earlier
+        # chunks were captured in another session.
+        done = f"run {result.run_id}: "
+        if result.resumed:
+            done += f"resumed and finished {len(prompt_set)} prompts, {result.n_tokens:,} tokens in all; "
+            done += f"this session captured {result.new_tokens:,}"
+        else:
+            done += f"captured {len(prompt_set)} prompts, {result.n_tokens:,} tokens"
+        print(f"{done} in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)")
     print(f"cache: {store.path} ({store.size_bytes() / 2**20:.1f} MiB)")
     return 0
 
@@ -140,6 +143,11 @@ def cmd_runs(args) -> int:
         runs = store.runs()
     finally:
         store.close()
+    if store.read_only:
+        print(
+            f"note: {store.path} is read-only: listing and viewing work, nothing can be written",
+            file=sys.stderr,
+        )
     if not runs:
         print("no runs yet: `python -m core capture` captures the default prompt set")
         return 0

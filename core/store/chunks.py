@@ -14,13 +14,14 @@ import numpy as np
 import pyarrow as pa
 
 from core.errors import BricklabError
-from core.store import codec
+from core.store import codec, faults
 from core.store.schema import CHUNK_TABLES
 
 
 class ChunkTables:
     """Mixin of `Store`: the writes and reads of a capture in progress."""
 
+    @faults.guarded
     def write_chunk(
         self,
         run_id: str,
@@ -59,7 +60,9 @@ class ChunkTables:
             "name": [r[1] for r in partials],
             "data": codec.blob_column([r[2] for r in partials]),
         }
-        with self.write() as cur:
+        # the arrays' bytes, plus ~16 bytes a token row (ids, positions, short strings)
+        needs = means.nbytes + packed.nbytes + partial_columns["data"].nbytes + 16 * len(tokens["token_id"])
+        with self.write(needs=needs) as cur:
             base = {"run_id": [run_id] * len(means), "prompt_idx": prompt_idx, "layer": layer_idx}
             self.insert(cur, "prompt_acts", {**base, "mean_abs": means})
             self.insert(cur, "firing", {**base, "bits": packed})
@@ -67,16 +70,19 @@ class ChunkTables:
             self.insert(cur, "chunk_arrays", partial_columns)
             cur.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", [run_id, chunk, n_tokens, seconds])
 
+    @faults.guarded
     def done_chunks(self, run_id: str) -> set[int]:
         rows = self.cursor().execute("SELECT chunk FROM chunks WHERE run_id = ?", [run_id]).fetchall()
         return {r[0] for r in rows}
 
+    @faults.guarded
     def chunk_totals(self, run_id: str) -> tuple[int, float]:
         """Tokens and seconds summed over the run's committed chunks."""
         sql = "SELECT coalesce(sum(n_tokens), 0), coalesce(sum(seconds), 0) FROM chunks WHERE run_id = ?"
         n_tokens, seconds = self.cursor().execute(sql, [run_id]).fetchone()
         return int(n_tokens), float(seconds)
 
+    @faults.guarded
     def chunk_partials(self, run_id: str, layer: int) -> dict[str, list[bytes]]:
         """One layer's partial reductions: name -> one payload per committed chunk, in chunk order."""
         sql = "SELECT name, data FROM chunk_arrays WHERE run_id = ? AND layer = ? ORDER BY chunk"
@@ -85,6 +91,7 @@ class ChunkTables:
             parts.setdefault(name, []).append(bytes(data))
         return parts
 
+    @faults.guarded
     def finish_run(
         self,
         run_id: str,
@@ -102,7 +109,8 @@ class ChunkTables:
             "data": codec.blob_column([r[2] for r in layer_rows]),
         }
         n_top = len(top_rows["layer"])  # ~1M rows on the default model: no Python list of ids
-        with self.write() as cur:
+        needs = layer_columns["data"].nbytes + sum(np.asarray(v).nbytes for v in top_rows.values())
+        with self.write(needs=needs) as cur:
             cur.execute("DELETE FROM layer_arrays WHERE run_id = ?", [run_id])
             cur.execute("DELETE FROM top_examples WHERE run_id = ?", [run_id])
             self.insert(cur, "layer_arrays", layer_columns)
@@ -135,6 +143,7 @@ class ChunkTables:
         finally:
             con.close()
 
+    @faults.guarded
     def add_shard_chunks(
         self,
         run_id: str,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from core.store import faults
+
 # A token counts for a group when the group holds much of the neurons that have it among their top
 # examples; the +10 keeps rare tokens (and "the") from topping the lists.
 _TOKEN_SCORE = "n / (n_all + 10.0)"
@@ -19,6 +21,7 @@ _PLAIN_TOKEN = "lower(trim(replace(replace(replace(t.token, 'Ġ', ' '), '▁', '
 class NeuronQueries:
     """Mixin of `Store`: look-ups behind the neuron, search and brick pages."""
 
+    @faults.guarded
     def neuron_stats(self, run_id: str, layer: int, neuron: int) -> dict[str, float]:
         """The neuron's 'mean_abs', 'mean_act' and 'fire_rate' (those the run has)."""
         sql = (
@@ -28,6 +31,7 @@ class NeuronQueries:
         rows = self.cursor().execute(sql, [run_id, layer]).fetchall()
         return {name: float(np.frombuffer(data, np.float32)[neuron]) for name, data in rows}
 
+    @faults.guarded
     def neuron_examples(self, run_id: str, layer: int, neuron: int) -> list[tuple]:
         """The neuron's top examples, best first: (rank, prompt_idx, prompt_id, category, pos, value)."""
         sql = (
@@ -37,11 +41,13 @@ class NeuronQueries:
         )
         return self.cursor().execute(sql, [run_id, layer, neuron]).fetchall()
 
+    @faults.guarded
     def prompt_text(self, run_id: str, prompt_idx: int) -> str | None:
         sql = "SELECT text FROM prompts WHERE run_id = ? AND prompt_idx = ?"
         row = self.cursor().execute(sql, [run_id, prompt_idx]).fetchone()
         return row[0] if row else None
 
+    @faults.guarded
     def prompt_tokens(self, run_id: str, prompt_idxs: list[int]) -> dict[int, list[str]]:
         """The stored tokens of each of the prompts, in position order (prompts without tokens left out)."""
         if not prompt_idxs:
@@ -55,6 +61,7 @@ class NeuronQueries:
             out.setdefault(idx, []).append(token)
         return out
 
+    @faults.guarded
     def search_tokens(self, run_id: str, needle: str, exact: bool, limit: int) -> list[tuple]:
         """Neurons whose top examples land on tokens reading `needle` (lower case; exact=False: tokens
         containing it), most hits first: (layer, neuron, hits, prompts, best value)."""
@@ -72,6 +79,7 @@ class NeuronQueries:
         )
         return self.cursor().execute(sql, [run_id, value, run_id, int(limit)]).fetchall()
 
+    @faults.guarded
     def group_tokens(
         self, run_id: str, group: np.ndarray, layer: np.ndarray, neuron: np.ndarray, n: int
     ) -> list[tuple[int, str]]:

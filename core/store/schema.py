@@ -87,6 +87,8 @@ class Run:
 
 
 RUN_COLUMNS = ", ".join(Run.__dataclass_fields__)
+# The status `Store.runs()` gives a complete run whose rows no longer read back from the file.
+DAMAGED = "damaged"
 
 
 def to_run(row) -> Run:

@@ -225,6 +225,28 @@ def test_a_killed_capture_resumes_to_the_same_result(tiny_dir, tiny_lm, small_pr
         assert resumed[name] == value, name
 
 
+def test_a_resumed_capture_reports_its_own_tokens_and_speed(tiny_lm, small_prompts, store):
+    config = capture.CaptureConfig(chunk_prompts=4)
+    before = capture.capture(tiny_lm, small_prompts, store, config, shard=(0, 2))  # chunks 0, 2, 4
+    assert before.new_tokens == before.n_tokens > 0
+    result = capture.capture(tiny_lm, small_prompts, store, config)  # resumes with chunks 1, 3, 5
+    assert result.resumed and result.n_tokens == store.require_run(result.run_id).n_tokens
+    assert result.new_tokens == result.n_tokens - before.n_tokens > 0
+    assert result.tokens_per_second == pytest.approx(result.new_tokens / result.seconds)
+    hit = capture.capture(tiny_lm, small_prompts, store, config)
+    assert hit.cache_hit and hit.new_tokens == 0 and hit.n_tokens == result.n_tokens
+
+
+def test_a_cut_text_warns_once(tiny_lm, store):
+    cut = prompts.parse_prompts(b"word " * 5000 + b"\nshort\n", "long.txt")  # 25,000 characters
+    assert cut.warnings == ("Line 1: cut to 20,000 characters.",)
+    result = capture.capture(tiny_lm, cut, store, capture.CaptureConfig(max_tokens=64))
+    # Shown by whoever loaded the set, not again in the result; the result adds the token cut.
+    assert result.warnings == ("Prompt 'p00001' is longer than 64 tokens and was truncated.",)
+    strings = capture.capture(tiny_lm, ["word " * 5000], store, capture.CaptureConfig(max_tokens=64))
+    assert strings.warnings.count("Prompt 1: cut to 20,000 characters.") == 1  # made here: news
+
+
 def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(tiny_dir, tmp_path, store):
     folder = tmp_path / "short-context"
     folder.mkdir()

@@ -1,5 +1,6 @@
 """`capture` and `runs`: capture with --limit, the cache hit, the listing, clear error exits."""
 
+import json
 import re
 
 import pytest
@@ -30,6 +31,30 @@ def test_global_options_after_the_command_reach_the_same_cache(tiny_dir, tmp_pat
     run_id = re.search(r"run (\w+): captured 8 prompts", capsys.readouterr().out).group(1)
     assert cli.main(["runs", "--db", db]) == 0
     assert run_id in capsys.readouterr().out
+
+
+def test_a_cut_5_mb_line_warns_once(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"id": "long", "text": "word " * 1_000_000}) + "\n")
+    db = str(tmp_path / "c.duckdb")
+    assert cli.main(["--db", db, "capture", "--model", tiny_dir, "--prompts", str(path), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("Line 1: cut to 20,000 characters.") == 1, err
+    assert err.count("Prompt 'long' is longer than 256 tokens") == 1, err
+
+
+def test_a_resumed_capture_reports_this_sessions_tokens_per_second(tiny_dir, tmp_path, capsys):
+    argv = ["--db", str(tmp_path / "c.duckdb"), "capture", "--model", tiny_dir, "--limit", "70", "--quiet"]
+    assert cli.main([*argv, "--shard", "0/2"]) == 0  # the first chunk of 64 prompts, left incomplete
+    first = int(re.search(r"([\d,]+) tokens", capsys.readouterr().out).group(1).replace(",", ""))
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"resumed and finished 70 prompts, ([\d,]+) tokens in all; this session captured "
+                      r"([\d,]+) in ([\d.]+) s \(([\d,]+) tokens/s\)", out)  # fmt: skip
+    assert found, out
+    total, mine, seconds, rate = (float(g.replace(",", "")) for g in found.groups())
+    assert mine == total - first and 0 < mine < total
+    assert mine / (seconds + 0.05) - 1 <= rate <= mine / max(seconds - 0.05, 1e-9) + 1  # rounded as printed
 
 
 def test_runs_on_an_empty_cache(tmp_path, capsys):

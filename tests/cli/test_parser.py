@@ -25,7 +25,8 @@ def test_help_works_on_every_command(command, capsys):
 
 
 def test_every_documented_command_exists():
-    expected = {"capture", "merge", "runs", "prepare", "bricks", "map", "config", "report", "apply", "prune"}
+    expected = {"capture", "merge", "runs", "prepare", "doctor", "bricks", "map"}
+    expected |= {"config", "report", "apply", "prune"}
     assert set(subcommands()) == expected
 
 
