@@ -2,11 +2,11 @@
 
 import streamlit as st
 
-from core import models, prompts
+from core import models, prepare, prompts
 from core.capture import run as capture
 from core.errors import BricklabError
-from ui import layout, resources
-from ui.text import md
+from ui import jobs_view, layout, resources
+from ui.text import count, duration, md
 
 layout.page(
     "bricklab",
@@ -32,14 +32,11 @@ with st.sidebar:
 
 lm = resources.current_model()
 info = lm.info
-st.subheader("Model")
-c1, c2, c3, c4 = st.columns(4)
-c1.metric(
-    "model", models.DEFAULT_NAME if info.model_id == "default" else info.model_id.rstrip("/").split("/")[-1]
-)
-c2.metric("layers", info.n_layers)
-c3.metric("FFN neurons", f"{info.n_neurons:,}")
-c4.metric("device", info.device)
+st.subheader(f"Model: {md(layout.model_name(info.model_id))}")  # a heading wraps; a metric value is cut
+c1, c2, c3 = st.columns(3)
+c1.metric("layers", info.n_layers)
+c2.metric("FFN neurons", f"{info.n_neurons:,}")
+c3.metric("device", info.device)
 
 st.subheader("Cached runs")
 try:
@@ -49,8 +46,9 @@ except BricklabError as exc:
 if runs:
     st.dataframe(
         [
-            {"run": r.run_id, "status": r.status, "model": r.model_id, "prompt set": r.prompt_set,
-             "prompts": r.n_prompts, "tokens": r.n_tokens, "seconds": r.seconds, "created": r.created}
+            {"run": r.run_id, "status": r.status, "model": layout.model_name(r.model_id),
+             "prompt set": r.prompt_set, "prompts": count(r.n_prompts), "tokens": count(r.n_tokens),
+             "capture time": duration(r.seconds), "created": str(r.created or "–")[:16]}
             for r in runs
         ],
         hide_index=True,
@@ -58,14 +56,27 @@ if runs:
 else:
     st.info("No runs yet. Capture the default prompt set to begin.")
 
+jobs_view.incomplete_runs(lm)
 default_set = prompts.default_prompt_set()
-if st.button(f"Capture the default prompt set ({len(default_set)} prompts)", type="primary"):
-    try:
-        result = capture.capture(lm, default_set, resources.store(), progress=layout.progress_bar())
-    except BricklabError as exc:
-        resources.show_error(exc)
-    st.session_state["run_id"] = result.run_id
+key = jobs_view.capture_key(lm, default_set, capture.CaptureConfig())
+if any(jobs_view.follow_running(kind, key) for kind in ("prepare", "capture")):
+    st.rerun()  # a job of an earlier visit (or another tab) ended: show what it made
+guess = jobs_view.estimate(lm, len(default_set))
+left, right = st.columns(2)
+left.caption(f"Preparing takes {jobs_view.estimate_text(guess, tuple(prepare.STEPS))} on this machine.")
+if left.button(
+    f"Prepare everything for the default prompt set ({len(default_set)} prompts)", type="primary",
+    help="Capture, then bricks, the neuron map, vocabulary projections and the paper analysis, in the "
+    "background: leaving or reloading the page does not stop it, and a second click resumes.",
+):  # fmt: skip
+    st.session_state["run_id"] = jobs_view.follow(jobs_view.start_prepare(lm, default_set)).result
     st.rerun()  # the run list and the sidebar's run picker show the new run
+if right.button(
+    f"Capture only ({jobs_view.estimate_text(guess, ('capture',))})",
+    help="The other steps then run when a page first needs them.",
+):
+    st.session_state["run_id"] = jobs_view.follow(jobs_view.start_capture(lm, default_set)).result.run_id
+    st.rerun()
 
 NEXT = {
     "pages/1_Capture.py": "📥 Capture your own prompts",
@@ -75,5 +86,6 @@ NEXT = {
     "pages/6_Export.py": "📦 Export",
 }
 st.markdown("**Next:**")
-for col, (page, label) in zip(st.columns(len(NEXT)), NEXT.items(), strict=True):
-    col.page_link(page, label=label)
+columns = st.columns(3)  # five in one row cut the longer labels on a laptop screen
+for i, (page, label) in enumerate(NEXT.items()):
+    columns[i % 3].page_link(page, label=label)

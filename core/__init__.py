@@ -12,6 +12,8 @@ is also the library's facade for notebooks and scripts (README, "Use from Python
     core.generate(lm, "a prompt", config)               # `with core.configured(lm, config):` for more
     core.save_config(config, "bricks.json"); core.load_config("bricks.json", lm)
     core.prune(lm, config, "pruned-model/")             # the switched-off neurons removed
+    core.explain_neuron(store, run.run_id, 15, 100, lm).text  # in words, with a held-out score
+    core.neuron_vocab(lm, 15 * 1536 + 100)              # the tokens a neuron promotes and suppresses
 
 Names load on first use, so `import core` (and `python -m core --help`) stays quick.
 """
@@ -40,6 +42,12 @@ _LAZY = {
     "compare": ("core.live.compare", "compare"),
     "prune": ("core.export", "prune"),
     "BricklabError": ("core.errors", "BricklabError"),
+    "explain_neuron": ("core.bricks.explain", "explain_neuron"),
+    "explain_brick": ("core.bricks.explain", "explain_brick"),
+    "vocab_projection": ("core.bricks.vocab", "projection"),
+    "neuron_vocab": ("core.bricks.vocab", "neuron_tokens"),
+    "promoting_neurons": ("core.bricks.vocab", "promoting_neurons"),
+    "token_activity": ("core.bricks.token_search", "token_activity"),
 }
 
 __all__ = sorted([*_LAZY, "capture_run", "compute_bricks", "generate", "save_config", "load_config"])

@@ -14,7 +14,6 @@ import torch
 from core import models
 from core.bricks import scores
 from core.errors import BricklabError
-from core.kernels import coact as kernels
 from core.live import evaluate
 from core.progress import Progress
 from core.store import Run, Store
@@ -30,7 +29,8 @@ class ReportConfig:
     recombine: tuple[str, ...] = ("coding", "math")  # categories whose top neurons are kept
     recombine_percents: tuple[float, ...] = (5.0, 25.0, 50.0)  # per-category top shares kept
     max_tokens: int = 128  # tokens per prompt for the loss, chat template included
-    batch_size: int = 16  # prompts per forward pass (speed only)
+    batch_size: int = 64  # most prompts per forward pass (speed only; core.live.evaluate.passes)
+    rule: str = "ap"  # how a category's top neurons are selected: one of core.bricks.scores.RULES
 
     def __post_init__(self):
         if not 0 < self.percent <= 100 or not all(0 < p <= 100 for p in self.recombine_percents):
@@ -39,6 +39,8 @@ class ReportConfig:
             raise ValueError("prompt counts, max_tokens and batch_size must be >= 1")
         if not all(0 <= k < 100 for k in self.ks):
             raise ValueError("ks must lie in [0, 100)")
+        if self.rule not in scores.RULES:
+            raise ValueError(f"rule must be one of {scores.RULES}, got {self.rule!r}")
 
     def quick(self) -> ReportConfig:
         return replace(self, eval_per_category=3, sparsity_per_category=1, ks=(0, 30, 50, 70, 90))
@@ -67,12 +69,16 @@ def split(labels: np.ndarray, n_categories: int, seed: int) -> tuple[np.ndarray,
 
 
 def selection_scores(
-    store: Store, run_id: str, rows: np.ndarray, labels: np.ndarray, n_cat: int
+    store: Store, run_id: str, rows: np.ndarray, labels: np.ndarray, n_cat: int, rule: str = "ap"
 ) -> np.ndarray:
-    """Functionality scores (AP, one category vs rest) from the given prompts only."""
-    sub = labels[rows]
+    """The rule's scores (core.bricks.scores.rule_scores) from the given prompts only."""
+    run = store.require_run(run_id)
     X = store.prompt_activations(run_id)[rows]
-    return kernels.average_precision(X, np.where(sub < 0, n_cat, sub), n_cat + 1)[:n_cat]
+    return scores.rule_scores(X, labels[rows], n_cat, run.n_layers, rule)
+
+
+VALIDATE_BANDS = 6  # "validated": a category's candidates (twice its share) cut into layer bands
+VALIDATE_PROMPTS = 3  # "validated": selection-half prompts per category each band is measured on
 
 
 class Analysis:
@@ -93,26 +99,52 @@ class Analysis:
         self.selection, self.held = split(self.labels, len(self.categories), config.seed)
         texts = [t for _, _, _, t in store.prompts(self.run.run_id)]
         self.eval_texts = [[texts[i] for i in h[: config.eval_per_category]] for h in self.held]
+        chosen = [self.selection[self.labels[self.selection] == c] for c in range(len(self.categories))]
+        self.selection_texts = [[texts[i] for i in rows[:VALIDATE_PROMPTS]] for rows in chosen]
         self.n_neurons = self.run.n_layers * self.run.d_ff
         self.done, self.planned = 0, 0
         self._sets: dict = {}
         self._baselines: dict = {}
+        self._memo: dict = {}  # (how, neuron ids, prompts) -> losses: equal sets are measured once
         # numba's OpenMP kernels (the scores) reset the process-wide thread count that torch shares
         self.threads = torch.get_num_threads()
 
     # --- loss -------------------------------------------------------------------------------
 
-    def losses(self, per_layer: dict | None, per_category: int | None = None) -> np.ndarray:
-        """Mean loss per category over its evaluated held-out prompts (the unmasked one memoised)."""
+    def losses(self, per_layer: dict | None, per_category: int | None = None, texts=None) -> np.ndarray:
+        """Mean loss per category over its evaluated held-out prompts (the unmasked one memoised),
+        or over `texts` (a list of prompt lists per category)."""
         if per_layer is None:
-            if per_category not in self._baselines:
-                self._baselines[per_category] = self._losses(None, per_category)
-            return self._baselines[per_category]
-        return self._losses(per_layer, per_category)
+            key = (per_category, texts is None)
+            if key not in self._baselines:
+                self._baselines[key] = self._losses(None, per_category, texts)
+            return self._baselines[key]
+        return self._losses(per_layer, per_category, texts)
 
-    def _losses(self, per_layer: dict | None, per_category: int | None) -> np.ndarray:
+    def zeroed(self, ids, per_category: int | None = None, texts=None) -> np.ndarray:
+        """`losses` with the given neurons zeroed; a set measured before is not measured again."""
+        return self._memoised("zero", ids, per_category, texts)
+
+    def kept(self, ids) -> np.ndarray:
+        """`losses` with every neuron but the given ones zeroed (keep-only)."""
+        return self._memoised("keep", ids, None, None)
+
+    def _memoised(self, how: str, ids, per_category, texts) -> np.ndarray:
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        key = (how, ids.tobytes(), per_category, texts is None)
+        if key in self._memo:
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.planned, "evaluating")
+        else:
+            n, d = self.run.n_layers, self.run.d_ff
+            mask = evaluate.masked_neurons(n, d, ids) if how == "zero" else evaluate.kept_neurons(n, d, ids)
+            self._memo[key] = self.losses(mask, per_category, texts)
+        return self._memo[key]
+
+    def _losses(self, per_layer: dict | None, per_category: int | None, texts=None) -> np.ndarray:
         torch.set_num_threads(self.threads)
-        texts = [t[:per_category] for t in self.eval_texts]
+        texts = [t[:per_category] for t in (self.eval_texts if texts is None else texts)]
         flat = [t for group in texts for t in group]
         loss = evaluate.loss_per_prompt(
             self.lm, flat, self.config.batch_size, per_layer, max_tokens=self.config.max_tokens
@@ -125,19 +157,51 @@ class Analysis:
             [np.nanmean(loss[a:b]) if b > a else np.nan for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         )
 
-    def masked(self, ids) -> dict:
-        return evaluate.masked_neurons(self.run.n_layers, self.run.d_ff, ids)
-
-    def top_sets(self, percent: float, exclude_resident: bool = False) -> list[np.ndarray]:
-        key = (percent, exclude_resident)
+    def top_sets(self, percent: float, exclude_resident: bool = False, rule: str | None = None) -> list:
+        """Per category, the sorted global ids of its top `percent`% neurons under the rule."""
+        rule = rule or self.config.rule
+        exclude_resident = exclude_resident or rule == "no_resident"
+        key = (percent, exclude_resident, rule)
         if key not in self._sets:
-            if "scores" not in self._sets:
-                self._sets["scores"] = selection_scores(
-                    self.store, self.run.run_id, self.selection, self.labels, len(self.categories)
-                )
             exclude = scores.resident_neurons(self.store, self.run.run_id) if exclude_resident else None
-            self._sets[key] = scores.top_neurons(self._sets["scores"], percent, exclude)
+            if rule == "validated":
+                self._sets[key], self._sets["validated", key] = self._validated(percent, exclude)
+            else:
+                self._sets[key] = scores.top_neurons(self._scores(rule), percent, exclude)
         return self._sets[key]
+
+    def _scores(self, rule: str) -> np.ndarray:
+        name = "ap" if rule in ("no_resident", "validated") else rule
+        if ("scores", name) not in self._sets:
+            n_cat = len(self.categories)
+            picked = selection_scores(self.store, self.run.run_id, self.selection, self.labels, n_cat, name)
+            self._sets["scores", name] = picked
+        return self._sets["scores", name]
+
+    def _validated(self, percent: float, exclude) -> tuple[list[np.ndarray], list[int]]:
+        """Twice the share of candidates by average precision, cut per category into VALIDATE_BANDS
+        layer bands; each band is zeroed on its own over selection-half prompts, and the bands whose
+        zeroing raises the own category's loss most above the others' mean fill the set, the last
+        band's neurons by score. Also returns, per category, the neurons from bands where own > others."""
+        ap = self._scores("ap")
+        k = scores.top_neurons(ap, percent, exclude)[0].size
+        wide = scores.top_neurons(ap, min(2 * percent, 100), exclude)
+        base = self.losses(None, texts=self.selection_texts)
+        out, validated = [], []
+        for c, ids in enumerate(wide):
+            bands = [b for b in np.array_split(ids, VALIDATE_BANDS) if b.size]
+            margins = []
+            for band in bands:
+                increase = np.expm1(self.zeroed(band, texts=self.selection_texts) - base)
+                margins.append(increase[c] - np.nanmean(np.delete(increase, c)))
+            picked, passed = [], 0
+            for g in np.argsort(-np.nan_to_num(margins, nan=-np.inf), kind="stable"):
+                band = bands[g][np.argsort(-ap[c, bands[g]], kind="stable")][: k - len(picked)]
+                picked.extend(band.tolist())
+                passed += band.size if margins[g] > 0 else 0
+            out.append(np.sort(np.asarray(picked, dtype=np.int64)).astype(np.int32))
+            validated.append(passed)
+        return out, validated
 
     def random_set(self, size: int, salt: int) -> np.ndarray:
         rng = np.random.default_rng([self.config.seed, salt])
@@ -182,23 +246,28 @@ class Analysis:
     def ablation(self, exclude_resident: bool) -> dict:
         sets = self.top_sets(self.config.percent, exclude_resident)
         base = self.losses(None)
-        rows = [self.losses(self.masked(ids)) for ids in sets]
-        control = self.losses(self.masked(self.random_set(len(sets[0]), 1)))
+        rows = [self.zeroed(ids) for ids in sets]
+        control = self.zeroed(self.random_set(len(sets[0]), 1))
         increase = lambda loss: (100 * np.expm1(loss - base)).round(2).tolist()  # noqa: E731
         matrix, random_row = increase(np.array(rows)), increase(control)
-        return {
+        excluded = exclude_resident or self.config.rule == "no_resident"
+        out = {
             "categories": self.categories,
+            "rule": self.config.rule,
+            "rule_note": scores.RULE_NOTES[self.config.rule],
             "increase_pct": matrix,
             "random": random_row,
             "diagonal_dominant": diagonal_dominance(matrix, random_row),
+            "selectivity": scores.selectivity(matrix),
             "baseline_ppl": np.exp(base).round(3).tolist(),
             "neurons_per_category": len(sets[0]),
-            "excluded_resident": len(scores.resident_neurons(self.store, self.run.run_id))
-            if exclude_resident
-            else 0,
+            "excluded_resident": len(scores.resident_neurons(self.store, self.run.run_id)) if excluded else 0,
             "eval_prompts_per_category": [len(t) for t in self.eval_texts],
             "split": SPLIT_NOTE,
         }
+        if self.config.rule == "validated":
+            out["validated_neurons"] = self._sets["validated", (self.config.percent, excluded, "validated")]
+        return out
 
     def overlap(self) -> dict:
         sets = self.top_sets(self.config.percent)
@@ -207,6 +276,7 @@ class Analysis:
                    for j in range(n)] for i in range(n)]  # fmt: skip
         return {
             "categories": self.categories,
+            "rule": self.config.rule,
             "measure": "overlap coefficient |A & B| / min(|A|, |B|)",
             "matrix": np.round(matrix, 4).tolist(),
             "random_expectation": round(len(sets[0]) / self.n_neurons, 4),
@@ -214,20 +284,22 @@ class Analysis:
 
     def recombination(self) -> dict:
         chosen = [c for c in self.config.recombine if c in self.categories] or self.categories[:2]
+        # "validated" measures bands per share; at the larger shares that would cost more than the rest
+        rule = "ap" if self.config.rule == "validated" else self.config.rule
         base = self.losses(None)
         rows = []
         for percent in self.config.recombine_percents:
-            sets = self.top_sets(percent)
+            sets = self.top_sets(percent, rule=rule)
             union = np.unique(np.concatenate([sets[self.categories.index(c)] for c in chosen]))
-            keep = lambda ids: evaluate.kept_neurons(self.run.n_layers, self.run.d_ff, ids)  # noqa: E731
             rows.append({
                 "percent": percent,
                 "share_kept": round(len(union) / self.n_neurons, 4),
-                "loss": self.losses(keep(union)).round(4).tolist(),
-                "random_loss": self.losses(keep(self.random_set(len(union), 2))).round(4).tolist(),
+                "loss": self.kept(union).round(4).tolist(),
+                "random_loss": self.kept(self.random_set(len(union), 2)).round(4).tolist(),
             })  # fmt: skip
         return {
             "kept": chosen,
+            "rule": rule,
             "categories": self.categories,
             "baseline_loss": base.round(4).tolist(),
             "rows": rows,
@@ -249,11 +321,12 @@ SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[ReportConfig, int], int], s
     "sparsity": (("seed", "eval_per_category", "sparsity_per_category", "ks", "max_tokens"),
                  lambda c, n: 2 * sum(k > 0 for k in c.ks), "sparsity"),
     "functionality": (("seed",), lambda c, n: 0, None),
-    "ablation_matrix": (("percent", "seed", "eval_per_category", "max_tokens"), lambda c, n: n + 1, "full"),
-    "ablation_matrix_no_resident": (("percent", "seed", "eval_per_category", "max_tokens"),
+    "ablation_matrix": (("percent", "seed", "eval_per_category", "max_tokens", "rule"),
+                        lambda c, n: n + 1, "full"),
+    "ablation_matrix_no_resident": (("percent", "seed", "eval_per_category", "max_tokens", "rule"),
                                     lambda c, n: n + 1, "full"),
-    "overlap": (("percent", "seed"), lambda c, n: 0, None),
-    "recombination": (("seed", "eval_per_category", "recombine", "recombine_percents", "max_tokens"),
+    "overlap": (("percent", "seed", "rule"), lambda c, n: 0, None),
+    "recombination": (("seed", "eval_per_category", "recombine", "recombine_percents", "max_tokens", "rule"),
                       lambda c, n: 2 * len(c.recombine_percents), "full"),
 }  # fmt: skip
 
@@ -304,15 +377,20 @@ def report(
         n_cat = len(analysis.categories)
         baselines = {SECTIONS[name][2] for name in missing} - {None}
         analysis.planned = len(baselines) + sum(SECTIONS[name][1](config, n_cat) for name in missing)
+        if config.rule == "validated" and set(missing) - {"sparsity", "functionality", "recombination"}:
+            analysis.planned += 1 + n_cat * VALIDATE_BANDS * 2  # with and without resident neurons
         for name in missing:
             result = _compute(analysis, name)
             result = _finite(result)
             store.put_json(run.run_id, f"analysis.{name}", params[name], result)
             out[name] = result
+    a = out["ablation_matrix"]
     return {
         "run_id": run.run_id,
         "model_id": run.model_id,
         "config": json.loads(json.dumps(asdict(config))),
+        "rule": config.rule,
+        "selectivity": dict(zip(a["categories"], scores.selectivity(a["increase_pct"]), strict=True)),
         **out,
     }
 
@@ -332,3 +410,109 @@ def _compute(analysis: Analysis, name: str) -> dict:
     if name == "ablation_matrix_no_resident":
         return analysis.ablation(exclude_resident=True)
     return getattr(analysis, name)()
+
+
+# --- verdicts: each claim of the paper, held against this run's numbers, in words -------------------
+
+SELECTIVITY_NOTE = (
+    "Selectivity is a category's own perplexity increase divided by the mean increase its neurons cause "
+    "on the other categories: 1 means no specialisation, 10 means ten times more harm to its own prompts."
+)
+
+
+def verdicts(r: dict) -> dict[str, dict]:
+    """Per section of a report: {"holds": True / False / None (not measurable on this run), "text"}."""
+    return {
+        "sparsity": _sparsity_verdict(r["sparsity"]),
+        "functionality": _functionality_verdict(r["functionality"]),
+        "ablation_matrix": _ablation_verdict(r["ablation_matrix"]),
+        "overlap": _overlap_verdict(r["overlap"]),
+        "recombination": _recombination_verdict(r["recombination"]),
+    }
+
+
+def _verdict(holds: bool | None, text: str) -> dict:
+    word = {True: "Holds", False: "Does not hold", None: "Not measurable"}[holds]
+    return {"holds": holds, "text": f"{word} on this run: {text}"}
+
+
+def _sparsity_verdict(s: dict) -> dict:
+    below = float(np.mean(s["indicators"]["abs"]["share_below_0.2"]))
+    ks, loss = s["ks"], s["indicators"]["abs"]["loss"]
+    if 0 not in ks or 70 not in ks or loss[ks.index(0)] is None or loss[ks.index(70)] is None:
+        return _verdict(None, f"{below:.0%} of neurons sit under 0.2 of the per-token maximum (paper ~80%).")
+    rise = float(np.expm1(loss[ks.index(70)] - loss[ks.index(0)]))
+    holds = below >= 0.5 and rise <= 0.10
+    return _verdict(
+        holds,
+        f"{below:.0%} of neurons sit under 0.2 of the per-token maximum (paper ~80%); zeroing the lowest 70% "
+        f'by |a| per token changes perplexity by {rise:+.0%} ("barely" taken as at most +10%).',
+    )
+
+
+def _functionality_verdict(f: dict) -> dict:
+    real = np.nanmean(np.asarray(f["real"]["top_0.5pct"], dtype=float), axis=0)  # per layer
+    fake = np.nanmean(np.asarray(f["shuffled"]["top_0.5pct"], dtype=float), axis=0)
+    above = int(np.sum(real > fake))
+    ratio = float(np.nanmean(real) / np.nanmean(fake)) if np.nanmean(fake) > 0 else float("nan")
+    return _verdict(
+        above == len(real),
+        f"the top 0.5% scores with real labels beat shuffled labels in {above} of {len(real)} layers "
+        f"({ratio:.1f}× on average).",
+    )
+
+
+def _ablation_verdict(a: dict) -> dict:
+    names, sel = a["categories"], a["selectivity"]
+    n_dom = sum(a["diagonal_dominant"])
+    parts = [f"{c} {'n/a' if v is None else f'{v:.1f}'}" for c, v in zip(names, sel, strict=True)]
+    if all(v is None for v in sel) and not n_dom:
+        return _verdict(None, "no category could be measured (too few held-out prompts).")
+    weak = [
+        c
+        for c, v, d in zip(names, sel, a["diagonal_dominant"], strict=True)
+        if not d or (v is not None and v < 2)
+    ]
+    text = (
+        f"zeroing a category's top neurons hurts it more than the others for {n_dom} of {len(names)} "
+        "categories; "
+        f"selectivity {', '.join(parts)} (rule {a.get('rule', 'ap')})."
+    )
+    if weak:
+        text += f" Not separated: {', '.join(weak)}."
+    return _verdict(n_dom == len(names), text)
+
+
+def _overlap_verdict(o: dict) -> dict:
+    m = np.asarray(o["matrix"], dtype=float)
+    off = m[~np.eye(len(m), dtype=bool)]
+    if not off.size:
+        return _verdict(None, "a single category has nothing to overlap with.")
+    mean, top, chance = float(off.mean()), float(off.max()), o["random_expectation"]
+    return _verdict(
+        mean <= 2 * chance,
+        f"the sets of two categories share {mean:.2f} of their neurons on average (at most {top:.2f}); "
+        f'random sets would share {chance:.2f} (the paper: 0.00–0.09 against 0.05; "barely" taken as '
+        f"at most twice random).",
+    )
+
+
+def _recombination_verdict(rc: dict) -> dict:
+    kept = [rc["categories"].index(c) for c in rc["kept"]]
+    wins, losses, unknown = [], [], False
+    for row in rc["rows"]:
+        for i in kept:
+            mine, rand = row["loss"][i], row["random_loss"][i]
+            if mine is None or rand is None:
+                unknown = True
+                continue
+            cell = f"{rc['categories'][i]} at {row['percent']:g}% ({mine:.2f} vs random {rand:.2f})"
+            (wins if mine < rand else losses).append(cell)
+    if not wins and not losses:
+        return _verdict(None, "no kept category has a held-out prompt.")
+    text = (
+        f"keeping only {' + '.join(rc['kept'])}'s top neurons gives a lower loss than as many random neurons "
+    )
+    text += f"in {len(wins)} of {len(wins) + len(losses)} cases"
+    text += f"; it loses to random for {', '.join(losses)}." if losses else "."
+    return _verdict(False if losses else (None if unknown else True), text)

@@ -27,13 +27,10 @@ from core.progress import Progress
 # built-in models only gemma3n takes a per-layer list), so a layer keeping fewer neurons than the
 # widest one is padded with zero neurons (zero gate/up rows, zero W_down columns): they add exactly
 # nothing, and AutoModelForCausalLM loads the folder with no custom code.
-# The config attribute that holds the FFN width, per model_type:
-WIDTH_KEYS = {name: "intermediate_size" for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
-WIDTH_KEYS |= {
-    name: "intermediate_size" for name in ("gemma3_text", "olmo", "olmo2", "granite", "phi3", "phi")
-}
-WIDTH_KEYS |= {"gpt2": "n_inner", "gptj": "n_inner", "gpt_neox": "intermediate_size", "opt": "ffn_dim"}
-WIDTH_KEYS |= {"falcon": "ffn_hidden_size"}
+# Config attributes that may hold the FFN width; `width_key` keeps the one that sets the model's d_ff.
+# Where none does (bloom's MLP is 4 x hidden_size, fixed), the model keeps its width and the removed
+# neurons are zeroed in place: the same logits, in a folder plain transformers loads, but no smaller.
+WIDTH_NAMES = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff", "inner_hidden_size")
 
 
 @dataclass(frozen=True)
@@ -49,6 +46,7 @@ class PruneReport:
     bytes_after: int  # weight bytes written
     file_bytes: int  # size of the .safetensors file(s) on disk
     folded_means: bool  # `mean` bricks became a W_down bias
+    fixed_width: bool = False  # the architecture has no FFN width setting: removed neurons are zeroed
 
     @property
     def params_saved(self) -> int:
@@ -71,21 +69,27 @@ def prune(
     progress: Progress | None = None,
 ) -> PruneReport:
     """Write the pruned model, its tokenizer and the configuration (brick_config.json) to out_dir."""
+    if (why := refusal(lm.model)) is not None:
+        raise BricklabError(
+            f"A '{lm.info.model_type}' model cannot be pruned: {why}.",
+            "Apply the configuration live instead, or take the configuration JSON into code.",
+        )
     plan = interventions.plan_for(lm, config, store, run_id)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BricklabError(f"'{out}' already exists and is not an empty folder.", "Choose a new folder.")
     info = lm.info
     kept = [_kept(plan.get(layer), info.d_ff) for layer in range(info.n_layers)]
-    pruned = _pruned_model(_with_adapters(lm.model, plan), plan, kept, progress)
+    key = width_key(lm.model)
+    pruned = _pruned_model(_with_adapters(lm.model, plan), plan, kept, key, progress)
     staging = _write(pruned, lm.tokenizer, config, out)
     (before, bytes_before), (after, bytes_after) = _sizes(lm.model), _sizes(pruned)
-    site = models.site_for(lm.model.config.model_type)
+    site = models.site(lm.model)
     removed = sum(info.d_ff - len(k) for k in kept) * _params_per_neuron(lm.model, site, info.d_ff)
     report = PruneReport(
         out_dir=str(out),
         d_ff=info.d_ff,
-        width=max(1, max(len(k) for k in kept)),
+        width=int(models.down_weight(pruned, 0).shape[1]),
         kept=tuple(len(k) for k in kept),
         params_before=before,
         params_after=after,
@@ -94,6 +98,7 @@ def prune(
         bytes_after=bytes_after,
         file_bytes=sum(f.stat().st_size for f in staging.glob("*.safetensors")),
         folded_means=any(bool(np.any(lp.add)) for lp in plan.values()),
+        fixed_width=key is None,
     )
     detail = report.to_dict() | {"kept_neurons": {str(i): k.tolist() for i, k in enumerate(kept)}}
     detail["merged_adapters"] = [adapter.sha256 for adapter, _ in getattr(plan, "adapters", ())]
@@ -104,13 +109,15 @@ def prune(
     return report
 
 
-def _pruned_model(model, plan: dict, kept: list[np.ndarray], progress: Progress | None) -> torch.nn.Module:
-    """A new model of the same architecture whose FFNs hold only the kept neurons (zero-padded)."""
-    site, key = models.site_for(model.config.model_type), _width_key(model.config)
-    width = max(1, max(len(k) for k in kept))
+def _pruned_model(model, plan: dict, kept: list[np.ndarray], key, progress) -> torch.nn.Module:
+    """A new model of the same architecture whose FFNs hold only the kept neurons (zero-padded); `key`
+    is its FFN width setting (None: the width stays, removed neurons are zeroed)."""
+    site = models.site(model)
+    width = max(1, max(len(k) for k in kept)) if key else models.down_weight(model, 0).shape[1]
     fold_means = any(bool(np.any(lp.add)) for lp in plan.values())
     new_config = copy.deepcopy(model.config)
-    setattr(new_config, key, width)
+    if key:
+        setattr(new_config.get_text_config(), key, width)
     if fold_means and models.down_proj(model, 0).bias is None:
         _enable_mlp_bias(new_config)
     state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
@@ -139,14 +146,42 @@ def _with_adapters(model, plan):
         ) from exc
 
 
-def _width_key(config) -> str:
-    key = WIDTH_KEYS.get(config.model_type)
-    if key is None or not hasattr(config, key):
-        raise BricklabError(
-            f"Pruning is not supported for '{config.model_type}' models.",
-            f"Pruning knows the FFN width setting of: {', '.join(sorted(WIDTH_KEYS))}.",
-        )
-    return key
+def width_key(model) -> str | None:
+    """The config attribute that sets the FFN width, found by building the model on the meta device
+    with it changed (no memory, no weights); None where no attribute does."""
+    from transformers import AutoModelForCausalLM
+
+    config, d_ff = model.config.get_text_config(), models.down_weight(model, 0).shape[1]
+    for key in (name for name in WIDTH_NAMES if hasattr(config, name)):
+        changed = copy.deepcopy(model.config)
+        setattr(changed.get_text_config(), key, d_ff - 1)
+        try:
+            with torch.device("meta"):
+                narrow = AutoModelForCausalLM.from_config(changed)
+        except Exception:  # this value is not one the architecture takes for that attribute
+            continue
+        widths = {models.down_weight(narrow, layer).shape[1] for layer in range(len(models.blocks(narrow)))}
+        if widths == {d_ff - 1}:
+            return key
+    return None
+
+
+def refusal(model) -> str | None:
+    """Why `model` cannot be pruned, or None: a mixture of experts, or an FFN whose other parameters
+    span the neurons (a norm over them, as in BitNet), so that removing some changes the rest."""
+    found = models.site(model)
+    if found.experts:
+        return "its neurons sit inside fused mixture-of-experts weights, which transformers cannot narrow"
+    d_ff, block = models.down_weight(model, 0).shape[1], models.blocks(model)[0]
+    ffn = found.down.rpartition(".")[0]
+    container = block.get_submodule(ffn) if ffn else block
+    own = {name.rpartition(".")[2] for name in (found.gate, found.up, found.down) if name}
+    for name, child in container.named_children():
+        if name in own or any(True for _ in child.children()):
+            continue
+        if any(d_ff in p.shape for p in child.parameters(recurse=False)):
+            return f"its FFN's '{name}' acts on all {d_ff} neurons at once: removing some changes the others"
+    return None
 
 
 def _enable_mlp_bias(config) -> None:

@@ -5,7 +5,7 @@ import streamlit as st
 from core import prompts
 from core.capture import run as capture
 from core.errors import BricklabError
-from ui import layout, resources
+from ui import jobs_view, layout, resources
 from ui.text import md
 
 layout.page(
@@ -49,13 +49,14 @@ with st.expander("Capture settings"):
     max_tokens = st.number_input("Max tokens per prompt", 16, 4096, 256)
 config = capture.CaptureConfig(fire_fraction=fire, top_k=int(top_k), max_tokens=int(max_tokens))
 
+if jobs_view.follow_running("capture", jobs_view.capture_key(lm, prompt_set, config)):
+    st.rerun()  # the capture this page started before a reload (or another tab's) ended
+verb, plan = jobs_view.capture_plan(lm, prompt_set, config)
 if st.button(
-    f"Capture {len(prompt_set):,} prompts with {md(layout.model_name(lm.info.model_id))}", type="primary"
-):
-    try:
-        result = capture.capture(lm, prompt_set, resources.store(), config, progress=layout.progress_bar())
-    except BricklabError as exc:
-        resources.show_error(exc)
+    f"{verb} {len(prompt_set):,} prompts with {md(layout.model_name(lm.info.model_id))} ({plan})",
+    type="primary", help="It runs in the background: leaving or reloading the page does not stop it.",
+):  # fmt: skip
+    result = jobs_view.follow(jobs_view.start_capture(lm, prompt_set, config)).result
     st.session_state["run_id"] = result.run_id
     done = "was already in the cache: nothing to compute" if result.cache_hit else "captured"
     st.session_state["captured"] = (

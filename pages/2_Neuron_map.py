@@ -5,8 +5,7 @@ import streamlit as st
 
 from core.bricks.neuron_map import MapParams
 from core.errors import BricklabError
-from ui import figures, layout, neuron_view, queries, resources
-from ui.text import md
+from ui import figures, layout, neuron_view, queries, resources, search_view
 
 layout.page(
     "Neuron map", "🗺️", "Each point is one FFN neuron; neurons active on the same prompts sit together."
@@ -18,7 +17,12 @@ with st.spinner("Placing every neuron (UMAP) and grouping them (HDBSCAN): once p
     except BricklabError as exc:
         resources.show_error(exc)
 
-by = st.radio("Colour by", ["layer", "cluster", "brick", "functionality", "firing rate"], horizontal=True)
+by = st.radio(
+    "Colour by",
+    ["layer", "cluster", "brick", "functionality", "firing rate"],
+    horizontal=True,
+    key="map-colour",
+)
 colour = np.arange(len(coords)) // run.d_ff
 if by == "cluster":
     colour = clusters
@@ -55,12 +59,7 @@ with left.form("goto"):
     if st.form_submit_button("Open neuron"):
         neuron_view.open_neuron(layer, index)
 with right:
-    word = st.text_input("Which neurons fire most on…", placeholder="Python")
-    if word.strip():
-        found = queries.search_tokens(run.run_id, word, exact=not st.toggle("substring match"))
-        st.caption(f"{len(found)} neurons have top examples on tokens reading '{md(word.strip())}'.")
-        if found and (row := neuron_view.table_pick(found, "search")):
-            neuron_view.open_neuron(row["layer"], row["neuron"])
+    search_view.show(run)  # the whole run, rerun with the model
 
 if "neuron" in st.session_state:
     shade = st.toggle("Shade every token (recomputes the prompt with the model)", value=True)

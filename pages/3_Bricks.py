@@ -6,7 +6,18 @@ import streamlit as st
 from core.bricks import candidates as bricks
 from core.bricks import neurons
 from core.errors import BricklabError
-from ui import brick_ops_view, config_state, figures, layout, neuron_view, queries, resources
+from ui import (
+    brick_ops_view,
+    config_state,
+    experts_view,
+    explain_view,
+    figures,
+    layout,
+    links,
+    neuron_view,
+    queries,
+    resources,
+)
 from ui.text import code, md
 
 METHODS = {
@@ -17,8 +28,9 @@ METHODS = {
 layout.page("Bricks", "🧱", "A brick is a set of FFN neurons; it is functional for a category when it holds "
             "far more of that category's top-1% neurons than chance (hypergeometric p ≤ 0.001).")  # fmt: skip
 run = layout.require_run()
+METHODS |= experts_view.methods(run)  # a mixture-of-experts run's trained experts
 left, right = st.columns(2)
-method = left.radio("Method", list(METHODS), format_func=METHODS.get, horizontal=True)
+method = left.radio("Method", list(METHODS), format_func=METHODS.get, horizontal=True, key=links.METHOD)
 size = right.number_input(
     "Neurons per brick (co-activation)", 2, run.d_ff, min(32, run.d_ff), disabled=method != "coact"
 )
@@ -47,8 +59,8 @@ c[2].metric(
 rows = [
     {"brick": b.brick_id, "label": b.label or "", "size": b.size, "layers": layout.span(b.layers),
      "stability": b.stability, "best p": min(b.p_values.values(), default=1.0),
-     "top tokens": " ".join(neurons.display_token(t).strip() or "␣" for t in b.top_tokens)}
-    for b in found
+     "distinctive tokens": " ".join(neurons.display_token(t).strip() or "␣" for t in b.top_tokens)}
+    for b in bricks.by_significance(found)  # labelled first, most significant first
 ]  # fmt: skip
 if row := neuron_view.table_pick(
     rows, "bricks", {"best p": st.column_config.NumberColumn(format="scientific")}
@@ -68,9 +80,14 @@ if run.categories and strongest:
 brick = next((b for b in found if b.brick_id == st.session_state.get("brick")), None)
 if brick is not None:
     st.subheader(f"Brick {md(brick.brick_id)}" + (f" · {md(brick.label)}" if brick.label else ""))
+    links.share("Bricks", links.View(run.run_id, brick=brick.brick_id), "Link to this brick")
     per_layer = np.bincount(brick.neurons // run.d_ff, minlength=run.n_layers)
     st.plotly_chart(figures.bars(list(range(run.n_layers)), per_layer.tolist(), "Neurons per layer"))
-    st.markdown("**Top tokens:** " + " · ".join(code(neurons.display_token(t)) for t in brick.top_tokens))
+    st.markdown(
+        "**Distinctive input tokens** (where its neurons fire, against the run's token frequencies): "
+        + " · ".join(code(neurons.display_token(t)) for t in brick.top_tokens)
+    )
+    explain_view.brick_section(run, params, brick.brick_id)  # in words, and what it writes
     modes = st.columns(4)
     for column, mode in zip(modes, ["off", "mean", "keep"], strict=False):
         if column.button(
@@ -87,3 +104,4 @@ if brick is not None:
     neuron_view.show_neuron(run, *divmod(int(pick), run.d_ff), brick=brick.brick_id, shade=False, n=5)
 
 brick_ops_view.show(run, found)
+experts_view.show(run)

@@ -7,8 +7,9 @@ import streamlit as st
 
 from core import configuration
 from core.errors import BricklabError
-from ui import adapter_view, config_state, figures, layout, queries, resources, routing_view
-from ui.text import md
+from core.live import demo
+from ui import adapter_view, config_state, demo_view, figures, layout, links, queries, resources, routing_view
+from ui.text import duration, md
 
 INTRO = "Pick bricks and a mode for each; the configured model writes next to the plain one."
 layout.page("Playground", "🎛️", INTRO)
@@ -22,7 +23,8 @@ if routing_view.auto_mode():  # a router picks the bricks for each prompt; the m
     routing_view.outcome(result)
     routing_view.choice(run, result)
     st.stop()
-found = {b.brick_id: b for b in queries.bricks_of(run.run_id, queries.session_brick_params())}
+demo_view.show(run)  # the first lesson: a functional brick off beside a random control
+found = {b.brick_id: b for b in queries.playground_bricks(run)}  # labelled, most enriched first
 chosen = config_state.chosen(run)
 
 
@@ -51,9 +53,10 @@ for name, brick in config_state.chosen(run).items():
 adapter_view.toggles(run)  # adapter bricks added on the Custom bricks page
 
 prompts = resources.store().prompts(run.run_id)
-source = st.radio("Prompt", ["Type one", "Pick one from the run"], horizontal=True)
+source = st.radio("Prompt", ["Type one", "Pick one from the run"], horizontal=True, key="pg-source")
 if source == "Type one":
-    prompt = st.text_area("Prompt", "What is the capital of France?", height=80)
+    st.session_state.setdefault("pg-prompt", demo.PROMPT)
+    prompt = st.text_area("Prompt", height=80, key="pg-prompt")
 else:
     pick = st.selectbox("Prompt", prompts, format_func=lambda p: f"{p[1]} · {p[2]} · {p[3][:90]}")
     prompt = pick[3]
@@ -63,17 +66,20 @@ config = config_state.build(run)
 started = time.perf_counter()
 with st.spinner("Generating…"):
     try:
-        result = queries.comparison(run.model_id, run.run_id, prompt, config.to_json(), max_new)
+        result, computed = queries.comparison(run.model_id, run.run_id, prompt, config.to_json(), max_new)
     except BricklabError as exc:
         resources.show_error(exc)
 seconds = time.perf_counter() - started
+cached = seconds < computed / 2  # answered from the cache of an earlier identical request
 c = st.columns(4)
 c[0].metric("active neurons", f"{result.active_share:.1%}")
 c[1].metric("mean KL (nats)", f"{result.mean_kl:.3f}")
 c[2].metric(
     "first divergent token", "none" if result.first_divergence is None else result.first_divergence + 1
 )
-c[3].metric("response time", f"{seconds:.2f} s")
+c[3].metric(
+    "response time", "cached" if cached else duration(seconds), help=f"Computed in {duration(computed)}."
+)
 left, right = st.columns(2)
 scale = max(result.kl, default=0.0)
 left.markdown("**Baseline** (shaded by per-token KL)")
@@ -92,3 +98,8 @@ if run.categories and st.toggle("Loss change per category (4 prompts of each cat
         changed = queries.category_loss(run.model_id, run.run_id, config.to_json(), 4)
     change = [100 * (np.exp(changed[c] - plain[c]) - 1) for c in plain]
     st.plotly_chart(figures.bars(list(plain), change, "Perplexity change per category (%)"))
+
+typed = prompt if source == "Type one" else None
+links.share(
+    "Playground", links.View(run.run_id, prompt=typed, config=config.to_json() if config.bricks else None)
+)

@@ -5,26 +5,31 @@ import streamlit as st
 
 from core import analysis
 from core.errors import BricklabError
-from ui import figures, layout, paper_text, resources, routing_view
+from ui import figures, jobs_view, layout, paper_text, resources, routing_view
 
 layout.page("Paper", "📄", paper_text.INTRO)
 run = layout.require_run()
 quick = st.toggle("Quick (fewer prompts and k values: rougher numbers, about 4× faster)", value=False)
 config = analysis.ReportConfig().quick() if quick else analysis.ReportConfig()
 missing = analysis.missing_sections(resources.store(), run.run_id, config)
+if missing and jobs_view.follow_running("analysis", jobs_view.analysis_key(run, config)):
+    st.rerun()  # the analysis started before a reload (or in another tab) ended
+took = jobs_view.analysis_estimate(run, layout.run_model(run), config) if missing else ""
 if missing and not st.button(
-    f"Compute the analysis ({len(missing)} sections need the model)", type="primary"
+    f"Compute the analysis ({len(missing)} sections need the model; {took})", type="primary"
 ):
-    st.info("The analysis runs the model over held-out prompts with neurons masked; it is cached afterwards.")
+    st.info("The analysis runs the model over held-out prompts with neurons masked, in the background "
+            "(leaving the page does not stop it); it is cached afterwards.")  # fmt: skip
     st.stop()
 try:
     if missing:
-        analysis.report(resources.store(), layout.run_model(run), run.run_id, config, layout.progress_bar())
+        jobs_view.follow(jobs_view.start_analysis(run, layout.run_model(run), config))
         st.rerun()  # redraw from the cache, without the button and the progress bar
     r = analysis.report(resources.store(), None, run.run_id, config)
 except BricklabError as exc:
     resources.show_error(exc)
 
+verdicts = analysis.verdicts(r)
 st.header("1 · Activations are sparse")
 st.markdown(paper_text.SPARSITY)
 sp = r["sparsity"]["indicators"]
@@ -42,6 +47,7 @@ below = np.mean(sp["abs"]["share_below_0.2"])
 st.caption(
     f"This model: {below:.0%} of neurons sit below 0.2 of the per-token maximum |a| (the paper: ~80%)."
 )
+st.markdown(paper_text.verdict(verdicts["sparsity"]))
 
 st.header("2 · Neurons specialise by category")
 st.markdown(paper_text.FUNCTIONALITY)
@@ -55,6 +61,7 @@ series = {
 st.plotly_chart(
     figures.curves(layers, series, "Functionality score per layer (mean over categories)", "layer", "AP")
 )
+st.markdown(paper_text.verdict(verdicts["functionality"]))
 
 st.header("3 · Ablation: removing a category's neurons hurts that category")
 st.markdown(paper_text.ABLATION)
@@ -67,6 +74,9 @@ st.plotly_chart(
 )
 dominant = sum(a["diagonal_dominant"])
 st.caption(f"The diagonal dominates for {dominant} of {len(a['categories'])} categories. {a['split']}")
+st.table(paper_text.selectivity_table(a))
+st.caption(paper_text.selectivity_caption(a))
+st.markdown(paper_text.verdict(analysis.verdicts({**r, "ablation_matrix": a})["ablation_matrix"]))
 
 st.header("4 · The categories' neurons barely overlap")
 st.markdown(paper_text.OVERLAP)
@@ -75,6 +85,7 @@ st.plotly_chart(
     figures.heatmap(np.array(o["matrix"]), o["categories"], o["categories"], o["measure"], zfmt=".2f")
 )
 st.caption(f"Random sets of this size would overlap by about {o['random_expectation']:.2f}.")
+st.markdown(paper_text.verdict(verdicts["overlap"]))
 
 st.header("5 · Recombination: keep only some categories' neurons")
 st.markdown(paper_text.RECOMBINATION)
@@ -87,6 +98,7 @@ for row in rc["rows"]:
         {"kept": "  random, same size", **dict(zip(rc["categories"], row["random_loss"], strict=True))}
     )
 st.dataframe(table, hide_index=True)
+st.markdown(paper_text.verdict(verdicts["recombination"]))
 
 st.header("6 · Routing: run only the neurons an input needs")
 st.markdown(paper_text.ROUTING)

@@ -94,3 +94,12 @@ def app(name: str):
 def texts(elements) -> str:
     """The values of AppTest elements (captions, markdown, errors), one a line, to search in."""
     return "\n".join(str(e.value) for e in elements)
+
+
+@pytest.fixture
+def on_small_run(monkeypatch, small_run, tiny_dir) -> str:
+    """The app looks at the tiny capture; returns its run id."""
+    path, run_id = small_run
+    monkeypatch.setenv("BRICKLAB_DB", str(path))
+    monkeypatch.setenv("BRICKLAB_MODEL", tiny_dir)
+    return run_id

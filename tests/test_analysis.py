@@ -126,3 +126,96 @@ def test_the_default_run_is_the_largest_complete_one(store):
     fake_run(store, np.ones((3, 1, 4)), ["a", "b", "a"], run_id="newer")
     fake_run(store, np.ones((9, 1, 4)), ["a"] * 9, status="incomplete", run_id="half")
     assert analysis.default_run(store).run_id == "big"
+
+
+# selection rules, selectivity, verdicts
+
+
+def test_the_rule_round_trips_json_keys_the_cache_and_is_checked():
+    import json
+    from dataclasses import asdict
+
+    config = analysis.ReportConfig(rule="contrastive")
+    values = json.loads(json.dumps(asdict(config)))
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    assert analysis.ReportConfig(**values) == config
+    params = analysis._params(config)
+    assert params["ablation_matrix"]["rule"] == "contrastive" and "rule" not in params["sparsity"]
+    assert params["ablation_matrix"] != analysis._params(analysis.ReportConfig())["ablation_matrix"]
+    with pytest.raises(ValueError, match="rule"):
+        analysis.ReportConfig(rule="best")
+
+
+def test_the_report_carries_selectivity_per_category_and_the_rule(reported):
+    r = reported[2]
+    a = r["ablation_matrix"]
+    assert r["rule"] == a["rule"] == "ap" and a["rule_note"]
+    assert a["selectivity"] == scores.selectivity(a["increase_pct"])
+    assert list(r["selectivity"]) == a["categories"] and list(r["selectivity"].values()) == a["selectivity"]
+
+
+def test_model_free_rules_are_deterministic_and_pick_different_sets(copy_store, tiny_lm):
+    store, run_id = copy_store
+    picked = {}
+    for rule in scores.MODEL_FREE_RULES:
+        first = analysis.Analysis(store, tiny_lm, run_id, analysis.ReportConfig(rule=rule), None).top_sets(5)
+        again = analysis.Analysis(store, tiny_lm, run_id, analysis.ReportConfig(rule=rule), None).top_sets(5)
+        assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
+        assert {len(s) for s in first} == {round(0.05 * 192)}
+        picked[rule] = np.concatenate(first).tobytes()
+    assert len({picked["ap"], picked["contrastive"], picked["per_layer"]}) == 3
+    resident = set(scores.resident_neurons(store, run_id).tolist())
+    no_resident = analysis.Analysis(store, tiny_lm, run_id, analysis.ReportConfig(rule="no_resident"), None)
+    assert not resident & set(np.concatenate(no_resident.top_sets(5)).tolist())
+
+
+def test_validated_sets_come_from_the_candidates_and_equal_sets_run_once(copy_store, tiny_lm, monkeypatch):
+    store, run_id = copy_store
+    calls = []
+    real = evaluate.loss_per_prompt
+    monkeypatch.setattr(evaluate, "loss_per_prompt", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = analysis.Analysis(store, tiny_lm, run_id, analysis.ReportConfig(rule="validated").quick(), None)
+    sets = a.top_sets(5)
+    candidates = scores.top_neurons(a._scores("ap"), 10)
+    assert [len(s) for s in sets] == [10] * 7
+    assert all(set(s) <= set(c) for s, c in zip(sets, candidates, strict=True))
+    bands = len(calls)
+    assert 7 < bands <= 1 + 7 * analysis.VALIDATE_BANDS
+    m = a.ablation(exclude_resident=False)
+    assert len(m["validated_neurons"]) == 7 and all(0 <= n <= 10 for n in m["validated_neurons"])
+    before = len(calls)
+    a.zeroed(sets[0])
+    assert len(calls) == before  # measured already in the ablation
+    assert a.top_sets(5) is sets and len(calls) == before
+
+
+def test_verdicts_say_holds_or_not_with_the_numbers():
+    rc = {
+        "kept": ["coding"],
+        "categories": ["coding", "math"],
+        "rows": [
+            {"percent": 5.0, "loss": [2.0, 3.0], "random_loss": [2.5, 2.9]},
+            {"percent": 50.0, "loss": [2.4, 3.0], "random_loss": [2.1, 2.9]},
+        ],
+    }
+    v = analysis._recombination_verdict(rc)
+    assert v["holds"] is False and "Does not hold" in v["text"]
+    assert "1 of 2" in v["text"] and "coding at 50% (2.40 vs random 2.10)" in v["text"]
+    rc["rows"].pop()
+    assert analysis._recombination_verdict(rc)["holds"] is True
+    a = {
+        "categories": ["coding", "math"],
+        "increase_pct": [[50.0, 5.0], [30.0, 10.0]],
+        "random": [1.0, 1.0],
+        "diagonal_dominant": [True, False],
+        "selectivity": [10.0, 0.33],
+        "rule": "ap",
+    }
+    v = analysis._ablation_verdict(a)
+    assert v["holds"] is False and "coding 10.0, math 0.3" in v["text"] and "Not separated: math" in v["text"]
+
+
+def test_verdicts_of_a_whole_report(reported):
+    v = analysis.verdicts(reported[2])
+    assert set(v) == {"sparsity", "functionality", "ablation_matrix", "overlap", "recombination"}
+    assert all(x["holds"] in (True, False, None) and "on this run" in x["text"] for x in v.values())

@@ -19,11 +19,16 @@ from tests.conftest import ROOT
 BENCHMARKS = ROOT / "benchmarks"
 SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
     "shard_check.py": (["--smoke"], {"merged_equals_single", "single_s", "sharded_s", "merge_s"}),
+    "first_use.py": (["--smoke"], {"steps_s", "total_s", "all_ready", "load_avg_before", "within_target"}),
     "capture_memory.py": (["--smoke"], {"peak_rss_mib", "ratio_4n_over_n", "bounded"}),
     "adapters.py": (["--smoke"], {"sha256", "recall_on", "loss_change_pct", "both_loss_change_pct"}),
     "routing.py": (["--smoke"], {"settings", "dense_tokens_per_s", "best_within_10pct"}),
+    "sparse_decode.py": (["--smoke"], {"settings", "dense_tokens_per_s", "matches_hf", "loss"}),
+    "analysis.py": (["--smoke"], {"analysis_cold_s", "eval_ratio", "max_abs_loss_diff", "rules"}),
     "app.py": (["--smoke"], {"neuron_detail_p95_ms", "regen_ratio", "generation_only_ratio"}),
+    "map_page.py": (["--smoke"], {"page_warm_s", "page_warm_baseline_s", "figure_s", "figure_bytes"}),
     "bricks.py": (["--smoke"], {"pipeline_s", "bricks_coact_count", "bricks_functional_random_share"}),
+    "explain.py": (["--smoke"], {"projection_s", "projection_speedup", "score_median", "control_median"}),
     "capture.py": (["--smoke"], {"ratio", "cpu_ratio", "tokens_per_s", "n_padded_tokens"}),
     "store.py": (["--smoke"], {"store_s", "fetchall_s", "long_table_s", "speedup_vs_fetchall"}),
     "gpu_capture.py": (["--smoke"], {"ratio", "bare_s", "capture_s", "tokens_per_s"}),
@@ -35,6 +40,8 @@ GPU = {  # the paths only a CUDA device runs, at their smallest
     "coactivation.py": ["--device", "cuda", "--quick", "--tokens", "65536", "--neurons", "1024"],
     "gpu_capture.py": ["--device", "cuda", "--shape", "smollm2-135m", "--prompts", "4", "--seq", "64",
                        "--batch-size", "2", "--reps", "1", "--kernels"],
+    "sparse_decode.py": ["--device", "cuda", "--shape", "smollm2-135m", "--no-loss", "--tokens", "8",
+                         "--reps", "1", "--calibrate", "8"],
 }  # fmt: skip
 TIMEOUT = 600  # seconds per script: generous, the smoke runs take seconds to a minute on a busy machine
 
@@ -80,6 +87,11 @@ def test_the_smoke_run_prints_its_json_line(smoke_runs, script):
 
 def test_sharded_capture_still_equals_unsharded(smoke_runs):
     assert last_json(smoke_runs["shard_check.py"])["merged_equals_single"] is True
+
+
+def test_first_use_makes_every_step_ready(smoke_runs):
+    result = last_json(smoke_runs["first_use.py"])
+    assert result["all_ready"] is True and result["steps_s"]["capture"] > 0
 
 
 @pytest.mark.skipif(

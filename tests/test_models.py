@@ -3,6 +3,7 @@
 import functools
 import json
 import pickle
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -162,20 +163,76 @@ def test_the_model_check_names_what_differs_both_values_and_the_fix():
     models.check_match(run | {"fingerprint": "f1"}, info, "Run r1", "")
 
 
-def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+def test_unsupported_architecture_names_the_supported_ones_and_why(tmp_path):
     with pytest.raises(BricklabError) as err:
-        models.site_for("bloom")
-    assert "bloom" in str(err.value) and all(name in str(err.value) for name in models.ARCHITECTURES)
-    transformers.BloomConfig(vocab_size=VOCAB, hidden_size=D_MODEL, n_layer=2, n_head=4).save_pretrained(
+        models.site_for("mamba")  # never loaded: neither in the table nor found
+    assert "'mamba' is not supported." in str(err.value)
+    assert all(name in str(err.value) for name in [*models.ARCHITECTURES, "stablelm", "bloom", "mixtral"])
+    transformers.MambaConfig(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=2).save_pretrained(
         tmp_path
     )
-    with pytest.raises(BricklabError, match="'bloom' is not supported.*llama"):
+    with pytest.raises(
+        BricklabError, match=r"'mamba' is not supported: its layers \(MambaBlock\) hold no FFN"
+    ):
         models.load_model(str(tmp_path), device="cpu")
+
+
+def test_discovery_finds_a_family_outside_the_table_and_remembers_it():
+    config = transformers.StableLmConfig(**{**_LLAMA_SHAPE, "num_key_value_heads": 2})
+    assert config.model_type not in models.ARCHITECTURES
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    site = models.site(model)
+    assert site == models.FfnSite("model.layers", "mlp.down_proj", "mlp.up_proj", gate="mlp.gate_proj")
+    assert models.site_for("stablelm") == site and models.describe(model, "x").d_ff == D_FF
+
+
+def test_discovery_refuses_what_it_cannot_tell_apart():
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA_SHAPE))
+    for block in model.model.layers:  # two d_model -> d_ff projections, neither named as a gate
+        block.mlp.add_module("first", block.mlp.gate_proj)
+        del block.mlp.gate_proj
+    with pytest.raises(BricklabError, match="no up projection bricklab can tell apart"):
+        models.discover(model)
+    del model.model.layers[1].mlp  # and layers that differ
+    with pytest.raises(BricklabError, match="not supported: its"):
+        models.discover(model)
+
+
+def test_a_mixture_of_experts_outside_core_experts_is_refused_as_such():
+    config = transformers.GptOssConfig(**{**_LLAMA_SHAPE, "num_key_value_heads": 2, "num_local_experts": 4})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(BricklabError, match="'gpt_oss' is not supported: it is a mixture-of-experts") as err:
+        models.discover(model)
+    assert "mixtral" in err.value.hint
 
 
 def test_missing_folder(tmp_path):
     with pytest.raises(BricklabError, match="does not exist"):
         models.load_model(str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_a_missing_relative_folder_fails_at_once_offline(tmp_path, monkeypatch):
+    """`mymodels/llama` looks like a hub id; with the hub switched off it fails before any retry."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(BricklabError, match="'mymodels/llama' is neither a local folder nor") as err:
+        models.load_model("mymodels/llama", device="cpu")
+    assert "HF_HUB_OFFLINE is set" in err.value.message and "Check the path" in err.value.hint
+    assert time.perf_counter() - started < 5
+    (tmp_path / "mymodels").mkdir()  # its first part is a folder here: a path, never a hub id
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(BricklabError, match="The model folder 'mymodels/llama' does not exist"):
+        models.load_model("mymodels/llama", device="cpu")
+
+
+def test_a_hub_id_that_is_not_cached_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "offline", lambda: False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(BricklabError, match="the Hugging Face hub cannot be reached"):
+        models.load_model("someone/not-cached-anywhere", device="cpu")
 
 
 def test_a_file_is_refused_as_a_file_with_what_to_pass(tmp_path):

@@ -104,7 +104,7 @@ def recall(lm: LoadedModel, facts: adapter_train.Facts, run: Run) -> None:
         {"question": q, "expected": answer, "adapters on": text, "adapters off": plain[2]}
         for (q, answer, text, _), plain in zip(on, off, strict=True)
     ]
-    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.table(pd.DataFrame(rows), hide_index=True)  # wraps long answers; a dataframe cut the last column
 
 
 def toggles(run: Run) -> None:

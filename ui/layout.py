@@ -3,16 +3,17 @@ a progress bar with the time left, and a run summary."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
+from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from core import models
+from core import jobs, models
 from core.errors import BricklabError
 from core.store import Run
-from ui import resources
-from ui.text import md
+from ui import jobs_view, links, resources
+from ui.text import duration, md
 
 
 def page(title: str, icon: str, intro: str = "") -> None:
@@ -21,9 +22,28 @@ def page(title: str, icon: str, intro: str = "") -> None:
         page_title=title if title == "bricklab" else f"{title} · bricklab", page_icon=icon, layout="wide"
     )
     st.title(f"{icon} {title}")
+    navigation()
     if intro:
         st.caption(intro)
+    st.session_state[links.PAGE] = "" if title == "bricklab" else title.replace(" ", "_")
+    links.restore()  # a link's run, neuron, brick, prompt and configuration, before the run picker
     run_picker()
+    jobs_view.sidebar()  # background jobs (capture, preparation, analysis) and how far they are
+
+
+def navigation() -> None:
+    """The sidebar's page list, drawn here so that the entry page reads "Home" (Streamlit's own list,
+    switched off in .streamlit/config.toml, names it after app.py); pages/ auto-discovery stays.
+    Only when app.py is the entry script: AppTest runs a page alone, where page links cannot resolve."""
+    ctx = get_script_run_ctx()
+    if ctx is None or Path(ctx.main_script_path).name != "app.py":
+        return
+    root = Path(ctx.main_script_path).parent
+    with st.sidebar:
+        st.page_link("app.py", label="Home", icon="🏠")
+        for path in sorted((root / "pages").glob("[0-9]*_*.py"), key=lambda p: int(p.name.split("_")[0])):
+            st.page_link(f"pages/{path.name}", label=path.stem.split("_", 1)[1].replace("_", " "))
+        st.divider()
 
 
 def _picked() -> None:
@@ -66,9 +86,11 @@ def require_run() -> Run:
         )
         st.stop()
     try:
-        return resources.store().require_run(run_id)
+        run = resources.store().require_run(run_id)
     except BricklabError as exc:
         resources.show_error(exc)
+    links.apply_config(run)
+    return run
 
 
 def run_model(run: Run) -> models.LoadedModel:
@@ -85,12 +107,13 @@ def run_model(run: Run) -> models.LoadedModel:
 def progress_bar(text: str = "starting…"):
     """A progress bar and a capture-style callback (done, total, message) that shows the time left."""
     bar = st.progress(0.0, text=text)
-    started = time.perf_counter()
+    meter = jobs.Meter()  # counts only this call's own speed (a resume starts part-way)
 
     def report(done: int, total: int, message: str) -> None:
-        elapsed = time.perf_counter() - started
-        left = f", about {elapsed / done * (total - done):.0f} s left" if 0 < done < total else ""
-        bar.progress(min(done / max(total, 1), 1.0), text=f"{message}: {done}/{total}{left}")
+        meter.update(done, total, message)
+        left = meter.left()
+        left = f", about {duration(left)} left" if left and done < total else ""
+        bar.progress(meter.fraction, text=f"{message}: {done:,}/{total:,}{left}")
 
     return report
 
@@ -101,7 +124,7 @@ def run_summary(run: Run) -> None:
     c[0].metric("prompts", f"{run.n_prompts:,}")
     c[1].metric("tokens", f"{run.n_tokens or 0:,}")
     c[2].metric("neurons", f"{run.n_layers * run.d_ff:,}", help=f"{run.n_layers} layers × {run.d_ff}")
-    c[3].metric("capture time", f"{run.seconds or 0:.1f} s")
+    c[3].metric("capture time", duration(run.seconds))
     c[4].metric("tokens / s", f"{(run.n_tokens or 0) / max(run.seconds or 0, 1e-9):,.0f}")
     counts = Counter(p[2] or "(none)" for p in resources.store().prompts(run.run_id))
     st.caption(

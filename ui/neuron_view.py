@@ -7,7 +7,7 @@ import streamlit as st
 
 from core.errors import BricklabError
 from core.store import Run
-from ui import figures, queries, resources
+from ui import explain_view, figures, links, queries, resources
 from ui.text import md
 
 CONTEXT = (24, 8)  # tokens shown before and after an example's token
@@ -21,6 +21,7 @@ def show_neuron(
     except BricklabError as exc:
         resources.show_error(exc)
     st.subheader(f"Neuron {layer}:{neuron}")
+    links.share("Neuron_map", links.View(run.run_id, (layer, neuron)), "Link to this neuron")
     best = max(detail.scores, key=detail.scores.get) if detail.scores else None
     c = st.columns(4)
     c[0].metric("mean |a|", f"{detail.mean_abs:.4f}")
@@ -33,6 +34,7 @@ def show_neuron(
         "best category", best or "–", f"AP {detail.scores[best]:.2f}" if best else None, delta_color="off"
     )
     c[3].metric("brick", brick or "–")
+    explain_view.neuron_section(run, layer, neuron)  # in words, and what it writes
     if detail.scores:
         names = list(detail.scores)
         prevalence = _prevalence(run, names)

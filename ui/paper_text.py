@@ -1,5 +1,9 @@
 """Plain-language explanations for the Paper page: what the paper claims and how to read each chart."""
 
+from core import analysis
+from core.bricks import scores
+from ui import text
+
 INTRO = (
     "Xiao et al. (2024), *Configurable Foundation Models*, argue that an LLM's feed-forward neurons "
     "behave like bricks: few are active at a time, many specialise, and a category's neurons can be "
@@ -56,3 +60,30 @@ ROUTING = (
     "stays near 1 far to the left means the work of the model really splits into bricks; try one in the "
     "Playground's auto mode."
 )
+
+
+def verdict(v: dict) -> str:
+    """A claim's verdict on this run (core.analysis.verdicts) as one Markdown line."""
+    icon = {True: "✅", False: "❌", None: "➖"}[v["holds"]]
+    return f"{icon} **{text.md(v['text'])}**"
+
+
+def selectivity_table(a: dict) -> list[dict]:
+    """One row per category: its selectivity beside its own increase and the others' mean."""
+    rows = []
+    for i, (name, value) in enumerate(zip(a["categories"], a["selectivity"], strict=True)):
+        row = a["increase_pct"][i]
+        others = [v for j, v in enumerate(row) if j != i and v is not None]
+        rows.append({
+            "category": name,
+            "own increase %": row[i],
+            "mean on the others %": round(sum(others) / len(others), 2) if others else None,
+            "selectivity": value,
+            "diagonal dominates": a["diagonal_dominant"][i],
+        })  # fmt: skip
+    return rows
+
+
+def selectivity_caption(a: dict) -> str:
+    rule = a.get("rule", "ap")
+    return text.md(f"{analysis.SELECTIVITY_NOTE} Selection rule: {rule} ({scores.RULE_NOTES[rule]}).")

@@ -12,7 +12,7 @@ import streamlit as st
 from core import models
 from core.errors import BricklabError
 from core.routing import route as routing
-from core.routing import tradeoff
+from core.routing import thresholds, tradeoff
 from core.routing.route import Router, RouterParams
 from core.store import Run
 from ui import figures, layout, queries, resources
@@ -104,9 +104,56 @@ def routed_run(model_ref: str, run_id: str, key: str, prompt: str, max_new: int)
 def compare(run: Run, params: RouterParams, prompt: str, max_new: int) -> tradeoff.RoutedRun:
     with st.spinner("Generating dense and routed, twice each to time them…"):
         try:
-            return routed_run(run.model_id, run.run_id, json.dumps(params.key()), prompt, max_new)
+            result = routed_run(run.model_id, run.run_id, json.dumps(params.key()), prompt, max_new)
         except BricklabError as exc:
             resources.show_error(exc)
+    threshold_note(run)
+    return result
+
+
+def _device(run: Run) -> str:
+    return next(resources.model(run.model_id).model.parameters()).device.type
+
+
+def threshold_note(run: Run) -> None:
+    """On a GPU, what calibrated thresholds measured on this run (the Paper page measures them)."""
+    if _device(run) != "cuda":
+        return
+    result = thresholds.stored_curve(resources.store(), run.run_id, "cuda")
+    if result is None or result["dense_tokens_per_s"] is None:
+        st.caption("On this GPU, the Paper page measures decoding with calibrated thresholds (TEAL).")
+        return
+    parts = [f"{p['share']:.0%} skipped: loss ×{p['loss_ratio']:.3f} at {p['tokens_per_s']:.0f} tokens/s"
+             for p in result["points"]]  # fmt: skip
+    st.caption(f"Calibrated thresholds on this GPU (dense {result['dense_tokens_per_s']:.0f} tokens/s): "
+               + "; ".join(parts) + ".")  # fmt: skip
+
+
+def threshold_section(run: Run) -> None:
+    """Calibrated magnitude thresholds (as in TEAL): the loss on held-out prompts per share skipped,
+    and on a GPU the measured decoding speed beside it; from the cache, else measured on request."""
+    st.markdown("**Calibrated thresholds.** Per layer, inputs and neurons under a magnitude threshold are "
+                "skipped; the thresholds come from the run's activation histograms.")  # fmt: skip
+    store, device = resources.store(), _device(run)
+    result = thresholds.stored_curve(store, run.run_id, device)
+    if result is None:
+        speed = " and time decoding on this GPU" if device == "cuda" else " (decoding speed needs a GPU)"
+        if not st.button(f"Measure the loss with thresholds{speed}"):
+            return
+        try:
+            thresholds.curve(layout.run_model(run), store, run.run_id, progress=layout.progress_bar())
+        except BricklabError as exc:
+            resources.show_error(exc)
+        st.rerun()
+    dense_speed = result["dense_tokens_per_s"]
+    rows = [{"skipped": p["share"], "FFN weights read": p["active_share"], "loss / dense": p["loss_ratio"],
+             **({} if dense_speed is None else {"tokens/s": p["tokens_per_s"],
+                                                "speed-up": p["tokens_per_s"] / dense_speed})}
+            for p in result["points"]]  # fmt: skip
+    pct = st.column_config.NumberColumn(format="percent")
+    st.dataframe(rows, hide_index=True, column_config={"skipped": pct, "FFN weights read": pct})
+    speed = "" if dense_speed is None else f"; dense decodes {dense_speed:.0f} tokens/s on this GPU"
+    st.caption(f"{result['n_prompts']} held-out prompts; dense loss {result['dense_loss']:.3f}{speed}.")
 
 
 def outcome(result: tradeoff.RoutedRun) -> None:
@@ -184,7 +231,13 @@ def brick_table(run: Run, kept: np.ndarray) -> None:
 
 
 def curve_section(run: Run, params: tradeoff.CurveParams = tradeoff.CurveParams()) -> None:
-    """The Paper's quality–compute curve: from the cache, else measured on request."""
+    """The Paper's quality–compute curve of routers, then that of calibrated thresholds."""
+    router_curve(run, params)
+    threshold_section(run)
+
+
+def router_curve(run: Run, params: tradeoff.CurveParams) -> None:
+    """The routers' quality–compute curve: from the cache, else measured on request."""
     store = resources.store()
     result = tradeoff.stored_curve(store, run.run_id, params)
     if result is None:

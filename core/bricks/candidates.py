@@ -1,6 +1,6 @@
 """Candidate bricks from a captured run, without re-capturing: co-activation partitions per layer
 (METIS), per-category functional neuron sets, and neuron-map clusters; each with an enrichment
-label, top tokens and a stability score, cached per parameters.
+label, distinctive input tokens and a stability score, cached per parameters.
 """
 
 from __future__ import annotations
@@ -13,18 +13,20 @@ import numpy as np
 from scipy import sparse
 
 from core import configuration
-from core.bricks import neuron_map, scores
+from core.bricks import distinctive, neuron_map, scores
 from core.bricks.neuron_map import MapParams
+from core.capture import experts as expert_routes
 from core.errors import BricklabError
 from core.kernels import coact as kernels
+from core.live import experts as live_experts
 from core.progress import Progress
 from core.store import Run, Store
 
-Method = Literal["coact", "functional", "map"]
-METHODS = ("coact", "functional", "map")
+Method = Literal["coact", "functional", "map", "expert"]
+METHODS = ("coact", "functional", "map", "expert")  # expert: a MoE run's trained experts
 GRAPHS = ("jaccard", "pmi", "counts")
 _WEIGHT_SCALE = 1000  # METIS wants integer edge weights: the strongest edge gets this
-VERSION = 1  # part of every cache key: bump it when the way bricks are computed changes
+VERSION = 2  # part of every cache key: bump it when the way bricks are computed changes
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class BrickParams:
     neighbours: int = 64  # coact: edges kept per neuron (its strongest); 0 keeps the dense graph
     percent: float = 5.0  # functional: each category's top percent of neurons (the paper's 5%)
     exclude_resident: bool = False  # functional: leave out neurons strongly active for all categories
+    rule: str = "ap"  # functional: how top neurons are selected, one of scores.MODEL_FREE_RULES
     label_percent: float = 1.0  # labels: a category's top percent of neurons (Emergent Modularity)
     alpha: float = 0.001  # labels: enrichment p-value at or below which a brick is functional
     n_tokens: int = 8  # top tokens listed per brick
@@ -50,6 +53,10 @@ class BrickParams:
             (self.neighbours < 0, f"neighbours {self.neighbours} must be >= 0"),
             (not 0 < self.percent <= 100, f"percent {self.percent} must be in (0, 100]"),
             (not 0 < self.label_percent <= 100, f"label_percent {self.label_percent} must be in (0, 100]"),
+            (
+                self.rule not in scores.MODEL_FREE_RULES,
+                f"rule {self.rule!r} is not one of {scores.MODEL_FREE_RULES}",
+            ),
             (not 0 < self.alpha < 1, f"alpha {self.alpha} must be in (0, 1)"),
             (self.n_tokens < 0, f"n_tokens {self.n_tokens} must be >= 0"),
         ]
@@ -59,7 +66,10 @@ class BrickParams:
 
     def key(self) -> dict:
         """The fields that shape this method's bricks: the cache key."""
-        own = {"coact": ("size", "graph", "neighbours"), "functional": ("percent", "exclude_resident")}
+        own = {
+            "coact": ("size", "graph", "neighbours"),
+            "functional": ("percent", "exclude_resident", "rule"),
+        }
         keep = {
             "method",
             "label_percent",
@@ -94,7 +104,7 @@ class Candidate:
     size: int  # number of neurons
     label: str | None  # the most enriched category with p <= alpha, else None
     p_values: dict[str, float]  # category -> hypergeometric enrichment p-value
-    top_tokens: tuple[str, ...]  # tokens most often among its neurons' top examples
+    top_tokens: tuple[str, ...]  # input tokens most distinctive for its neurons (where they fire)
     stability: float | None  # best-match Jaccard with the bricks of the halves (None: not computed)
 
 
@@ -181,12 +191,12 @@ def _functional_groups(store: Store, run: Run, params: BrickParams, report: Prog
             f"Functional bricks need prompt categories, and run '{run.run_id}' has none.",
             "Use the coact or map method, or capture a prompt set whose prompts have a 'category'.",
         )
-    exclude = scores.resident_neurons(store, run.run_id) if params.exclude_resident else None
 
     def tops(half):
         report(0 if half is None else half + 1, 3, "functionality scores")
-        s = scores.functionality_scores(store, run.run_id, seed=params.seed, half=half)
-        return scores.top_neurons(s, params.percent, exclude)
+        return scores.rule_top_neurons(
+            store, run.run_id, params.rule, params.percent, params.seed, half, params.exclude_resident
+        )
 
     full = tops(None)
     stability = _stability(full, (tops(0), tops(1))) if params.stability else None
@@ -204,7 +214,26 @@ def _map_groups(store: Store, run: Run, params: BrickParams, report: Progress):
     return full, [f"map-{c:02d}" for c in range(len(full))], stability
 
 
-_GROUPERS = {"coact": _coact_groups, "functional": _functional_groups, "map": _map_groups}
+def _expert_groups(store: Store, run: Run, params: BrickParams, report: Progress):
+    """A mixture-of-experts run's trained experts, one brick each (core/experts.py numbers the neurons)."""
+    layout = expert_routes.layout(store, run.run_id)
+    if layout is None:
+        raise BricklabError(
+            f"Run '{run.run_id}' is not of a mixture-of-experts model, so it has no experts to offer.",
+            "Use the coact, functional or map method, or capture a MoE model (e.g. mixtral, qwen2_moe).",
+        )
+    within = np.arange(layout.d_expert)
+    pairs = [(layer, e) for layer in range(run.n_layers) for e in range(layout.n_experts)]
+    groups = [layer * run.d_ff + e * layout.d_expert + within for layer, e in pairs]
+    return groups, [live_experts.brick_id(layer, e) for layer, e in pairs], None
+
+
+_GROUPERS = {
+    "coact": _coact_groups,
+    "functional": _functional_groups,
+    "map": _map_groups,
+    "expert": _expert_groups,
+}
 
 
 def partition(counts: np.ndarray, n_tokens: int, params: BrickParams) -> list[np.ndarray]:
@@ -325,16 +354,15 @@ def _brick(brick_id, method, neurons, d_ff, label, p_values, tokens, stability) 
 
 
 def top_tokens(store: Store, run: Run, groups: list[np.ndarray], n: int) -> list[list[str]]:
-    """Per group: the n tokens most particular to its neurons' top activating examples."""
-    if n == 0 or not groups:
-        return [[] for _ in groups]
-    ids = np.concatenate(groups).astype(np.int64)
-    group = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
-    rows = store.group_tokens(run.run_id, group, ids // run.d_ff, ids % run.d_ff, n)
-    out = [[] for _ in groups]
-    for grp, token in rows:
-        out[grp].append(token)
-    return out
+    """Per group: the n input tokens most distinctive for its neurons (where they fire, against the
+    run's token frequencies; core.bricks.distinctive)."""
+    return distinctive.distinctive_tokens(store, run, groups, n)
+
+
+def by_significance(bricks: list[Candidate]) -> list[Candidate]:
+    """Labelled (functional) bricks first, most significant (lowest p-value) first; then the
+    unlabelled ones, also by p-value; ties by id."""
+    return sorted(bricks, key=lambda b: (b.label is None, min(b.p_values.values(), default=1.0), b.brick_id))
 
 
 def _to_arrays(bricks: list[Candidate]) -> tuple[dict[str, np.ndarray], list[dict]]:

@@ -4,6 +4,8 @@ per-token activations of a prompt recomputed on the fly, and a search of neurons
 
 from __future__ import annotations
 
+import codecs
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,7 +77,7 @@ def neuron_detail(
 
 def _prompt_tokens(store: Store, run_id: str, prompt_idxs: list[int]) -> dict[int, tuple[str, ...]]:
     tokens = store.prompt_tokens(run_id, prompt_idxs)
-    return {idx: tuple(display_token(t) for t in row) for idx, row in tokens.items()}
+    return {idx: display_tokens(row) for idx, row in tokens.items()}
 
 
 def neuron_stat(store: Store, run_id: str, name: str) -> np.ndarray:
@@ -154,3 +156,25 @@ def display_token(token: str) -> str:
     if token and all(ch in _BYTES for ch in token):
         return bytes(_BYTES[ch] for ch in token).decode("utf-8", errors="replace")
     return token.replace("▁", " ")
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback tokens
+
+
+def _token_bytes(token: str) -> bytes:
+    if match := _BYTE_PIECE.fullmatch(token):
+        return bytes([int(match[1], 16)])
+    if token and all(ch in _BYTES for ch in token):
+        return bytes(_BYTES[ch] for ch in token)
+    return token.replace("▁", " ").encode()
+
+
+def display_tokens(tokens) -> tuple[str, ...]:
+    """Stored tokens of one text as display text, one piece per token, decoded with their neighbours:
+    a character split over several tokens (Chinese, Japanese, emoji) shows whole at the token that
+    completes it and the tokens before it show empty; bytes that never make a character show as �."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = [decoder.decode(_token_bytes(t)) for t in tokens]
+    if pieces:
+        pieces[-1] += decoder.decode(b"", final=True)
+    return tuple(pieces)

@@ -197,3 +197,112 @@ def _set_scores(scores: np.ndarray, sets: list[np.ndarray], n_layers: int, d_ff:
     count = np.bincount(layer, minlength=n_layers)
     with np.errstate(invalid="ignore"):
         return count, np.bincount(layer, weights=value, minlength=n_layers) / count
+
+
+# --- selection rules: which neurons count as a category's "top" neurons ---------------------------
+
+RULES = ("ap", "contrastive", "no_resident", "per_layer", "validated")
+RULE_NOTES = {
+    "ap": "top by average precision, the category against all other prompts (the paper's rule)",
+    "contrastive": "top by the worst average precision of the category against each other category alone",
+    "no_resident": "top by average precision, leaving out neurons strongly active for every category",
+    "per_layer": "top by average precision of activations divided by the prompt's mean in that layer",
+    "validated": "average-precision candidates kept where zeroing them hurts the own category most "
+    "on the selection half",
+}
+MODEL_FREE_RULES = ("ap", "contrastive", "no_resident", "per_layer")  # "validated" runs the model
+
+
+def check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise BricklabError(f"Unknown selection rule {rule!r}.", f"Use one of {', '.join(RULES)}.")
+
+
+def rule_scores(X: np.ndarray, labels: np.ndarray, n_categories: int, n_layers: int, rule: str) -> np.ndarray:
+    """float32 (n_categories, n_neurons): the scores a rule ranks neurons by, from the prompts' mean
+    |a| X (n_prompts, n_layers * d_ff). Uncategorised prompts (label -1) count as "rest" for the
+    average-precision rules and are left out by the contrastive one; no_resident and validated rank
+    by plain average precision (their difference lies in which neurons may be picked)."""
+    check_rule(rule)
+    if rule == "contrastive":
+        return contrastive_scores(X, labels, n_categories)
+    if rule == "per_layer":
+        X = per_layer_normalised(X, n_layers)
+    extra = np.where(labels < 0, n_categories, labels)
+    return kernels.average_precision(X, extra, n_categories + 1)[:n_categories]
+
+
+def contrastive_scores(X: np.ndarray, labels: np.ndarray, n_categories: int) -> np.ndarray:
+    """float32 (n_categories, n_neurons): min over other categories d of AP(c against d alone).
+
+    A neuron scores high for c only if it separates c from *every* other category, so neurons that
+    c shares with one neighbour (prose for knowledge and writing, say) rank low."""
+    out = np.full((n_categories, X.shape[1]), np.inf, dtype=np.float32)
+    for c in range(n_categories):
+        for d in range(c + 1, n_categories):
+            rows = np.flatnonzero((labels == c) | (labels == d))
+            if not len(rows):
+                continue
+            pair = kernels.average_precision(X[rows], (labels[rows] == d).astype(np.int32), 2)
+            out[c] = np.fmin(out[c], pair[0])  # fmin: a pair without prompts (NaN) does not count
+            out[d] = np.fmin(out[d], pair[1])
+    out[np.isinf(out)] = np.nan
+    return out
+
+
+def per_layer_normalised(X: np.ndarray, n_layers: int) -> np.ndarray:
+    """X (n_prompts, n_layers * d_ff) with each prompt's values in each layer divided by their mean:
+    a prompt that drives a whole layer harder (long prose, say) no longer ranks high on every neuron."""
+    P = X.reshape(len(X), n_layers, -1).astype(np.float32)
+    return (P / np.maximum(P.mean(axis=2, keepdims=True), 1e-12)).reshape(len(X), -1)
+
+
+def selectivity(matrix) -> list[float | None]:
+    """Per category (row i of an ablation matrix of increases): own increase ÷ mean increase on the
+    other categories; None where that mean is not positive (the ratio would mean nothing) or a value
+    is missing."""
+    m = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
+    n = len(m)
+    out: list[float | None] = []
+    for i in range(n):
+        others = np.delete(m[i], i) if n > 1 else np.array([np.nan])
+        own, mean = m[i, i], float(np.mean(others))
+        ok = np.isfinite(own) and np.isfinite(mean) and mean > 0
+        out.append(round(float(own / mean), 2) if ok else None)
+    return out
+
+
+def rule_top_neurons(
+    store: Store,
+    run_id: str | None,
+    rule: str,
+    percent: float,
+    seed: int = 0,
+    half: int | None = None,
+    exclude_resident: bool = False,
+) -> list[np.ndarray]:
+    """`top_neurons` of a model-free rule over the run's prompts (or half 0/1 of `prompt_halves`), as
+    functional bricks take them; "ap" is `functionality_scores`, the others are cached beside it."""
+    check_rule(rule)
+    if rule not in MODEL_FREE_RULES:
+        raise BricklabError(
+            f"The selection rule {rule!r} runs the model, and bricks are found without it.",
+            f"Use one of {', '.join(MODEL_FREE_RULES)} here; the Paper analysis offers {rule!r}.",
+        )
+    run = store.require_run(run_id)
+    exclude = resident_neurons(store, run.run_id) if exclude_resident or rule == "no_resident" else None
+    if rule in ("ap", "no_resident"):
+        return top_neurons(functionality_scores(store, run.run_id, seed=seed, half=half), percent, exclude)
+    params = {"rule": rule} | ({"seed": int(seed), "half": int(half)} if half is not None else {})
+    cached = store.get_arrays(run.run_id, "rule_scores", params)
+    if cached is None:
+        labels, names = category_labels(store, run.run_id)
+        X = store.prompt_activations(run.run_id)
+        if half is not None:
+            rows = prompt_halves(store, run.run_id, seed) == (half == 0)
+            X, labels = X[rows], labels[rows]
+        s = rule_scores(X, labels, len(names), run.n_layers, rule)
+        store.put_arrays(run.run_id, "rule_scores", params, {"scores": s})
+    else:
+        s = cached[0]["scores"]
+    return top_neurons(s, percent, exclude)

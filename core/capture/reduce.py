@@ -339,6 +339,9 @@ def merge_partials(store, run_id: str, n_layers: int, top_k: int, n_tokens: int)
         # (about 10 MB per chunk on the default model), and capture memory with the prompt set.
         parts = store.chunk_partials(run_id, layer)
         arr = {name: [np.frombuffer(b, dtypes[name]) for b in parts[name]] for name in PARTIAL_NAMES}
+        if routes := parts.get("expert_routes"):  # MoE (core.capture.experts): chunks' prompts, in order
+            counts = np.concatenate([np.frombuffer(b, np.int32) for b in routes])
+            layer_rows.append((layer, "expert_routes", counts))
         layer_rows += [
             (layer, "mean_act", (sum(arr["sum_act"]) / denom).astype(np.float32)),
             (layer, "mean_abs", (sum(arr["sum_abs"]) / denom).astype(np.float32)),

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from core import models
+from core.capture import experts as expert_routes
 from core.capture.reduce import ChunkReducer
 from core.models import LoadedModel
 from core.progress import Progress
@@ -144,10 +145,9 @@ def capture(
             hi = min(lo + config.chunk_prompts, len(encoded))
             t0 = time.perf_counter()
             reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms, device=lm.info.device)
-            _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total, budget)
-            _write_chunk(
-                store, run_id, chunk, lo, encoded[lo:hi], lm.tokenizer, reducer, time.perf_counter() - t0
-            )
+            routes = _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total, budget)
+            seconds = time.perf_counter() - t0
+            _write_chunk(store, run_id, chunk, lo, encoded[lo:hi], lm.tokenizer, reducer, seconds, routes)
             reported += hi - lo
             new_tokens += reducer.n_tokens
         if shard is not None:
@@ -159,6 +159,24 @@ def capture(
         if progress:
             progress(total, total, "done")
         return CaptureResult(run_id, False, bool(done), n_tokens, seconds, warnings, new_tokens)
+
+
+def probe(
+    lm: LoadedModel, prompt_set: PromptSet, config: CaptureConfig = CaptureConfig(), n: int = 8
+) -> float:
+    """Seconds per prompt of capturing this set on this machine, measured on its first `n` prompts
+    through the capture's own path (nothing is written): an estimate before the first capture."""
+    prompt_set = as_prompt_set(prompt_set).head(n)
+    limit = token_limit(lm.model, config.max_tokens)
+    encoded = [encode(lm.tokenizer, p.text, limit, config.chat_template) for p in prompt_set.prompts]
+    if not encoded:
+        return 0.0
+    info = lm.info
+    norms = [models.down_column_norms(lm.model, layer) for layer in range(info.n_layers)]
+    started = time.perf_counter()
+    reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms, device=info.device)
+    _run_chunk(lm, encoded, 0, reducer, config, None, 0, len(encoded), token_budget(lm, encoded, config))
+    return (time.perf_counter() - started) / len(encoded)
 
 
 def _create_run(store, run_id, lm, prompt_set, config, n_chunks) -> None:
@@ -228,11 +246,12 @@ def batches(lengths: list[int], batch_size: int, budget: int | None) -> list[lis
 
 
 @torch.inference_mode()
-def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, budget=None) -> None:
+def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, budget=None):
     model, device = lm.model, next(lm.model.parameters()).device
     body = model.base_model  # the decoder stack: capture needs no logits
     pad = lm.tokenizer.pad_token_id or 0
-    with reducer.hooks(model), reducer.forward_stream():
+    routes = expert_routes.recording(lm, reducer, len(encoded))
+    with reducer.hooks(model), routes as counts, reducer.forward_stream():
         previous = None
         done = 0
         for batch in batches([len(e.ids) for e in encoded], config.batch_size, budget):
@@ -252,9 +271,10 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, 
             if progress:
                 progress(reported + done, total, "capturing")
         reducer.file(previous)
+    return counts
 
 
-def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds) -> None:
+def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds, routes=None) -> None:
     """Everything a chunk produced, committed by the store in one transaction."""
     n = len(encoded)
     tokens = {"prompt_idx": [], "pos": [], "token_id": [], "token": [], "truncated": []}
@@ -272,7 +292,7 @@ def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds)
         acts=[reducer.prompt_means[i] for i in range(n)],
         bits=[reducer.prompt_bits[i] for i in range(n)],
         tokens=tokens,
-        partials=reducer.partials(lo),
+        partials=reducer.partials(lo) + expert_routes.partials(routes),  # MoE: the router's choices
         n_tokens=reducer.n_tokens,
         seconds=seconds,
     )

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.cli import bricks, capture, doctor, export, report
+from core.cli import architectures, bricks, capture, doctor, explain, export, prepare, report
 from core.errors import BricklabError
 
-COMMAND_MODULES = (capture, bricks, report, export, doctor)  # each adds its subcommands with `register`
+# each adds its subcommands with `register`
+COMMAND_MODULES = (capture, bricks, report, export, doctor, prepare, architectures, explain)
 GLOBAL_TITLE = "global options (before or after the command)"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import configuration
+from core import configuration, experts
 from core.bricks import candidates, neuron_map, neurons, scores
 from core.bricks.configure import config_from_bricks
 from core.errors import BricklabError
@@ -113,13 +113,15 @@ def cmd_bricks(args) -> int:
 
 
 def _methods(run) -> list[str]:
-    """Every method, less functional for a run without categories (it needs them)."""
+    """Every method, less functional for a run without categories (it needs them) and expert for a run
+    of a dense model."""
+    allowed = [m for m in candidates.METHODS if m != "expert" or run.model_type in experts.MOE_TYPES]
     if run.categories:
-        return list(candidates.METHODS)
+        return allowed
     print(
         f"note: run {run.run_id} has no prompt categories: no functional bricks, no labels", file=sys.stderr
     )
-    return [m for m in candidates.METHODS if m != "functional"]
+    return [m for m in allowed if m != "functional"]
 
 
 def _bricks_json(run, made: dict) -> dict:

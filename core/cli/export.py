@@ -90,6 +90,11 @@ def cmd_prune(args) -> int:
             store.close()
     layers = f"layers keep {min(r.kept):,}..{max(r.kept):,} neurons"
     print(f"wrote {r.out_dir}: FFN width {r.d_ff:,} -> {r.width:,} ({layers}; narrower ones are zero-padded)")
+    if r.fixed_width:
+        print(
+            f"a '{lm.info.model_type}' model has no FFN width setting: the removed neurons are zeroed in "
+            "place (the same outputs in a folder plain transformers loads, but no smaller)"
+        )
     share = r.params_saved / r.params_before
     print(f"parameters: {r.params_before:,} -> {r.params_after:,} (saved {r.params_saved:,}, {share:.1%})")
     print(

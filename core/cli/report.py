@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from core import analysis, models
+from core.bricks import scores
 from core.errors import BricklabError
 from core.store import Store
 
@@ -25,6 +26,13 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print only the report as one JSON object")
     p.add_argument(
         "--quick", action="store_true", help="fewer held-out prompts and k values (rougher numbers)"
+    )
+    p.add_argument(
+        "--rule",
+        choices=scores.RULES,
+        default=analysis.ReportConfig.rule,
+        help="how each category's top neurons are selected (default: %(default)s): "
+        + "; ".join(f"{k}: {v}" for k, v in scores.RULE_NOTES.items()),
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy shared machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -44,7 +52,8 @@ def cmd_report(args) -> int:
                 f"The report compares prompt categories, and run '{run.run_id}' has none.",
                 "Capture a prompt set whose prompts have a 'category' (JSONL or CSV, not TXT).",
             )
-        config = analysis.ReportConfig().quick() if args.quick else analysis.ReportConfig()
+        config = analysis.ReportConfig(rule=args.rule)
+        config = config.quick() if args.quick else config
         lm = None
         if analysis.missing_sections(store, run.run_id, config):
             default = None if run.model_id == models.DEFAULT_MODEL else run.model_id
@@ -89,6 +98,9 @@ def print_report(r: dict, n_prompts: int) -> None:
     print(f"\nOverlap of the top-{pct:g}% sets ({o['measure']}; random {o['random_expectation']})")
     _print_matrix(o["categories"], o["categories"], o["matrix"], "{:.3f}")
     _print_recombination(r["recombination"], n_prompts)
+    print("\nVerdicts")
+    for name, v in analysis.verdicts(r).items():
+        print(f"  {name}: {v['text']}")
 
 
 def _print_sparsity(s: dict, n_prompts: int) -> None:
@@ -127,6 +139,9 @@ def _print_ablation(a: dict, n_prompts: int) -> None:
     lacking = [c for c, n in zip(a["categories"], a["eval_prompts_per_category"], strict=True) if not n]
     if lacking:
         print(f"  {_too_small(n_prompts, 'no held-out prompt for ' + ', '.join(lacking))}")
+    print(f"  selection rule {a.get('rule', 'ap')}: {scores.RULE_NOTES[a.get('rule', 'ap')]}")
+    print(f"  {analysis.SELECTIVITY_NOTE}")
+    _print_matrix(["selectivity"], a["categories"], [a["selectivity"]], "{:.1f}")
     dominant = [c for c, d in zip(a["categories"], a["diagonal_dominant"], strict=True) if d]
     print(f"  diagonal dominates for {len(dominant)}/{len(a['categories'])}: {', '.join(dominant) or 'none'}")
 

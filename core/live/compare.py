@@ -38,7 +38,7 @@ class Comparison:
     prompt_ids: tuple[int, ...]  # what the model saw: chat template included
     baseline_tokens: tuple[int, ...]  # generated ids only, without the prompt
     configured_tokens: tuple[int, ...]
-    baseline_pieces: tuple[str, ...]  # each generated token decoded on its own, for display
+    baseline_pieces: tuple[str, ...]  # each generated token's text, for display (display_pieces)
     configured_pieces: tuple[str, ...]
     baseline_text: str
     configured_text: str
@@ -106,8 +106,8 @@ def compare(
         prompt_ids=tuple(ids),
         baseline_tokens=tuple(b),
         configured_tokens=tuple(c),
-        baseline_pieces=_pieces(lm.tokenizer, b),
-        configured_pieces=_pieces(lm.tokenizer, c),
+        baseline_pieces=display_pieces(lm.tokenizer, b),
+        configured_pieces=display_pieces(lm.tokenizer, c),
         baseline_text=lm.tokenizer.decode(b, skip_special_tokens=True),
         configured_text=lm.tokenizer.decode(c, skip_special_tokens=True),
         first_divergence=first_divergence(b, c),
@@ -215,5 +215,19 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _pieces(tokenizer, ids: list[int]) -> tuple[str, ...]:
-    return tuple(tokenizer.decode([i]) for i in ids)
+def display_pieces(tokenizer, ids: Sequence[int]) -> tuple[str, ...]:
+    """Each token's text for display, one piece per id, decoded with the tokens before it: a character
+    split over several tokens (Chinese, Japanese, emoji) shows whole at the token that completes it,
+    and special tokens such as <|im_end|> show empty."""
+    pieces, shown = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+        if text.endswith("\ufffd") and end < len(ids):  # a character still incomplete: wait for it
+            pieces.append("")
+        elif text.startswith(shown):
+            pieces.append(text[len(shown) :])
+            shown = text
+        else:  # decoding the longer prefix rewrote earlier text (rare clean-up rules): this token alone
+            pieces.append(tokenizer.decode(ids[end - 1 : end], skip_special_tokens=True))
+            shown = text
+    return tuple(pieces)

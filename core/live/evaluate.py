@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from core.live import interventions
+from core.live.hooks import Dispatcher
 from core.models import LoadedModel
 from core.prompts import encode, token_limit
 
@@ -20,7 +21,7 @@ from core.prompts import encode, token_limit
 def loss_per_prompt(
     lm: LoadedModel,
     texts: list[str],
-    batch_size: int = 8,
+    batch_size: int = 64,
     per_layer: dict | None = None,
     chat_template: bool = True,
     max_tokens: int = 256,
@@ -31,6 +32,7 @@ def loss_per_prompt(
     only the text's own tokens are targets, so template tokens never count. A text whose only
     own token is the first token of the sequence has nothing to predict and gets NaN.
     `per_layer` ({layer: fn(a) -> a'}) is applied to the FFN activations for these passes only.
+    Texts run in a few padded passes of at most `batch_size` (see `passes`).
     """
     limit = token_limit(lm.model, max_tokens)
     encoded = [encode(lm.tokenizer, t, limit, chat_template) for t in texts]
@@ -38,15 +40,39 @@ def loss_per_prompt(
     if not encoded:
         return out
     shared = _shared_prefix(encoded)
-    order = sorted(range(len(texts)), key=lambda i: encoded[i].end)  # similar lengths batch well
     scope = interventions.transforms(lm.model, per_layer) if per_layer else contextlib.nullcontext()
     with scope:
         prefix = _prefix_cache(lm.model, encoded[0].ids[:shared])
-        for b in range(0, len(order), batch_size):
-            batch = [encoded[i] for i in order[b : b + batch_size]]
-            for row, loss in enumerate(_batch_losses(lm, batch, shared, prefix)):
-                out[order[b + row]] = loss
+        cost = PASS_COST.get(next(lm.model.parameters()).device.type, PASS_COST["cuda"])
+        for group in passes([e.end - shared for e in encoded], batch_size, cost):
+            batch = [encoded[i] for i in group]
+            for i, loss in zip(group, _batch_losses(lm, batch, shared, prefix), strict=True):
+                out[i] = loss
     return out
+
+
+# A forward pass's fixed cost, in padded tokens: on a CPU compute follows the padded tokens and a pass
+# costs little more, so short texts run in a few tight passes; on a GPU one wide pass is cheapest.
+PASS_COST = {"cpu": 64, "cuda": 4096}
+
+
+def passes(widths: list[int], batch_size: int, pass_cost: int = PASS_COST["cpu"]) -> list[list[int]]:
+    """Indices grouped into forward passes: consecutive runs of the widths sorted ascending, at most
+    `batch_size` each, split where that minimises padded tokens + `pass_cost` per pass (exact dynamic
+    programming over the sorted order)."""
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    w = [widths[i] for i in order]
+    best, cut = [0.0] + [np.inf] * len(w), [0] * (len(w) + 1)
+    for end in range(1, len(w) + 1):  # best[end]: cheapest grouping of the first `end` texts
+        for start in range(max(0, end - batch_size), end):
+            cost = best[start] + (end - start) * w[end - 1] + pass_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(w)
+    while end:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
 
 
 def _shared_prefix(encoded: list) -> int:
@@ -64,39 +90,49 @@ def _prefix_cache(model, ids: list[int]):
     if not ids:
         return None
     device = next(model.parameters()).device
-    return model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+    return model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+
+
+def _heads(model) -> list:
+    return [model.get_output_embeddings()]
+
+
+# the unembedding sees only the hidden states of predicting positions (no padding, no template)
+_targets_only = Dispatcher("loss_targets", "input", _heads)
 
 
 def _batch_losses(lm: LoadedModel, batch: list, shared: int, prefix) -> list[float]:
-    """One forward pass over the texts' tokens after the shared prefix, up to their last own token."""
+    """One forward pass over the texts' tokens after the shared prefix, up to their last own token;
+    logits only where a text's own token is predicted."""
     device = next(lm.model.parameters()).device
     width = max(e.end for e in batch) - shared
     ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
     mask[:, :shared] = 1
+    rows, cols, spans = [], [], []
     for row, e in enumerate(batch):
         ids[row, : e.end - shared] = torch.tensor(e.ids[shared : e.end])
         mask[row, : e.end] = 1
+        first = max(e.start, 1)  # targets ids[first:end], each predicted from the position before it
+        n = max(e.end - first, 0)
+        spans.append((len(cols), n))
+        rows += [row] * n
+        cols += range(first - 1 - shared, e.end - 1 - shared)
+    if not cols:
+        return [float("nan")] * len(batch)
     cache = None
     if prefix is not None:
         cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(len(batch))
     ids = ids.to(device)
-    logits = lm.model(
-        input_ids=ids, attention_mask=mask.to(device), past_key_values=cache, use_cache=cache is not None
-    ).logits
-    return [
-        _text_loss(logits[row], ids[row], e.start - shared, e.end - shared) for row, e in enumerate(batch)
-    ]
-
-
-def _text_loss(logits: torch.Tensor, ids: torch.Tensor, start: int, end: int) -> float:
-    """Mean CE of targets ids[max(start, 1):end], each predicted from the position before it."""
-    first = max(start, 1)
-    if end <= first:
-        return float("nan")
-    pred = logits[first - 1 : end - 1].float()  # (n_targets, vocab)
-    return float(torch.nn.functional.cross_entropy(pred, ids[first:end]))
+    pick = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+    with _targets_only.using(lm.model, [(lm.model.get_output_embeddings(), lambda h: h[pick][None])]):
+        logits = lm.model(
+            input_ids=ids, attention_mask=mask.to(device), past_key_values=cache, use_cache=cache is not None
+        ).logits[0]  # (n_targets, vocab)
+    targets = ids[pick[0], torch.tensor(cols, device=device) + 1]
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return [float(loss[a : a + n].mean()) if n else float("nan") for a, n in spans]
 
 
 def masked_neurons(n_layers: int, d_ff: int, global_ids) -> dict[int, interventions.Transform]:

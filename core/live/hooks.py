@@ -85,6 +85,12 @@ class Dispatcher:
 
     def _install(self, model) -> Callable[[], None]:
         sites = self._sites(model)
+        # a virtual site (an MoE layer's activation or routing, core/experts.py) is called only while exposed
+        hidden = [site.expose() for site in sites if hasattr(site, "expose")]
+        remove = self._hook(sites)
+        return lambda: [undo() for undo in (remove, *hidden)]
+
+    def _hook(self, sites: list) -> Callable[[], None]:
         if self.kind == "forward":
             return _replace_forwards(self, sites)
         if self.kind == "input":

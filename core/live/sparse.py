@@ -21,7 +21,7 @@ from core.errors import BricklabError
 from core.kernels import ffn as ffn_kernels
 from core.live import hooks, interventions
 
-_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # down module -> {(device, dtype): W_down.T}
+_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # down module -> {key: W_down.T or Packed}
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,8 +72,9 @@ def _mlp(model, layer: int) -> torch.nn.Module:
 
 def ffn(model, layer: int) -> Ffn:
     if not supported(model):
+        plain = "a mixture of experts" if models.site_for(model.config.model_type).experts else "a plain one"
         raise BricklabError(
-            f"Sparse execution needs a gated MLP; '{model.config.model_type}' has a plain one.",
+            f"Sparse execution needs a gated MLP; '{model.config.model_type}' has {plain}.",
             "Use a Llama-like model, or apply the configuration with masks (core.live.interventions).",
         )
     site, mlp = models.site_for(model.config.model_type), _mlp(model, layer)
@@ -162,6 +163,57 @@ class KeepOnly:
             return f.full_down(a, idx, self.add)
         out = f.down_bias(a @ rows)
         return out if const is None else out + const
+
+
+class Threshold:
+    """Activation sparsity with calibrated magnitude thresholds (as in TEAL, core.routing.thresholds):
+    gate and up skip the FFN inputs |x_k| < t_x, down skips the neurons |a_i| < tau * (the token's
+    max |a|). One token on CUDA runs core.kernels.sparse_gpu, which never reads the skipped weight rows;
+    anything else runs the same masks densely in torch."""
+
+    def __init__(self, tau: float, t_x: float = 0.0):
+        if not 0 <= tau <= 1 or t_x < 0:
+            raise ValueError(f"need 0 <= tau <= 1 and t_x >= 0, got tau={tau}, t_x={t_x}")
+        self.tau, self.t_x = tau, t_x
+
+    def __call__(self, f: Ffn, x: torch.Tensor) -> torch.Tensor:
+        if gpu_token(f, x):
+            out = _gpu_kernels().ffn_one(x, packed(f), self.t_x, self.tau)
+            return f.down_bias(out.reshape(x.shape))
+        if self.t_x:
+            x = x.masked_fill(x.abs() < self.t_x, 0.0)
+        a = f.activations(x)
+        if self.tau:
+            a = a.masked_fill(a.abs() < self.tau * a.abs().amax(dim=-1, keepdim=True), 0.0)
+        return f.down(a)
+
+
+@functools.cache
+def _gpu_kernels():
+    """core.kernels.sparse_gpu, or None where Triton is not installed."""
+    try:
+        from core.kernels import sparse_gpu
+    except ImportError:
+        return None
+    return sparse_gpu
+
+
+def gpu_token(f: Ffn, x: torch.Tensor) -> bool:
+    """Whether x is one token the Triton kernels (core.kernels.sparse_gpu) can take: on CUDA with
+    Triton installed, a SiLU gate without biases, and no intervention transform on this layer."""
+    one = x.numel() == x.shape[-1] and x.device.type == "cuda" and f.gate_bias is None
+    return one and f.silu and not f.transformed() and _gpu_kernels() is not None
+
+
+def packed(f: Ffn):
+    """The layer's FFN weights input-major for the sparse kernels, cached for the model's lifetime
+    (a second copy of the FFN weights on the device)."""
+    weight = f.down.weight
+    per = _packed.setdefault(f.down, {})
+    key = ("input-major", weight.device, weight.dtype)
+    if key not in per:
+        per[key] = _gpu_kernels().Packed.of(f.gate, f.up, weight)
+    return per[key]
 
 
 def one_token(f: Ffn, x: torch.Tensor) -> bool:

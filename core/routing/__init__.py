@@ -1,2 +1,3 @@
 """Dynamic routing: router parameters and fitting (`routers`), running them (`route`), the learned
-token map, per-token top-k bricks and the quality-compute trade-off."""
+token map, per-token top-k bricks, the quality-compute trade-off, activation-sparsity thresholds
+calibrated from a run (`thresholds`) and the decoding harness that times them (`decode`)."""

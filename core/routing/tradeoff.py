@@ -74,7 +74,7 @@ def routed_run(lm: models.LoadedModel, router: Router, prompt: str, max_new_toke
     else:
         kept = router.arrays["keep"]
         kept = kept if router.params.kind == "static" else kept[router.categories.index(route.category)]
-    pieces = [tuple(lm.tokenizer.decode([i]) for i in tokens) for tokens in (dense, routed)]
+    pieces = [compare.display_pieces(lm.tokenizer, tokens) for tokens in (dense, routed)]
     split = compare.first_divergence(dense, routed)
     size = router.params.brick_size
     return RoutedRun(*pieces, split, route, kept, brick_use, best["dense"], best["routed"], size)

@@ -282,6 +282,13 @@ class Store(ChunkTables, NeuronQueries):
                 cur.execute("DELETE FROM results WHERE run_id = ?", [run_id])
 
     @faults.guarded
+    def has_result(self, run_id: str, kind: str, params: dict, arrays: bool = False) -> bool:
+        """Whether a result is cached (`arrays`: one written by `put_arrays`), without reading it."""
+        sql = "SELECT count(*) FROM results WHERE run_id = ? AND kind = ? AND params = ?"
+        key = _codec_key(params) if arrays else params
+        return self.cursor().execute(sql, [run_id, kind, _canon(key)]).fetchone()[0] > 0
+
+    @faults.guarded
     def get_arrays(self, run_id: str, kind: str, params: dict) -> tuple[dict[str, np.ndarray], object] | None:
         """The (arrays, meta) cached by `put_arrays` for (run, kind, params); None on a miss."""
         payload = self.get_result(run_id, kind, _codec_key(params))

@@ -1,18 +1,14 @@
 """The store's queries about single neurons and tokens: a neuron's statistics and top examples with
-their prompts, prompts' tokens, the neurons whose top examples read a given token, and the tokens
-most particular to groups of neurons.
+their prompts, prompts' tokens, the neurons whose top examples read a given token, every token of a
+run in firing order, and where a token occurs.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
 from core.store import faults
 
-# A token counts for a group when the group holds much of the neurons that have it among their top
-# examples; the +10 keeps rare tokens (and "the") from topping the lists.
-_TOKEN_SCORE = "n / (n_all + 10.0)"
 # A stored token as plain lower-case text: the byte-level BPE (Ġ, Ċ) and SentencePiece (▁) space
 # and newline markers read as spaces, then trimmed.
 _PLAIN_TOKEN = "lower(trim(replace(replace(replace(t.token, 'Ġ', ' '), '▁', ' '), 'Ċ', ' ')))"
@@ -80,38 +76,25 @@ class NeuronQueries:
         return self.cursor().execute(sql, [run_id, value, run_id, int(limit)]).fetchall()
 
     @faults.guarded
-    def group_tokens(
-        self, run_id: str, group: np.ndarray, layer: np.ndarray, neuron: np.ndarray, n: int
-    ) -> list[tuple[int, str]]:
-        """Per group, the n tokens most particular to its members' top examples, as (group, token)
-        rows, best first within a group. Member i is (layer[i], neuron[i]) of group[i]."""
-        members = pa.table(
-            {
-                "grp": np.asarray(group, np.int32),
-                "layer": np.asarray(layer, np.int32),
-                "neuron": np.asarray(neuron, np.int32),
-            }
+    def run_tokens(self, run_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prompt_idx int32, token_id int32, token text) of every token of the run, in the order of
+        `firing_bits` rows."""
+        sql = "SELECT prompt_idx, token_id, token FROM tokens WHERE run_id = ? ORDER BY prompt_idx, pos"
+        got = self.cursor().execute(sql, [run_id]).fetchnumpy()
+        idx, ids = (np.asarray(got[k], np.int32) for k in ("prompt_idx", "token_id"))
+        return idx, ids, np.asarray(got["token"], object)
+
+    @faults.guarded
+    def token_positions(self, run_id: str, needle: str, max_prompts: int) -> dict[int, list[int]]:
+        """Where tokens reading `needle` (lower case, as `search_tokens` matches) occur: prompt_idx ->
+        positions among its own tokens, for the first `max_prompts` prompts that hold one."""
+        sql = (
+            "WITH hit AS (SELECT prompt_idx, pos FROM tokens t WHERE t.run_id = ? AND "
+            f"{_PLAIN_TOKEN} = ?), first AS (SELECT DISTINCT prompt_idx FROM hit "
+            "ORDER BY prompt_idx LIMIT ?) "
+            "SELECT h.prompt_idx, h.pos FROM hit h JOIN first USING (prompt_idx) ORDER BY h.prompt_idx, h.pos"
         )
-        sql = f"""
-            WITH ex AS (
-                SELECT e.layer, e.neuron, t.token FROM top_examples e
-                JOIN tokens t ON t.run_id = e.run_id AND t.prompt_idx = e.prompt_idx AND t.pos = e.pos
-                WHERE e.run_id = ?
-            ),
-            everywhere AS (SELECT token, count(DISTINCT (layer, neuron)) AS n_all FROM ex GROUP BY token),
-            mine AS (
-                SELECT m.grp, ex.token, count(DISTINCT (ex.layer, ex.neuron)) AS n
-                FROM ex JOIN _members m ON ex.layer = m.layer AND ex.neuron = m.neuron
-                GROUP BY m.grp, ex.token
-            )
-            SELECT grp, token FROM mine JOIN everywhere USING (token)
-            QUALIFY row_number() OVER (PARTITION BY grp ORDER BY {_TOKEN_SCORE} DESC, token) <= ?
-            ORDER BY grp, {_TOKEN_SCORE} DESC, token
-        """
-        cur = self.cursor()
-        cur.register("_members", members)
-        try:
-            return cur.execute(sql, [run_id, n]).fetchall()
-        finally:
-            cur.unregister("_members")
-            cur.close()
+        out: dict[int, list[int]] = {}
+        for idx, pos in self.cursor().execute(sql, [run_id, needle, int(max_prompts)]).fetchall():
+            out.setdefault(idx, []).append(pos)
+        return out

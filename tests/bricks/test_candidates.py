@@ -153,24 +153,19 @@ def test_bad_runs_and_sizes_get_clear_errors(run_copy):
         bricks.compute_bricks(store, "half", BrickParams())
 
 
-def test_top_tokens_prefer_tokens_particular_to_the_brick(store):
-    import pyarrow as pa
+def test_top_tokens_are_the_distinctive_ones_not_the_frequent_ones(store):
+    from tests.bricks.test_distinctive import planted_run
 
-    fake_run(store, np.ones((1, 2, 4)), ["a"])
-    run = store.require_run("fake")
-    with store.write() as cur:
-        store.insert(cur, "tokens", {
-            "run_id": ["fake"] * 2, "prompt_idx": pa.array([0, 0], pa.int32()),
-            "pos": pa.array([0, 1], pa.int32()), "token_id": pa.array([1, 2], pa.int32()),
-            "token": ["ĠPython", "Ġthe"], "truncated": [False, False],
-        })  # fmt: skip
-        neurons = np.r_[0, 1, np.arange(8)]  # neurons 0 and 1 peak on "Python", all on "the"
-        store.insert(cur, "top_examples", {
-            "run_id": ["fake"] * 10, "layer": pa.array(neurons // 4, pa.int32()),
-            "neuron": pa.array(neurons % 4, pa.int32()), "rank": pa.array([0] * 2 + [1] * 8, pa.int32()),
-            "prompt_idx": pa.array([0] * 10, pa.int32()), "pos": pa.array([0] * 2 + [1] * 8, pa.int32()),
-            "value": pa.array([1.0] * 10, pa.float32()),
-        })  # fmt: skip
-    got = bricks.top_tokens(store, run, [np.array([0, 1]), np.array([6, 7])], 2)
-    assert got == [["ĠPython", "Ġthe"], ["Ġthe"]]
+    run, _ = planted_run(store)
+    got = bricks.top_tokens(store, run, [np.array([0, 1]), np.array([8 + 2])], 3)
+    assert got[0][0] == "ĠParis" and got[1][0] == "Ġcat"
+    assert not {"Ġthe", "Ġa"} & set(got[0])  # the run's most frequent tokens
     assert bricks.top_tokens(store, run, [np.array([0])], 0) == [[]]
+
+
+def test_by_significance_puts_labelled_bricks_first():
+    def brick(name, label, p):
+        return bricks._brick(name, "coact", [0], 4, label, {"a": p}, [], None)
+
+    found = [brick("u1", None, 1e-9), brick("l2", "a", 1e-3), brick("l1", "a", 1e-8), brick("u0", None, 0.5)]
+    assert [b.brick_id for b in bricks.by_significance(found)] == ["l1", "l2", "u1", "u0"]

@@ -26,7 +26,7 @@ def test_detail_lists_ranked_examples_with_their_tokens(run_store):
     assert values == sorted(values, reverse=True)
     for e in detail.examples:
         assert 0 <= e.pos < len(e.tokens)
-        assert e.tokens == tuple(neurons.display_token(t[2]) for t in s.tokens(run_id, e.prompt_idx))
+        assert e.tokens == neurons.display_tokens([t[2] for t in s.tokens(run_id, e.prompt_idx)])
     assert set(detail.scores) == set(run.categories)
     assert all(0 <= v <= 1 for v in detail.scores.values())
     assert detail.fire_rate == pytest.approx(float(s.layer_array(run_id, "fire_rate")[1, 7]))
@@ -76,3 +76,13 @@ def test_search_treats_wildcards_as_text(run_store):
 )
 def test_display_token(token, text):
     assert neurons.display_token(token) == text
+
+
+def test_display_tokens_keep_characters_split_over_tokens_whole(tiny_lm):
+    text = "首都是巴黎。東京は日本の首都です 🧱"
+    stored = tiny_lm.tokenizer.convert_ids_to_tokens(tiny_lm.tokenizer.encode(text))
+    assert "\ufffd" in "".join(neurons.display_token(t) for t in stored)  # one at a time: broken
+    pieces = neurons.display_tokens(stored)
+    assert len(pieces) == len(stored) and "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert neurons.display_tokens(["<0xE4>", "<0xBD>", "<0xA0>", "▁ok"]) == ("", "", "你", " ok")
+    assert neurons.display_tokens(["Ã"]) == ("\ufffd",)  # a lone lead byte never completes

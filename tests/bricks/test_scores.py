@@ -173,3 +173,82 @@ def test_hypergeometric_pmf_matches_scipy():
     np.testing.assert_allclose(
         scores._hypergeom_pmf(x, 1536, good, 37), hypergeom.pmf(x, 1536, good, 37), rtol=1e-9
     )
+
+
+# selection rules and selectivity
+
+
+def rule_data() -> tuple[np.ndarray, np.ndarray]:
+    """3 categories x 6 prompts, 2 neurons, both high on every category-0 prompt. Neuron 0 is also high
+    on 3 prompts of category 1 (one neighbour, heavily); neuron 1 on 2 prompts each of categories 1
+    and 2 (fewer confusers in all, but spread)."""
+    labels = np.repeat(np.arange(3), 6).astype(np.int32)
+    X = np.full((18, 2), 0.1, dtype=np.float32) + np.arange(18, dtype=np.float32)[:, None] * 1e-3
+    X[labels == 0] = 1.0 + np.arange(6, dtype=np.float32)[:, None] * 1e-2
+    X[[6, 7, 8], 0] = 2.0
+    X[[6, 7, 12, 13], 1] = 2.0
+    return X, labels
+
+
+def test_contrastive_scores_penalise_neurons_a_category_shares_with_one_other():
+    X, labels = rule_data()
+    ap = scores.rule_scores(X, labels, 3, 1, "ap")
+    contrastive = scores.rule_scores(X, labels, 3, 1, "contrastive")
+    # AP counts all confusers (3 vs 4); the contrastive score the worst single neighbour (3 vs 2)
+    assert ap[0, 0] > ap[0, 1] and contrastive[0, 0] < contrastive[0, 1]
+    assert scores.top_neurons(ap, 50)[0].tolist() == [0]
+    assert scores.top_neurons(contrastive, 50)[0].tolist() == [1]
+    pair = labels != 2
+    assert contrastive[0, 0] == pytest.approx(
+        average_precision_score(labels[pair] == 0, X[pair, 0]), abs=1e-6
+    )
+    assert np.array_equal(contrastive, scores.rule_scores(X, labels, 3, 1, "contrastive"))  # deterministic
+
+
+def test_per_layer_normalisation_divides_each_prompt_by_its_layer_mean():
+    X = np.arange(1, 13, dtype=np.float32).reshape(2, 6)  # 2 prompts, 2 layers x 3 neurons
+    out = scores.per_layer_normalised(X, 2)
+    np.testing.assert_allclose(out[0], [0.5, 1, 1.5, 4 / 5, 1, 6 / 5])
+    X = np.array([[2, 1], [2, 1], [1, 2], [1, 2]], dtype=np.float32)  # 1 layer, 2 neurons
+    labels = np.array([0, 0, 1, 1], dtype=np.int32)
+    big = X * np.array([[1], [1], [10], [10]], dtype=np.float32)  # category 1's prompts drive all harder
+    assert (
+        scores.rule_scores(big, labels, 2, 1, "ap")[0, 0]
+        < 1.0
+        == scores.rule_scores(X, labels, 2, 1, "ap")[0, 0]
+    )
+    np.testing.assert_allclose(
+        scores.rule_scores(big, labels, 2, 1, "per_layer"), scores.rule_scores(X, labels, 2, 1, "per_layer")
+    )
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(BricklabError, match="Unknown selection rule"):
+        scores.rule_scores(np.ones((2, 2), np.float32), np.array([0, 1]), 2, 1, "best")
+    assert set(scores.RULE_NOTES) == set(scores.RULES)
+
+
+def test_selectivity_is_own_over_the_mean_of_the_others():
+    matrix = [[50.0, 1.0, 4.0], [10.0, 20.0, 30.0], [0.0, -1.0, 5.0], [1.0, None, 2.0]]
+    got = scores.selectivity([row[:3] for row in matrix[:3]])
+    assert got == [pytest.approx(20.0), pytest.approx(1.0), None]  # row 2: others' mean <= 0
+    assert scores.selectivity([[3.0, None], [None, 1.0]]) == [None, None]  # a missing value
+
+
+def test_rule_top_neurons_for_bricks_cache_per_rule_and_refuse_the_model_rule(store):
+    from core.bricks.candidates import BrickParams
+
+    X, labels = rule_data()
+    fake_run(store, X[:, None, :], [["a", "b", "c"][c] for c in labels])
+    ap = scores.rule_top_neurons(store, "fake", "ap", 50)
+    contrastive = scores.rule_top_neurons(store, "fake", "contrastive", 50)
+    assert ap[0].tolist() == [0] and contrastive[0].tolist() == [1]
+    assert store.get_arrays("fake", "rule_scores", {"rule": "contrastive"}) is not None
+    assert [s.tolist() for s in scores.rule_top_neurons(store, "fake", "contrastive", 50)] == [
+        s.tolist() for s in contrastive
+    ]
+    with pytest.raises(BricklabError, match="runs the model"):
+        scores.rule_top_neurons(store, "fake", "validated", 50)
+    with pytest.raises(BricklabError, match="rule"):
+        BrickParams(method="functional", rule="validated")
+    assert BrickParams(method="functional", rule="contrastive").key()["rule"] == "contrastive"

@@ -26,7 +26,9 @@ def test_help_works_on_every_command(command, capsys):
 
 def test_every_documented_command_exists():
     expected = {"capture", "merge", "runs", "prepare", "doctor", "bricks", "map"}
-    expected |= {"config", "report", "apply", "prune"}
+    expected |= {"config", "report", "apply", "prune", "architectures"}
+    expected |= {"explain"}
+    expected |= {"prepare-run"}
     assert set(subcommands()) == expected
 
 

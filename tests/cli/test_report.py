@@ -70,3 +70,31 @@ def test_a_run_without_categories_is_refused_before_any_model_loads(tiny_dir, tm
     capsys.readouterr()
     assert cli.main(["report", "--db", db, "--model", str(tmp_path / "no-model")]) == 2
     assert "The report compares prompt categories" in capsys.readouterr().err
+
+
+def test_text_shows_selectivity_its_explanation_and_the_verdicts(text_report):
+    _, out, _ = text_report
+    assert out.count("Selectivity is a category's own perplexity increase") == 2  # both matrices
+    assert out.count("\nselectivity ") == 2 and "selection rule ap:" in out
+    verdicts = out[out.index("\nVerdicts") :]
+    assert "recombination:" in verdicts and "on this run" in verdicts
+
+
+def test_json_carries_the_rule_and_selectivity_per_category(small, capsys):
+    args = [
+        "report",
+        "--db",
+        small[0],
+        "--run",
+        small[1],
+        "--quick",
+        "--quiet",
+        "--json",
+        "--rule",
+        "per_layer",
+    ]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rule"] == result["ablation_matrix"]["rule"] == "per_layer"
+    assert list(result["selectivity"]) == result["ablation_matrix"]["categories"]
+    assert result["config"]["rule"] == "per_layer"

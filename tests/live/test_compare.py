@@ -132,3 +132,12 @@ def test_empty_prompt_is_refused(tiny_lm):
 def test_too_long_prompt_is_refused(tiny_lm):
     with pytest.raises(BricklabError, match="longer than"):
         compare.compare(tiny_lm, "word " * (compare.MAX_PROMPT_TOKENS + 10), make(tiny_lm))
+
+
+def test_display_pieces_keep_characters_whole_and_hide_special_tokens(tiny_lm):
+    tokenizer = tiny_lm.tokenizer
+    ids = tokenizer.encode("巴黎是法国的首都。") + tokenizer.convert_tokens_to_ids(["<|im_end|>"])
+    assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids)  # one at a time: broken
+    pieces = compare.display_pieces(tokenizer, ids)
+    assert len(pieces) == len(ids)
+    assert "".join(pieces) == "巴黎是法国的首都。" and pieces[-1] == ""

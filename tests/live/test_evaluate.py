@@ -93,3 +93,40 @@ def test_lowest_k_mask_validates():
         evaluate.lowest_k_mask(1.0, "abs", [torch.ones(4)])
     with pytest.raises(ValueError):
         evaluate.lowest_k_mask(0.5, "gate", [torch.ones(4)])
+
+
+MIXED = [
+    "Hi.",
+    "Name a colour.",
+    "def add(a, b):\n    return a + b",
+    "Translate 'the cat sleeps on the warm windowsill all afternoon' into French, please.",
+    "What is 12 squared?",
+    "Write two sentences about a lighthouse keeper who collects shells and letters from the sea.",
+    "Ok",
+]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_padded_pass_equals_one_prompt_at_a_time(tiny_lm, masked, monkeypatch):
+    per_layer = evaluate.masked_neurons(2, 96, range(0, 192, 3)) if masked else None
+    alone = evaluate.loss_per_prompt(tiny_lm, MIXED, 1, per_layer)
+    tight = evaluate.loss_per_prompt(tiny_lm, MIXED, 64, per_layer)  # a few passes, little padding
+    monkeypatch.setitem(evaluate.PASS_COST, "cpu", 10**6)  # every text in one padded pass
+    together = evaluate.loss_per_prompt(tiny_lm, MIXED, 64, per_layer)
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+    np.testing.assert_allclose(tight, alone, atol=1e-4)
+    if not masked:  # and both equal a plain full-sequence forward without any cache or padding
+        np.testing.assert_allclose(together, [hand_loss(tiny_lm, t) for t in MIXED], atol=1e-4)
+    assert interventions.hook_count(tiny_lm.model) == 0
+
+
+def test_passes_cover_every_text_once_sorted_and_capped():
+    widths = [5] * 50 + [60, 64]
+    groups = evaluate.passes(widths, 64)
+    assert sorted(i for g in groups for i in g) == list(range(52))
+    assert len(groups) == 2 and sorted(groups[1]) == [50, 51]  # the two long ones run apart
+    assert all(len(g) <= 16 for g in evaluate.passes(widths, 16))
+    assert len(evaluate.passes([7] * 56, 64)) == 1 and evaluate.passes([], 8) == []
+    mixed = list(range(10, 66))  # 56 widths: a wide pass costs padding, a narrow one its fixed cost
+    assert len(evaluate.passes(mixed, 64, pass_cost=10**6)) == 1
+    assert len(evaluate.passes(mixed, 64, pass_cost=64)) > 2

@@ -274,3 +274,33 @@ def test_a_forward_set_by_someone_else_is_used_and_restored(tiny_lm):
         assert sparse.patched_count(tiny_lm.model) == 0
     finally:
         del mlp.forward
+
+
+def test_threshold_equals_masked_dense_and_zero_thresholds_are_dense(tiny_lm):
+    dense = logits(tiny_lm)
+    with sparse.sparse(tiny_lm.model, {layer: sparse.Threshold(0.0) for layer in range(2)}):
+        assert close(logits(tiny_lm), dense)
+    tau = 0.3
+
+    def below(a):  # the same neurons masked by an intervention on the dense model
+        return a.masked_fill(a.abs() < tau * a.abs().amax(dim=-1, keepdim=True), 0.0)
+
+    with interventions.transforms(tiny_lm.model, {0: below, 1: below}):
+        want = logits(tiny_lm)
+    with sparse.sparse(tiny_lm.model, {layer: sparse.Threshold(tau) for layer in range(2)}):
+        got = logits(tiny_lm)
+    assert close(got, want) and not close(got, logits(tiny_lm))
+
+
+@torch.no_grad()
+def test_threshold_on_the_input_skips_small_inputs(tiny_lm):
+    f = sparse.ffn(tiny_lm.model, 1)
+    x = torch.randn(3, tiny_lm.info.d_model)
+    t_x = float(x.abs().median())
+    xm = torch.where(x.abs() >= t_x, x, 0.0)
+    want = f.down(f.activations(xm))
+    assert close(sparse.Threshold(0.0, t_x)(f, x), want)
+    assert not close(sparse.Threshold(0.0, t_x)(f, x), f.down(f.activations(x)))
+    assert not sparse.gpu_token(f, x[:1])  # the CPU: the torch path
+    with pytest.raises(ValueError):
+        sparse.Threshold(1.5)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def app_url(tmp_path, tiny_dir):
-    """`streamlit run app.py` on a free loopback port, on a fresh cache and the tiny model."""
+@contextmanager
+def serve(tmp_path, env: dict[str, str]):
+    """`streamlit run app.py` on a free loopback port with `env` added; yields its URL."""
     port = free_port()
-    env = os.environ | {"BRICKLAB_DB": str(tmp_path / "e2e.duckdb"), "BRICKLAB_MODEL": tiny_dir,
-                        "BRICKLAB_DATA": str(tmp_path / "data")}  # fmt: skip
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                "--server.address", "127.0.0.1", "--server.headless", "true"]  # fmt: skip
     log = open(tmp_path / "streamlit.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(command, cwd=ROOT, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -67,6 +66,22 @@ def app_url(tmp_path, tiny_dir):
 
 
 @pytest.fixture
+def app_url(tmp_path, tiny_dir):
+    """The app on a fresh cache and the tiny model."""
+    env = {"BRICKLAB_DB": str(tmp_path / "e2e.duckdb"), "BRICKLAB_MODEL": tiny_dir,
+           "BRICKLAB_DATA": str(tmp_path / "data")}  # fmt: skip
+    with serve(tmp_path, env) as url:
+        yield url
+
+
+@pytest.fixture
+def real_app_url(tmp_path, default_dir):
+    """The app on a fresh cache and the real default model (converted once by `default_dir`)."""
+    with serve(tmp_path, {"BRICKLAB_DB": str(tmp_path / "real.duckdb"), "BRICKLAB_MODEL": "default"}) as url:
+        yield url
+
+
+@pytest.fixture
 def page():
     from playwright.sync_api import sync_playwright
 
@@ -79,7 +94,7 @@ def page():
 
 def go(page, name: str) -> None:
     """Navigate inside the app (sidebar link): the browser session and its state stay."""
-    page.get_by_test_id("stSidebarNav").get_by_role("link", name=name, exact=True).click()
+    page.get_by_test_id("stSidebar").get_by_role("link", name=name, exact=True).click()
     page.wait_for_url(re.compile(name.replace(" ", "_")))
 
 
@@ -96,6 +111,10 @@ def shot(page, name: str) -> None:
 
 def click_first_point(page) -> None:
     """Click the first neuron of the WebGL map at its pixel position, as a person would."""
+    page.wait_for_function(  # the chart's element appears before Plotly has laid it out
+        "() => { const gd = document.querySelector('.js-plotly-plot');"
+        " return gd && gd._fullLayout && gd._fullData && gd._fullData.length > 0; }"
+    )
     x, y = page.evaluate(
         """() => {
             const gd = document.querySelector('.js-plotly-plot');
@@ -136,6 +155,7 @@ def test_the_app_end_to_end(app_url, page):
     page.get_by_text("active neurons").wait_for()
     assert page.get_by_test_id("stMetricValue").first.inner_text() == "100.0%"
     page.get_by_test_id("stMultiSelect").click()
+    page.keyboard.type("coact-L01-00")  # labelled bricks come first: filter the long list down
     page.get_by_role("option", name=re.compile("coact-L01-00")).click()
     page.keyboard.press("Escape")
     page.get_by_test_id("stMetricValue").first.filter(has_text=re.compile(r"^(?!100\.0%)")).wait_for()
@@ -159,3 +179,66 @@ def test_the_app_end_to_end(app_url, page):
     doc = json.loads(saved.read_text())
     assert doc["schema_version"] == 1 and len(doc["bricks"]) == 1 and doc["bricks"][0]["mode"] == "off"
     shot(page, "export")
+
+
+REAL_PROMPTS = 14  # two per category: every category is labelled, the capture takes seconds
+MAP = 480_000  # ms: the first map of 46,080 neurons (numba compiles UMAP's code) on a busy machine
+
+
+def metric_value(page, label: str):
+    return page.get_by_test_id("stMetric").filter(has_text=label).get_by_test_id("stMetricValue")
+
+
+def metric(page, label: str) -> str:
+    return metric_value(page, label).inner_text()
+
+
+def test_the_real_model_end_to_end(real_app_url, page):
+    """The main path on the real SmolLM2-135M: capture a few default prompts, the map, a neuron's detail
+    with the tokens it promotes, its link reopened in a new tab, a brick's link, and that brick switched
+    off in the Playground with a visible change. Functional bricks (seconds) keep it short: the
+    co-activation bricks of 46,080 neurons take minutes, which `prepare-run` and its benchmark cover."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=SLOW)
+    page.set_default_timeout(SLOW)
+    page.goto(real_app_url)
+    page.get_by_text("Cached runs").wait_for()
+
+    go(page, "Capture")
+    page.get_by_role("spinbutton", name=re.compile("Prompts to capture")).fill(str(REAL_PROMPTS))
+    page.keyboard.press("Enter")
+    page.get_by_role("button", name=re.compile(f"Capture {REAL_PROMPTS} prompts with SmolLM2")).click()
+    page.get_by_text(re.compile(r"Run \w+ captured")).wait_for()
+
+    go(page, "Neuron map")
+    page.get_by_text(re.compile(r"46,080 neurons · \d+ clusters")).wait_for(timeout=MAP)
+    click_first_point(page)
+    page.get_by_role("heading", name="Neuron 0:0").wait_for()
+    page.get_by_text("Top activating examples").wait_for()
+    page.get_by_text("Promotes", exact=True).wait_for()  # the tokens its output writes (vocabulary)
+    page.get_by_text("Suppresses:", exact=True).wait_for()
+    link = page.get_by_test_id("stCode").filter(has_text="neuron=0%3A0").inner_text().strip()
+    run_id = re.search(r"run=(\w+)", link).group(1)
+    shot(page, "real_neuron_map")
+
+    fresh = page.context.new_page()  # a new tab: a new browser session, only the link's state
+    fresh.set_default_timeout(SLOW)
+    fresh.goto(link)
+    fresh.get_by_role("heading", name="Neuron 0:0").wait_for()
+    fresh.get_by_text("Top activating examples").wait_for()
+    shot(fresh, "real_link")
+    fresh.close()
+
+    page.goto(f"{real_app_url}/Bricks?run={run_id}&brick=functional-linguistic")
+    page.get_by_role("heading", name=re.compile("Brick functional-linguistic")).wait_for()
+    go(page, "Playground")
+    page.get_by_text("active neurons").wait_for()
+    assert metric(page, "active neurons") == "100.0%" and metric(page, "mean KL") == "0.000"
+    page.get_by_test_id("stMultiSelect").filter(has_text="Bricks to change").click()
+    page.get_by_role("option", name=re.compile("^functional-knowledge")).click()
+    page.keyboard.press("Escape")
+    expect(metric_value(page, "active neurons")).not_to_have_text("100.0%")
+    assert float(metric(page, "mean KL")) > 0.01
+    assert metric(page, "first divergent token") != "none"  # the configured model writes other words
+    shot(page, "real_playground")

@@ -12,16 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.store import Store
-from tests.conftest import app, texts
-
-
-@pytest.fixture
-def on_small_run(monkeypatch, small_run, tiny_dir) -> str:
-    """The app looks at the tiny capture; returns its run id."""
-    path, run_id = small_run
-    monkeypatch.setenv("BRICKLAB_DB", str(path))
-    monkeypatch.setenv("BRICKLAB_MODEL", tiny_dir)
-    return run_id
+from tests.conftest import ROOT, app, texts
 
 
 @pytest.fixture
@@ -41,6 +32,15 @@ def test_home_shows_the_model_and_the_cached_runs(on_small_run):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["layers"] == "2" and metrics["FFN neurons"] == "192"
     assert on_small_run in at.dataframe[0].value["run"].tolist()
+
+
+def test_home_sidebar_lists_home_first_then_every_page(on_small_run):
+    at = app("app.py").run()
+    assert not at.exception
+    nav = [e.proto for e in at.sidebar.get("page_link")]
+    assert [p.label for p in nav][:3] == ["Home", "Capture", "Neuron map"]
+    assert len(nav) == 1 + len(list((ROOT / "pages").glob("[0-9]*_*.py")))
+    assert "seconds" not in at.dataframe[0].value.columns  # durations read "1 min 5 s", not raw seconds
 
 
 def test_home_reports_a_model_that_cannot_load(on_small_run, tmp_path):
@@ -132,10 +132,10 @@ def test_map_colours_and_search(on_small_run):
     for option in ["cluster", "brick", "functionality", "firing rate"]:
         at.radio[0].set_value(option).run()
         assert not at.exception
-    at.text_input[0].input("the").run()
+    at.text_input[0].input("the").run()  # the whole-run search: tests/pages/test_page_explain.py
     assert not at.exception
-    assert "neurons have top examples on tokens reading 'the'" in texts(at.caption)
-    assert len(at.dataframe) == 1 and set(at.dataframe[0].value.columns) >= {"layer", "neuron", "hits"}
+    assert "occurrences in" in texts(at.caption)
+    assert len(at.dataframe) == 1 and set(at.dataframe[0].value.columns) >= {"layer", "neuron", "z"}
 
 
 # Bricks
@@ -151,8 +151,8 @@ def test_bricks_table_heatmap_and_adding_a_brick_to_the_configuration(on_small_r
     found = bricks.compute_bricks(Store(small_run[0]), on_small_run)
     assert {m.label: m.value for m in at.metric}["bricks"] == str(len(found))
     table = at.dataframe[0].value
-    assert table["brick"].tolist() == [b.brick_id for b in found]
-    assert {"label", "size", "layers", "stability", "best p", "top tokens"} <= set(table.columns)
+    assert table["brick"].tolist() == [b.brick_id for b in bricks.by_significance(found)]
+    assert {"label", "size", "layers", "stability", "best p", "distinctive tokens"} <= set(table.columns)
     assert len(at.get("plotly_chart")) == 3  # enrichment heatmap, neurons per layer, neuron scores
     assert "Brick coact-L01-00" in [h.value for h in at.subheader]
     assert "Neuron 1:" in " ".join(h.value for h in at.subheader)  # the detail opens its first neuron
@@ -173,7 +173,15 @@ def test_bricks_other_methods(on_small_run):
 # Playground
 
 
-def test_playground_toggling_a_brick_changes_the_configured_model(on_small_run):
+@pytest.fixture
+def without_demo(monkeypatch):
+    """The Playground without its first example (tested on its own below): only its own two strips."""
+    from core.live import demo
+
+    monkeypatch.setattr(demo, "pick", lambda found, category=demo.CATEGORY: None)
+
+
+def test_playground_toggling_a_brick_changes_the_configured_model(on_small_run, without_demo):
     at = app("4_Playground.py").run()
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
@@ -196,7 +204,29 @@ def test_playground_toggling_a_brick_changes_the_configured_model(on_small_run):
     assert at.session_state["config_bricks"] == {}
 
 
-def test_playground_prompt_from_the_run_and_a_bad_prompt(on_small_run):
+def test_playground_opens_on_the_demo_with_a_random_control(on_small_run, monkeypatch):
+    from core.live import demo
+
+    # the tiny random model has no labelled brick: show its first functional brick as the demo's
+    monkeypatch.setattr(demo, "pick", lambda found, category=demo.CATEGORY: found[0])
+    at = app("4_Playground.py").run()
+    assert not at.exception
+    assert at.text_area[0].value == demo.PROMPT
+    verdict = next(m.value for m in at.markdown if "random neurons of the same layers" in m.value)
+    assert "mean KL" in verdict and "nats" in verdict
+    assert len(at.get("html")) == 5  # plain, brick off, random off; then the Playground's two
+    next(b for b in at.button if b.label.startswith("Try it below")).click().run()
+    assert not at.exception
+    [(name, brick)] = at.session_state["config_bricks"].items()
+    assert name.startswith("functional-") and brick.mode == "off"
+    assert {m.label: m.value for m in at.metric}["active neurons"] != "100.0%"
+    metrics = {m.label: m.value for m in at.metric}
+    at.run()  # the same request again: answered from the cache, and said so
+    assert {m.label: m.value for m in at.metric}["response time"] == "cached"
+    assert metrics["response time"] != "cached"
+
+
+def test_playground_prompt_from_the_run_and_a_bad_prompt(on_small_run, without_demo):
     at = app("4_Playground.py").run()
     at.radio[0].set_value("Pick one from the run").run()
     assert not at.exception and len(at.get("html")) == 2

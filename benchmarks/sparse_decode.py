@@ -1,0 +1,313 @@
+"""Sparse decoding (as in TEAL): batch-1 greedy tokens/s of dense against calibrated activation
+sparsity at several shares, and the default model's held-out loss at those shares.
+
+Settings: "dense" (the model's own MLP: cuBLAS on CUDA); "dense kernel" (every input and neuron through
+the sparse Triton kernels with zero thresholds: the control separating what skipping saves from what the
+kernel costs); "down S" (neurons |a| < tau * max|a| skipped by the down projection; gate and up dense)
+and "teal S" (also FFN inputs |x| < t_x skipped by gate and up), S the share skipped in every layer.
+Each setting is core.live.sparse.Threshold, the layer function the app runs. Thresholds: tau per layer
+from the |a| / max histogram (capture's statistic: from the run's cache for the loss, from calibration
+tokens for speed), t_x the per-layer quantile of |x| on calibration tokens.
+
+Speed: one decode harness for every setting, so only the FFN differs: a static KV cache and a step of
+fixed shapes (attention over the whole cache, later positions masked) that is captured once per setting
+as a CUDA graph and replayed (on the CPU: run eagerly). Repetitions interleave the settings (the order
+rotates); tokens/s is the median over repetitions. Speed does not depend on weight values, so random
+weights of Llama-3-8B's shape stand in for it (`--shape llama3-8b`, CUDA). `--sweep` first times the
+kernels' launch shapes on one layer and decodes with the fastest. The harness's dense greedy tokens are
+checked against transformers' own generate (`matches_hf`).
+
+Loss: mean next-token loss of the run's held-out prompts with every token sparse, relative to dense
+(needs the cache: not with --shape). Last line: one JSON object.
+Measured (benchmarks/results/sparse-decode-h200-2026-12-03.json): Llama-3-8B shape on an H200, dense
+195 tokens/s; teal 25/40/50% 1.16/1.24/1.29x (down only 1.07/1.10/1.12x), short of TEAL's 1.53/1.8x,
+which also sparsifies the attention projections; default model's held-out loss x1.007/1.005/1.10 (teal).
+Run: python benchmarks/sparse_decode.py [--smoke] [--shape llama3-8b --device cuda --no-loss [--sweep]]
+    [--db PATH] [--run RUN_ID] [--tokens N] [--reps N] [--per-category N] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core import models
+from core.live import sparse
+from core.routing import decode, thresholds
+from core.routing.decode import Decoder, Runner
+
+SHARES = (0.25, 0.4, 0.5)
+SHAPES = {  # as benchmarks/gpu_capture.py (not imported: it needs the cache's packages)
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      max_position_embeddings=8192, rope_theta=500000.0),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
+}  # fmt: skip
+
+
+def _mlp(x, gate, up, down):
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def settings(model, tau: dict, t_x: dict, shares, kernel: bool) -> dict:
+    """name -> ffn(layer, x) for the decode harness."""
+    blocks = models.blocks(model)
+    ffns = [sparse.ffn(model, layer) for layer in range(len(blocks))]
+    if kernel and ffns[0].gate.is_cuda:
+        for f in ffns:  # pack before any capture: the copies outlive every graph
+            sparse.packed(f)
+    out = {"dense": lambda i, x: blocks[i].mlp(x)}
+    if (
+        kernel and ffns[0].gate.is_cuda
+    ):  # the dense MLP fused as well as torch.compile can: a stronger baseline
+        mlp = torch.compile(
+            lambda x, g, u, d: F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d), dynamic=False
+        )
+        out["dense compiled"] = lambda i, x: mlp(x, ffns[i].gate, ffns[i].up, ffns[i].down.weight)
+
+    def threshold(taus, txs):
+        fns = [sparse.Threshold(float(taus[i]), float(txs[i])) for i in range(len(blocks))]
+        return lambda i, x: fns[i](ffns[i], x)
+
+    zeros = np.zeros(len(blocks))
+    if kernel:
+        out["dense kernel"] = threshold(zeros, zeros)
+    for s in shares:
+        out[f"down {s:.0%}"] = threshold(tau[s], zeros)
+        out[f"teal {s:.0%}"] = threshold(tau[s], t_x[s])
+    return out
+
+
+def calibrate(dec: Decoder, prompt: list[int], n: int, shares) -> tuple[dict, dict]:
+    """tau and t_x per share from a dense greedy decode of n tokens after prompt (all layers)."""
+    recorders = [thresholds.Recorder() for _ in dec.layers]
+    ffns = [sparse.ffn(dec.model, i) for i in range(len(dec.layers))]
+    Runner(dec, lambda i, x: recorders[i](ffns[i], x), graph=False).generate(prompt, n)
+    hist = np.stack([r.hist for r in recorders])
+    tau = {s: thresholds.relative(hist, s) for s in shares}
+    t_x = {s: thresholds.input_thresholds(recorders, s) for s in shares}
+    return tau, t_x
+
+
+def realized(dec: Decoder, prompt: list[int], tau: dict, t_x: dict, shares, n: int) -> dict:
+    """The shares of FFN inputs and neurons actually under the thresholds over n decoded tokens (dense)."""
+    ffns = [sparse.ffn(dec.model, i) for i in range(len(dec.layers))]
+    seen = []
+
+    def ffn(i, x):
+        a = ffns[i].activations(x).float()
+        seen.append((i, x.float().abs().reshape(-1), a.abs().reshape(-1)))
+        return ffns[i].down(ffns[i].activations(x))
+
+    Runner(dec, ffn, graph=False).generate(prompt, n)
+    out = {}
+    for s in shares:
+        xs = [float((x < t_x[s][i]).float().mean()) for i, x, _ in seen]
+        neurons = [float((a < tau[s][i] * a.max()).float().mean()) for i, _, a in seen]
+        out[f"{s:.0%}"] = {"inputs_skipped": float(np.mean(xs)), "neurons_skipped": float(np.mean(neurons))}
+    return out
+
+
+def sweep(model, device) -> dict:
+    """Median microseconds of each of the two sparse products of one layer per launch shape, with every
+    input and with half of them; sets sparse_gpu.TILES to the fastest (both densities summed)."""
+    import itertools
+
+    import triton.testing
+
+    from core.kernels import sparse_gpu
+
+    f = sparse.ffn(model, 0)
+    w = sparse.packed(f)
+    d_model, d_ff = f.gate.shape[1], f.gate.shape[0]
+    x = torch.randn(d_model, device=device, dtype=f.gate.dtype)
+    a = torch.randn(d_ff, device=device)
+    out = torch.zeros(2 * d_ff, device=device)
+    amax = torch.ones(1, device=device)
+
+    def us(fn) -> float:
+        return 1e3 * triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+    report = {"cublas_dense_us": us(lambda: f.down(f.activations(x)))}
+    report["ffn_one_default_us"] = us(lambda: sparse_gpu.ffn_one(x, w, 0.0, 0.0))
+    products = {"gu": (x, w.gate_up_t, float(x.float().abs().median()), False, (1, 2, 4, 8, 16)),
+                "down": (a, w.down_t, float(a.abs().median()), True, (8, 16, 32, 64, 128))}  # fmt: skip
+    chosen = {}
+    for name, (vec, weight, half, relative, splits) in products.items():
+        rows = []
+        # wide column blocks read longer runs of each kept row: skipped rows then cost DRAM less locality
+        masked = itertools.product((8, 16, 32, 64), (128, 256, 512, 1024), splits, (4, 8), (False,))
+        listed = itertools.product((16, 32), (256, 512, 1024), splits, (4, 8), (True,))
+        for k, n, split, warps, gather in itertools.chain(masked, listed):
+            if k * n > 64 * 32 * warps:  # the accumulator: at most 64 float32 registers a thread
+                continue
+            shape = (k, n, split, warps, gather)
+            full = us(functools.partial(sparse_gpu._gemv, vec, weight, out, amax, 0.0, relative, *shape))
+            part = us(functools.partial(sparse_gpu._gemv, vec, weight, out, amax, half, relative, *shape))
+            rows.append({"shape": list(shape), "all_us": full, "half_us": part})
+        rows.sort(key=lambda r: r["all_us"] + r["half_us"])
+        chosen[name] = rows[0]["shape"]
+        report[name] = {"bytes": weight.numel() * weight.element_size(), "best": rows[:5], "tried": len(rows)}
+        print(name, rows[:3], flush=True)
+    (*gu, gu_gather), (*down, down_gather) = chosen["gu"], chosen["down"]
+    sparse_gpu.TILES = sparse_gpu.Tiles(*gu, *down, gu_gather, down_gather)
+    report["chosen"] = list(sparse_gpu.TILES.__dict__.values())
+    report["ffn_one_chosen_us"] = us(lambda: sparse_gpu.ffn_one(x, w, 0.0, 0.0))
+    report["ffn_bytes"] = 3 * w.down_t.numel() * w.down_t.element_size()
+    report["cublas_dense_tb_per_s"] = report["ffn_bytes"] / report["cublas_dense_us"] / 1e6
+    print({k: v for k, v in report.items() if k not in products}, flush=True)
+    return report
+
+
+def speed(lm, args, shares) -> dict:
+    model, device = lm.model, next(lm.model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (args.prompt,), generator=g).tolist() if lm.tokenizer is None else (
+        lm.tokenizer("The history of mathematics begins with counting.")["input_ids"][: args.prompt]
+    )  # fmt: skip
+    dec = Decoder(model, len(prompt) + max(args.tokens, args.calibrate) + 4, compile=device.type == "cuda")
+    report = {"sweep": sweep(model, device)} if args.sweep else {}
+    started = time.perf_counter()
+    tau, t_x = calibrate(dec, prompt, args.calibrate, shares)
+    report["calibrate_s"] = time.perf_counter() - started
+    cuda = device.type == "cuda"
+    runners = {
+        name: Runner(dec, fn, graph=cuda)
+        for name, fn in settings(model, tau, t_x, shares, kernel=cuda or args.smoke).items()
+    }
+    report["realized"] = realized(dec, prompt, tau, t_x, shares, args.check_tokens)
+    eager, _ = Runner(dec, runners["dense"].ffn, graph=False).generate(prompt, args.check_tokens)
+    graphed, _ = runners["dense"].generate(prompt, args.check_tokens)
+    report["graph_matches_eager"] = graphed == eager
+    report["matches_hf"] = hf_greedy(model, prompt, args.check_tokens) == eager
+    seconds = decode.interleaved(runners, prompt, args.tokens, args.reps)
+    dense = args.tokens / statistics.median(seconds["dense"])
+    best_dense = max(args.tokens / statistics.median(seconds[n]) for n in seconds if n.startswith("dense"))
+    rows = []
+    for name, times in seconds.items():
+        tps = args.tokens / statistics.median(times)
+        share = next((s for s in shares if name.endswith(f" {s:.0%}")), 0.0)
+        spread = (max(times) - min(times)) / statistics.median(times)
+        rows.append({"name": name, "share": share, "tokens_per_s": round(tps, 2),
+                     "speedup": round(tps / dense, 3), "speedup_vs_best_dense": round(tps / best_dense, 3),
+                     "spread": round(spread, 3)})  # fmt: skip
+        print(rows[-1], flush=True)
+    mean = lambda v: float(np.mean(v))  # noqa: E731
+    report |= {"settings": rows, "dense_tokens_per_s": round(dense, 2), "graphs": cuda,
+               "tau_mean": {f"{s:.0%}": mean(tau[s]) for s in shares},
+               "t_x_mean": {f"{s:.0%}": mean(t_x[s]) for s in shares}}  # fmt: skip
+    return report
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    mask = torch.ones_like(ids)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                         pad_token_id=0, eos_token_id=None)  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def loss(lm, store, run_id: str, per_category: int, shares) -> dict:
+    """Held-out loss relative to dense per setting; tau from the run's histograms."""
+    from core.live import evaluate
+    from core.routing import tradeoff
+
+    texts = tradeoff.held_out(store, run_id, per_category)
+    fit = [t for t in (row[3] for row in store.prompts(run_id)) if t not in set(texts)][: 2 * per_category]
+    ids = [lm.tokenizer(t)["input_ids"][:128] for t in fit]
+    recorders = thresholds.calibrate(lm, ids)
+    dense = float(np.nanmean(evaluate.loss_per_prompt(lm, texts)))
+    out = {"n_prompts": len(texts), "dense_loss": dense, "settings": []}
+    for s in shares:
+        tau = thresholds.from_run(store, run_id, s)
+        for name, t_x in (("down", None), ("teal", thresholds.input_thresholds(recorders, s))):
+            with sparse.sparse(lm.model, thresholds.layer_functions(tau, t_x)):
+                value = float(np.nanmean(evaluate.loss_per_prompt(lm, texts)))
+            out["settings"].append({"name": f"{name} {s:.0%}", "loss": value, "loss_ratio": value / dense})
+            print(out["settings"][-1], flush=True)
+    return out
+
+
+def random_model(shape: str, device: str) -> models.LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return models.LoadedModel(model, None, models.describe(model, f"random-{shape}"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="a tiny random model and its fresh run, on the CPU")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape (speed only)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-loss", action="store_true", help="speed only")
+    p.add_argument("--no-speed", action="store_true", help="loss only")
+    p.add_argument("--sweep", action="store_true", help="time the kernels' launch shapes first (CUDA)")
+    p.add_argument("--db", help="the cache for the loss (default: BRICKLAB_DB or data/bricklab.duckdb)")
+    p.add_argument("--run", help="the run (default: the latest complete one)")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens timed per repetition")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    p.add_argument("--calibrate", type=int, default=64, help="tokens decoded to calibrate speed")
+    p.add_argument("--check-tokens", type=int, default=16, help="tokens compared with transformers' generate")
+    p.add_argument("--per-category", type=int, default=4, help="held-out prompts per category for the loss")
+    p.add_argument("--out", help="also write the JSON object to this file")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    shares = SHARES
+    report = {"shares": list(shares)}
+    if args.smoke:
+        import _tiny  # beside this file
+
+        args.tokens, args.reps, args.calibrate, args.check_tokens, args.per_category = 4, 2, 8, 4, 1
+        lm = _tiny.model()
+        report["speed"] = speed(lm, args, shares)
+        with _tiny.opened_run(lm) as (store, run_id):
+            report["loss"] = loss(lm, store, run_id, args.per_category, shares)
+    else:
+        if args.shape:
+            lm = random_model(args.shape, args.device)
+        else:
+            lm = models.load_model(None, device=args.device)
+        report["model"] = lm.info.model_id
+        if args.device == "cuda":
+            report["device"] = torch.cuda.get_device_name()
+        if not args.no_speed:
+            report["speed"] = speed(lm, args, shares)
+        if not args.no_loss and not args.shape:
+            from core.store import Store
+
+            store = Store(args.db) if args.db else Store()
+            try:
+                run_id = store.require_run(args.run).run_id
+                report["loss"] = loss(lm, store, run_id, args.per_category, shares)
+            finally:
+                store.close()
+    if "speed" in report:  # the headline figures at the top level too
+        report |= {k: report["speed"][k] for k in ("dense_tokens_per_s", "settings", "matches_hf")}
+    line = json.dumps(report)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
