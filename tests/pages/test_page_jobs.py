@@ -5,7 +5,9 @@ ready and how long preparing would take."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +43,22 @@ def held(release: threading.Event, seconds: float = 0.0):
     return work
 
 
-def test_home_says_what_is_ready_and_how_long_preparing_takes(on_small_run):
+@pytest.fixture
+def on_unprepared_run(monkeypatch, tmp_path, small_run, tiny_dir) -> str:
+    """A private copy of the tiny run with no derived result cached (other tests compute them on theirs)."""
+    path, run_id = small_run
+    copy = Path(shutil.copy(path, tmp_path / "unprepared.duckdb"))
+    store = Store(copy)
+    try:
+        store.clear_results(run_id)
+    finally:
+        store.close()
+    monkeypatch.setenv("BRICKLAB_DB", str(copy))
+    monkeypatch.setenv("BRICKLAB_MODEL", tiny_dir)
+    return run_id
+
+
+def test_home_says_what_is_ready_and_how_long_preparing_takes(on_unprepared_run):
     at = app("app.py").run()
     assert not at.exception
     ready = texts(at.sidebar.caption)
