@@ -18,7 +18,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	$(PY) -m core prepare
+	$(PY) -m core setup-model
 
 # Ray (optional for users, installed for the tests of the Ray backend)
 $(VENV)/.installed-scale: $(STAMP) requirements-scale.txt

@@ -66,7 +66,7 @@ left, right = st.columns(2)
 left.caption(f"Preparing takes {jobs_view.estimate_text(guess, tuple(prepare.STEPS))} on this machine.")
 if left.button(
     f"Prepare everything for the default prompt set ({len(default_set)} prompts)", type="primary",
-    help="Capture, then bricks, the neuron map, vocabulary projections and the paper analysis, in the "
+    help="Capture, then bricks, the neuron map and the paper analysis, in the "
     "background: leaving or reloading the page does not stop it, and a second click resumes.",
 ):  # fmt: skip
     st.session_state["run_id"] = jobs_view.follow(jobs_view.start_prepare(lm, default_set)).result

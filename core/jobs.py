@@ -19,8 +19,15 @@ from core.errors import BricklabError
 log = logging.getLogger(__name__)
 
 
-def duration(seconds: float) -> str:
-    """A duration as people read it: "45 s", "4 min 05 s", "1 h 02 min"."""
+def duration(seconds: float | None) -> str:
+    """A duration as people read it: "0.25 s", "4.2 s", "45 s", "4 min 05 s", "1 h 02 min"; "–" for
+    none. The one formatter of durations, for the CLI and the pages."""
+    if seconds is None or seconds != seconds:
+        return "–"
+    if 0 < seconds < 1:
+        return f"{seconds:.2f} s"
+    if 1 <= seconds < 10:
+        return f"{seconds:.1f} s"
     s = max(0, round(seconds))
     if s < 60:
         return f"{s} s"

@@ -1,13 +1,12 @@
-"""Everything a run needs, in one go: capture, then the vocabulary projections, the co-activation and
-functional bricks, the neuron map and the paper's analysis. Each step is cached where it always is,
-so a second call (or a resume after a stop) skips what is ready; the seconds each step took are kept
-with the run, and the next preparation's estimate starts from them.
+"""Everything a run needs, in one go: capture, then the co-activation and functional bricks, the
+neuron map and the paper's analysis. Vocabulary projections are not a step: one neuron's, brick's or
+token's takes milliseconds, so the pages compute them when shown. Each step is cached where it
+always is, so a second call (or a resume after a stop) skips what is ready; the seconds each step
+took are kept with the run, and the next preparation's estimate starts from them.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
 from collections.abc import Callable
 
@@ -20,7 +19,6 @@ from core.store import Run, Store
 
 STEPS = {  # name -> what a person reads
     "capture": "capture",
-    "vocab": "vocabulary projections",
     "coact": "co-activation bricks",
     "functional": "functional bricks",
     "map": "neuron map",
@@ -28,17 +26,10 @@ STEPS = {  # name -> what a person reads
 }
 # Seconds per step on the default model on a quiet 2-core machine (issue #21's walk-through): they
 # only weigh the steps in one progress bar until this machine has prepared a run of its own.
-FALLBACK_SECONDS = {"capture": 100, "vocab": 10, "coact": 95, "functional": 15, "map": 140, "analysis": 300}
+FALLBACK_SECONDS = {"capture": 100, "coact": 95, "functional": 15, "map": 140, "analysis": 300}
 TIMING = "prepare.seconds"  # the results kind that keeps a run's measured step times
 TIMING_KEY = {"version": 1}
 Step = Callable[[str, str], None]  # (step name, state): "running", "done", "cached", "skipped"
-
-
-def vocab_module():
-    """core.bricks.vocab when this installation has it (it is optional), else None."""
-    if importlib.util.find_spec("core.bricks.vocab") is None:
-        return None
-    return importlib.import_module("core.bricks.vocab")
 
 
 def brick_params(method: str) -> candidates.BrickParams:
@@ -49,13 +40,9 @@ def ready(
     store: Store, run: Run, report: analysis.ReportConfig = analysis.ReportConfig()
 ) -> dict[str, bool | None]:
     """Step -> whether its result is cached for this run (None: the step does not apply to it)."""
-    vocab = vocab_module()
     if not run.complete:
-        return {name: False if name != "vocab" or vocab else None for name in STEPS}
-    out: dict[str, bool | None] = {"capture": True, "vocab": None}
-    if vocab is not None:
-        key = {"top": vocab.TOP, "version": vocab.VERSION}
-        out["vocab"] = store.has_result(f"model:{run.fingerprint}", "vocab", key, arrays=True)
+        return dict.fromkeys(STEPS, False)
+    out: dict[str, bool | None] = {"capture": True}
     for method in ("coact", "functional"):
         applies = method == "coact" or bool(run.categories)
         key = brick_params(method).key()
@@ -111,9 +98,7 @@ def prepare(
         timed("capture", lambda: capture.capture(lm, prompt_set, store, config, progress))
     run = store.require_run(run_id)
     done = ready(store, run, report)
-    vocab = vocab_module()
     work = {
-        "vocab": lambda: vocab.projection(lm, store, progress),
         "coact": lambda: candidates.compute_bricks(store, run_id, brick_params("coact"), progress),
         "functional": lambda: candidates.compute_bricks(store, run_id, brick_params("functional"), progress),
         "map": lambda: neuron_map.compute_map(store, run_id, neuron_map.MapParams(), progress),

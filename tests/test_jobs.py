@@ -13,7 +13,8 @@ from core.errors import BricklabError
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0 s"), (44.6, "45 s"), (60, "1 min 00 s"), (245, "4 min 05 s"), (2888, "48 min 08 s"),
+    [(None, "–"), (0, "0 s"), (0.254, "0.25 s"), (4.24, "4.2 s"), (44.6, "45 s"),
+     (60, "1 min 00 s"), (245, "4 min 05 s"), (2888, "48 min 08 s"),
      (3725, "1 h 02 min")],
 )  # fmt: skip
 def test_durations_read_in_minutes_and_seconds(seconds, text):

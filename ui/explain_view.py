@@ -27,32 +27,36 @@ def _description(described: explain.Explanation) -> None:
     st.caption(f"Score {score} on {described.n_held_out:,} held-out prompts.", help=SCORE_HELP)
 
 
-def neuron_section(run: Run, layer: int, neuron: int) -> None:
-    """The neuron's scored description and the tokens it promotes and suppresses."""
+def _section(spinner: str, compute, promotes: tuple[str, str]) -> dict | None:
+    """Compute (description, tokens written) behind a spinner, show the description and the promoted
+    tokens; returns the tokens, or None after showing why there are none."""
     try:
-        with st.spinner("Describing the neuron's layer: once per run, then cached…"):
-            described, writes = queries.neuron_explanation(run.run_id, run.model_id, layer, neuron)
+        with st.spinner(spinner):
+            described, writes = compute()
     except BricklabError as exc:
         st.warning(md(exc))
-        return
+        return None
     _description(described)
-    st.markdown(
-        "**Promotes** (its output, read through the unembedding, per unit of activation): "
-        + _tokens(writes["promoted"])
+    label, note = promotes
+    st.markdown(f"**{label}** ({note}): " + _tokens(writes["promoted"]))
+    return writes
+
+
+def neuron_section(run: Run, layer: int, neuron: int) -> None:
+    """The neuron's scored description and the tokens it promotes and suppresses."""
+    writes = _section(
+        "Describing the neuron's layer: once per run, then cached…",
+        lambda: queries.neuron_explanation(run.run_id, run.model_id, layer, neuron),
+        ("Promotes", "its output, read through the unembedding, per unit of activation"),
     )
-    st.markdown("**Suppresses:** " + _tokens(writes["suppressed"]))
+    if writes is not None:
+        st.markdown("**Suppresses:** " + _tokens(writes["suppressed"]))
 
 
 def brick_section(run: Run, params: dict, brick_id: str) -> None:
     """A brick's scored description and the tokens its summed output promotes."""
-    try:
-        with st.spinner("Describing the brick: once, then cached…"):
-            described, writes = queries.brick_explanation(run.run_id, run.model_id, params, brick_id)
-    except BricklabError as exc:
-        st.warning(md(exc))
-        return
-    _description(described)
-    st.markdown(
-        "**Its summed output promotes** (each neuron weighted by its mean activation): "
-        + _tokens(writes["promoted"])
+    _section(
+        "Describing the brick: once, then cached…",
+        lambda: queries.brick_explanation(run.run_id, run.model_id, params, brick_id),
+        ("Its summed output promotes", "each neuron weighted by its mean activation"),
     )

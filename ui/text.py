@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+from core.jobs import duration  # noqa: F401  (the one duration formatter; pages import it from here)
+
 # Anywhere in a line these open Markdown, GFM, KaTeX, raw HTML or entity syntax. `_` only at a word
 # edge (intraword underscores never emphasise), so paths and snake_case names keep their look.
 _INLINE = re.compile(r"[\\`*~\[\]<&$|@]|(?<![^\W_])_|_(?![^\W_])")
@@ -53,24 +55,6 @@ def plain(value: object) -> str:
 def plain_labels(values) -> list:
     """Plotly category labels: strings escaped with `plain`, numbers kept (a numeric axis stays one)."""
     return [plain(v) if isinstance(v, str) else v for v in values]
-
-
-def duration(seconds: float | None) -> str:
-    """Seconds as people read them: "0.25 s", "4.2 s", "38 s", "15 min 5 s", "2 h 3 min"; "–" for none."""
-    if seconds is None or seconds != seconds:
-        return "–"
-    if seconds < 1:
-        return f"{seconds:.2f} s"
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    if whole < 3600:
-        minutes, rest = divmod(whole, 60)
-        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
-    hours, rest = divmod(whole, 3600)
-    return f"{hours} h {rest // 60} min" if rest // 60 else f"{hours} h"
 
 
 def count(value: float | None) -> str:

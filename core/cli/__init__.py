@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
-    for command in sub.choices.values():
+    for command in {id(c): c for c in sub.choices.values()}.values():  # an alias shares its parser
         # SUPPRESS: an option not written after the command leaves the value given before it.
         _add_global_options(command, argparse.SUPPRESS)
     return parser

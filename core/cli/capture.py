@@ -32,7 +32,9 @@ def register(sub) -> None:
     p = sub.add_parser("merge", help="merge shard files (from capture --shard) into the cache")
     p.add_argument("shards", nargs="+", help="shard DuckDB files")
     p.set_defaults(func=cmd_merge)
-    p = sub.add_parser("prepare", help="convert the embedded default model once (idempotent)")
+    p = sub.add_parser(  # "prepare" is its old name, kept so that older Makefiles and notes still work
+        "setup-model", aliases=["prepare"], help="convert the embedded default model once (idempotent)"
+    )
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("runs", help="list cached runs")
     p.set_defaults(func=cmd_runs)
@@ -70,7 +72,11 @@ def cmd_capture(args) -> int:
 
     def progress(done: int, total: int, message: str) -> None:
         bar.total = total
-        bar.update(done - bar.n)
+        if message == "resuming":  # the first report: prompts of earlier sessions fill the bar at
+            bar.initial = bar.n = bar.last_print_n = done  # once but do not count in the rate
+            bar.refresh()
+        else:
+            bar.update(done - bar.n)
 
     try:
         result = capture.capture(lm, prompt_set, store, config, progress=progress, shard=shard)

@@ -15,7 +15,7 @@ from core.store import Store
 def register(sub) -> None:
     p = sub.add_parser(
         "prepare-run",
-        help="capture, then bricks, the map, vocabulary projections and the paper analysis (resumable)",
+        help="capture, then bricks, the map and the paper analysis (resumable)",
         description="Everything the app shows for one prompt set; steps already cached are skipped, so "
         "running it again after a stop resumes.",
     )  # fmt: skip

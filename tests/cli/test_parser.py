@@ -28,7 +28,7 @@ def test_every_documented_command_exists():
     expected = {"capture", "merge", "runs", "prepare", "doctor", "bricks", "map"}
     expected |= {"config", "report", "apply", "prune", "architectures"}
     expected |= {"explain"}
-    expected |= {"prepare-run"}
+    expected |= {"prepare-run", "setup-model"}  # "prepare" is setup-model's old name
     assert set(subcommands()) == expected
 
 
