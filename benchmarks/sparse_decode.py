@@ -1,27 +1,34 @@
 """Sparse decoding (as in TEAL): batch-1 greedy tokens/s of dense against calibrated activation
 sparsity at several shares, and the default model's held-out loss at those shares.
 
-Settings: "dense" (the model's own MLP: cuBLAS on CUDA); "dense kernel" (every input and neuron through
-the sparse Triton kernels with zero thresholds: the control separating what skipping saves from what the
-kernel costs); "down S" (neurons |a| < tau * max|a| skipped by the down projection; gate and up dense)
-and "teal S" (also FFN inputs |x| < t_x skipped by gate and up), S the share skipped in every layer.
-Each setting is core.live.sparse.Threshold, the layer function the app runs. Thresholds: tau per layer
-from the |a| / max histogram (capture's statistic: from the run's cache for the loss, from calibration
-tokens for speed), t_x the per-layer quantile of |x| on calibration tokens.
+Settings: "dense" (the model's own MLP: cuBLAS on CUDA; attention projections cuBLAS inside one compiled
+block); "dense compiled" (the MLP through torch.compile); "dense kernel" (every FFN input and neuron
+through the sparse Triton kernels with zero thresholds: the control separating what skipping saves from
+what the kernel costs) and "dense kernel+attn" (the attention projections too); "down S" (neurons
+|a| < tau * max|a| skipped by the down projection); "teal S" (also FFN inputs |x| < t_x skipped by gate
+and up); "teal+attn S" (also the attention projections' inputs: q/k/v skip |x| < t_qkv of the attention
+input, o skips |y| < t_o of the attention output), S the share skipped in every layer and product.
+FFN settings are core.live.sparse.Threshold, the layer function the app runs; sparse projections are
+core.routing.decode.SparseProjections (the Triton kernels; on the CPU the same masks computed densely).
+Thresholds: tau per layer from the |a| / max histogram (capture's statistic: from the run's cache for
+the loss, from calibration tokens for speed); t_x, t_qkv and t_o per-layer quantiles of |input| on
+calibration tokens (a capture stores no histograms of the attention inputs).
 
-Speed: one decode harness for every setting, so only the FFN differs: a static KV cache and a step of
-fixed shapes (attention over the whole cache, later positions masked) that is captured once per setting
-as a CUDA graph and replayed (on the CPU: run eagerly). Repetitions interleave the settings (the order
-rotates); tokens/s is the median over repetitions. Speed does not depend on weight values, so random
-weights of Llama-3-8B's shape stand in for it (`--shape llama3-8b`, CUDA). `--sweep` first times the
-kernels' launch shapes on one layer and decodes with the fastest. The harness's dense greedy tokens are
-checked against transformers' own generate (`matches_hf`).
+Speed: one decode harness for every setting, so only the products differ: a static KV cache and a step
+of fixed shapes (attention over the whole cache, later positions masked) that is captured once per
+setting as a CUDA graph and replayed (on the CPU: run eagerly). Repetitions interleave the settings (the
+order rotates); tokens/s is the median over repetitions. Speed does not depend on weight values, so
+random weights of Llama-3-8B's shape stand in for it (`--shape llama3-8b`, CUDA). `--sweep` first times
+the kernels' launch shapes per product (benchmarks/sparse_kernels.py, Llama-3-8B's shapes) and decodes
+with the fastest. The harness's dense greedy tokens are checked against transformers' own generate
+(`matches_hf`).
 
 Loss: mean next-token loss of the run's held-out prompts with every token sparse, relative to dense
-(needs the cache: not with --shape). Last line: one JSON object.
-Measured (benchmarks/results/sparse-decode-h200-2026-12-03.json): Llama-3-8B shape on an H200, dense
-195 tokens/s; teal 25/40/50% 1.16/1.24/1.29x (down only 1.07/1.10/1.12x), short of TEAL's 1.53/1.8x,
-which also sparsifies the attention projections; default model's held-out loss x1.007/1.005/1.10 (teal).
+(needs the cache: not with --shape); attention thresholds from the |inputs| of other prompts of the run.
+Last line: one JSON object.
+Measured (benchmarks/results/sparse-decode-h200-2026-12-03b.json): Llama-3-8B shape on an H200, dense
+193 tokens/s; teal+attn 25/40/50% 1.23/1.35/1.44x (teal, FFN only, 1.18/1.26/1.32x), short of TEAL's
+1.53/1.8x. The earlier result (-2026-12-03.json, FFN only, older kernels): 1.16/1.24/1.29x.
 Run: python benchmarks/sparse_decode.py [--smoke] [--shape llama3-8b --device cuda --no-loss [--sweep]]
     [--db PATH] [--run RUN_ID] [--tokens N] [--reps N] [--per-category N] [--out FILE]
 """
@@ -29,7 +36,6 @@ Run: python benchmarks/sparse_decode.py [--smoke] [--shape llama3-8b --device cu
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
@@ -57,47 +63,82 @@ def _mlp(x, gate, up, down):
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
-def settings(model, tau: dict, t_x: dict, shares, kernel: bool) -> dict:
-    """name -> ffn(layer, x) for the decode harness."""
+class Recording(decode.Projections):
+    """Dense attention projections that keep |input| of q/k/v and of o per layer (calibration)."""
+
+    def __init__(self, dec: Decoder):
+        super().__init__(dec)
+        self.seen: list[tuple[list, list]] = [([], []) for _ in dec.layers]
+
+    def qkv(self, layer, x):
+        self.seen[layer][0].append(x.detach().abs().float().reshape(1, -1).cpu())
+        return super().qkv(layer, x)
+
+    def o(self, layer, y):
+        self.seen[layer][1].append(y.detach().abs().float().reshape(1, -1).cpu())
+        return super().o(layer, y)
+
+
+class Masked(decode.Projections):
+    """The sparse projections' computation done densely (inputs under the thresholds zeroed): the
+    stand-in where the kernels cannot run (the CPU)."""
+
+    def __init__(self, dec: Decoder, t_qkv, t_o):
+        super().__init__(dec)
+        self.t_qkv, self.t_o = [float(t) for t in t_qkv], [float(t) for t in t_o]
+
+    def qkv(self, layer, x):
+        return super().qkv(layer, x.masked_fill(x.abs() < self.t_qkv[layer], 0.0))
+
+    def o(self, layer, y):
+        return super().o(layer, y.masked_fill(y.abs() < self.t_o[layer], 0.0))
+
+
+def settings(model, dec: Decoder, cal: dict, shares, kernel: bool) -> dict:
+    """name -> (ffn(layer, x), the attention projections or None) for the decode harness."""
     blocks = models.blocks(model)
     ffns = [sparse.ffn(model, layer) for layer in range(len(blocks))]
-    if kernel and ffns[0].gate.is_cuda:
+    cuda = ffns[0].gate.is_cuda
+    if kernel and cuda:
         for f in ffns:  # pack before any capture: the copies outlive every graph
             sparse.packed(f)
-    out = {"dense": lambda i, x: blocks[i].mlp(x)}
-    if (
-        kernel and ffns[0].gate.is_cuda
-    ):  # the dense MLP fused as well as torch.compile can: a stronger baseline
-        mlp = torch.compile(
-            lambda x, g, u, d: F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d), dynamic=False
-        )
-        out["dense compiled"] = lambda i, x: mlp(x, ffns[i].gate, ffns[i].up, ffns[i].down.weight)
+    out = {"dense": (lambda i, x: blocks[i].mlp(x), None)}
+    if kernel and cuda:  # the dense MLP fused as well as torch.compile can: a stronger baseline
+        mlp = torch.compile(_mlp, dynamic=False)
+        out["dense compiled"] = (lambda i, x: mlp(x, ffns[i].gate, ffns[i].up, ffns[i].down.weight), None)
 
     def threshold(taus, txs):
         fns = [sparse.Threshold(float(taus[i]), float(txs[i])) for i in range(len(blocks))]
         return lambda i, x: fns[i](ffns[i], x)
 
+    def projections(t_qkv, t_o):
+        return decode.SparseProjections(dec, t_qkv, t_o) if cuda else Masked(dec, t_qkv, t_o)
+
     zeros = np.zeros(len(blocks))
     if kernel:
-        out["dense kernel"] = threshold(zeros, zeros)
+        out["dense kernel"] = (threshold(zeros, zeros), None)
+        out["dense kernel+attn"] = (threshold(zeros, zeros), projections(zeros, zeros))
     for s in shares:
-        out[f"down {s:.0%}"] = threshold(tau[s], zeros)
-        out[f"teal {s:.0%}"] = threshold(tau[s], t_x[s])
+        out[f"down {s:.0%}"] = (threshold(cal["tau"][s], zeros), None)
+        out[f"teal {s:.0%}"] = (threshold(cal["tau"][s], cal["t_x"][s]), None)
+        out[f"teal+attn {s:.0%}"] = (threshold(cal["tau"][s], cal["t_x"][s]), projections(*cal["attn"][s]))
     return out
 
 
-def calibrate(dec: Decoder, prompt: list[int], n: int, shares) -> tuple[dict, dict]:
-    """tau and t_x per share from a dense greedy decode of n tokens after prompt (all layers)."""
+def calibrate(dec: Decoder, prompt: list[int], n: int, shares) -> dict:
+    """tau, t_x and the attention inputs' (t_qkv, t_o) per share from a dense greedy decode of n tokens
+    after prompt (all layers)."""
     recorders = [thresholds.Recorder() for _ in dec.layers]
     ffns = [sparse.ffn(dec.model, i) for i in range(len(dec.layers))]
-    Runner(dec, lambda i, x: recorders[i](ffns[i], x), graph=False).generate(prompt, n)
+    attention = Recording(dec)
+    Runner(dec, lambda i, x: recorders[i](ffns[i], x), graph=False, projections=attention).generate(prompt, n)
     hist = np.stack([r.hist for r in recorders])
-    tau = {s: thresholds.relative(hist, s) for s in shares}
-    t_x = {s: thresholds.input_thresholds(recorders, s) for s in shares}
-    return tau, t_x
+    return {"tau": {s: thresholds.relative(hist, s) for s in shares},
+            "t_x": {s: thresholds.input_thresholds(recorders, s) for s in shares},
+            "attn": {s: thresholds.attention_thresholds(attention.seen, s) for s in shares}}  # fmt: skip
 
 
-def realized(dec: Decoder, prompt: list[int], tau: dict, t_x: dict, shares, n: int) -> dict:
+def realized(dec: Decoder, prompt: list[int], cal: dict, shares, n: int) -> dict:
     """The shares of FFN inputs and neurons actually under the thresholds over n decoded tokens (dense)."""
     ffns = [sparse.ffn(dec.model, i) for i in range(len(dec.layers))]
     seen = []
@@ -109,6 +150,7 @@ def realized(dec: Decoder, prompt: list[int], tau: dict, t_x: dict, shares, n: i
 
     Runner(dec, ffn, graph=False).generate(prompt, n)
     out = {}
+    tau, t_x = cal["tau"], cal["t_x"]
     for s in shares:
         xs = [float((x < t_x[s][i]).float().mean()) for i, x, _ in seen]
         neurons = [float((a < tau[s][i] * a.max()).float().mean()) for i, _, a in seen]
@@ -116,54 +158,22 @@ def realized(dec: Decoder, prompt: list[int], tau: dict, t_x: dict, shares, n: i
     return out
 
 
-def sweep(model, device) -> dict:
-    """Median microseconds of each of the two sparse products of one layer per launch shape, with every
-    input and with half of them; sets sparse_gpu.TILES to the fastest (both densities summed)."""
-    import itertools
-
-    import triton.testing
+def sweep(device) -> dict:
+    """benchmarks/sparse_kernels.py's timing of every launch shape per product (Llama-3-8B's shapes);
+    sets sparse_gpu.TILES to the fastest (down: the faster inside the whole FFN)."""
+    import sparse_kernels  # beside this file
 
     from core.kernels import sparse_gpu
 
-    f = sparse.ffn(model, 0)
-    w = sparse.packed(f)
-    d_model, d_ff = f.gate.shape[1], f.gate.shape[0]
-    x = torch.randn(d_model, device=device, dtype=f.gate.dtype)
-    a = torch.randn(d_ff, device=device)
-    out = torch.zeros(2 * d_ff, device=device)
-    amax = torch.ones(1, device=device)
-
-    def us(fn) -> float:
-        return 1e3 * triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
-
-    report = {"cublas_dense_us": us(lambda: f.down(f.activations(x)))}
-    report["ffn_one_default_us"] = us(lambda: sparse_gpu.ffn_one(x, w, 0.0, 0.0))
-    products = {"gu": (x, w.gate_up_t, float(x.float().abs().median()), False, (1, 2, 4, 8, 16)),
-                "down": (a, w.down_t, float(a.abs().median()), True, (8, 16, 32, 64, 128))}  # fmt: skip
-    chosen = {}
-    for name, (vec, weight, half, relative, splits) in products.items():
-        rows = []
-        # wide column blocks read longer runs of each kept row: skipped rows then cost DRAM less locality
-        masked = itertools.product((8, 16, 32, 64), (128, 256, 512, 1024), splits, (4, 8), (False,))
-        listed = itertools.product((16, 32), (256, 512, 1024), splits, (4, 8), (True,))
-        for k, n, split, warps, gather in itertools.chain(masked, listed):
-            if k * n > 64 * 32 * warps:  # the accumulator: at most 64 float32 registers a thread
-                continue
-            shape = (k, n, split, warps, gather)
-            full = us(functools.partial(sparse_gpu._gemv, vec, weight, out, amax, 0.0, relative, *shape))
-            part = us(functools.partial(sparse_gpu._gemv, vec, weight, out, amax, half, relative, *shape))
-            rows.append({"shape": list(shape), "all_us": full, "half_us": part})
-        rows.sort(key=lambda r: r["all_us"] + r["half_us"])
-        chosen[name] = rows[0]["shape"]
-        report[name] = {"bytes": weight.numel() * weight.element_size(), "best": rows[:5], "tried": len(rows)}
-        print(name, rows[:3], flush=True)
-    (*gu, gu_gather), (*down, down_gather) = chosen["gu"], chosen["down"]
-    sparse_gpu.TILES = sparse_gpu.Tiles(*gu, *down, gu_gather, down_gather)
-    report["chosen"] = list(sparse_gpu.TILES.__dict__.values())
-    report["ffn_one_chosen_us"] = us(lambda: sparse_gpu.ffn_one(x, w, 0.0, 0.0))
-    report["ffn_bytes"] = 3 * w.down_t.numel() * w.down_t.element_size()
-    report["cublas_dense_tb_per_s"] = report["ffn_bytes"] / report["cublas_dense_us"] / 1e6
-    print({k: v for k, v in report.items() if k not in products}, flush=True)
+    report = {name: sparse_kernels.product(name, False, device) for name in sparse_kernels.PRODUCTS}
+    report["ffn"] = sparse_kernels.ffn(report, device)
+    chosen = {name: report[name]["chosen"] for name in sparse_kernels.PRODUCTS} | {
+        "down": report["ffn"]["chosen_down"]
+    }
+    sparse_gpu.TILES = sparse_gpu.Tiles(
+        **{name: sparse_gpu.Launch(**launch) for name, launch in chosen.items()}
+    )
+    report["chosen"] = chosen
     return report
 
 
@@ -174,17 +184,21 @@ def speed(lm, args, shares) -> dict:
     prompt = torch.randint(0, vocab, (args.prompt,), generator=g).tolist() if lm.tokenizer is None else (
         lm.tokenizer("The history of mathematics begins with counting.")["input_ids"][: args.prompt]
     )  # fmt: skip
-    dec = Decoder(model, len(prompt) + max(args.tokens, args.calibrate) + 4, compile=device.type == "cuda")
-    report = {"sweep": sweep(model, device)} if args.sweep else {}
+    dec = Decoder(
+        model,
+        len(prompt) + max(args.tokens, args.calibrate, args.check_tokens) + 4,
+        compile=device.type == "cuda",
+    )
+    report = {"sweep": sweep(device)} if args.sweep else {}
     started = time.perf_counter()
-    tau, t_x = calibrate(dec, prompt, args.calibrate, shares)
+    cal = calibrate(dec, prompt, args.calibrate, shares)
     report["calibrate_s"] = time.perf_counter() - started
     cuda = device.type == "cuda"
     runners = {
-        name: Runner(dec, fn, graph=cuda)
-        for name, fn in settings(model, tau, t_x, shares, kernel=cuda or args.smoke).items()
+        name: Runner(dec, fn, graph=cuda, projections=projections)
+        for name, (fn, projections) in settings(model, dec, cal, shares, kernel=cuda or args.smoke).items()
     }
-    report["realized"] = realized(dec, prompt, tau, t_x, shares, args.check_tokens)
+    report["realized"] = realized(dec, prompt, cal, shares, args.check_tokens)
     eager, _ = Runner(dec, runners["dense"].ffn, graph=False).generate(prompt, args.check_tokens)
     graphed, _ = runners["dense"].generate(prompt, args.check_tokens)
     report["graph_matches_eager"] = graphed == eager
@@ -203,9 +217,18 @@ def speed(lm, args, shares) -> dict:
         print(rows[-1], flush=True)
     mean = lambda v: float(np.mean(v))  # noqa: E731
     report |= {"settings": rows, "dense_tokens_per_s": round(dense, 2), "graphs": cuda,
-               "tau_mean": {f"{s:.0%}": mean(tau[s]) for s in shares},
-               "t_x_mean": {f"{s:.0%}": mean(t_x[s]) for s in shares}}  # fmt: skip
+               "tiles": {k: v.__dict__ for k, v in _tiles().__dict__.items()} if cuda else None,
+               "tau_mean": {f"{s:.0%}": mean(cal["tau"][s]) for s in shares},
+               "t_x_mean": {f"{s:.0%}": mean(cal["t_x"][s]) for s in shares},
+               "t_qkv_mean": {f"{s:.0%}": mean(cal["attn"][s][0]) for s in shares},
+               "t_o_mean": {f"{s:.0%}": mean(cal["attn"][s][1]) for s in shares}}  # fmt: skip
     return report
+
+
+def _tiles():
+    from core.kernels import sparse_gpu
+
+    return sparse_gpu.TILES
 
 
 @torch.inference_mode()
@@ -226,6 +249,7 @@ def loss(lm, store, run_id: str, per_category: int, shares) -> dict:
     fit = [t for t in (row[3] for row in store.prompts(run_id)) if t not in set(texts)][: 2 * per_category]
     ids = [lm.tokenizer(t)["input_ids"][:128] for t in fit]
     recorders = thresholds.calibrate(lm, ids)
+    attention = thresholds.calibrate_attention(lm, ids)
     dense = float(np.nanmean(evaluate.loss_per_prompt(lm, texts)))
     out = {"n_prompts": len(texts), "dense_loss": dense, "settings": []}
     for s in shares:
@@ -235,6 +259,15 @@ def loss(lm, store, run_id: str, per_category: int, shares) -> dict:
                 value = float(np.nanmean(evaluate.loss_per_prompt(lm, texts)))
             out["settings"].append({"name": f"{name} {s:.0%}", "loss": value, "loss_ratio": value / dense})
             print(out["settings"][-1], flush=True)
+        functions = thresholds.attention_functions(*thresholds.attention_thresholds(attention, s))
+        t_x = thresholds.input_thresholds(recorders, s)
+        with (
+            sparse.sparse(lm.model, thresholds.layer_functions(tau, t_x)),
+            thresholds.attention_inputs(lm.model, functions),
+        ):
+            value = float(np.nanmean(evaluate.loss_per_prompt(lm, texts)))
+        out["settings"].append({"name": f"teal+attn {s:.0%}", "loss": value, "loss_ratio": value / dense})
+        print(out["settings"][-1], flush=True)
     return out
 
 

@@ -1,18 +1,21 @@
 """Magnitude thresholds for activation sparsity (as in TEAL), calibrated offline per layer so that a
 target share of the work is skipped model-wide: on the neurons (|a_i| / max|a| under tau, from the
-histograms a capture stores) and optionally on the FFN input (|x_k| under t_x, from a calibration pass).
+histograms a capture stores), optionally on the FFN input (|x_k| under t_x, from a calibration pass) and
+on the attention projections' inputs (q/k/v: the attention input, o: the attention output; quantiles of
+a calibration pass too: a capture stores no histograms of them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from core import models
-from core.live import sparse
+from core.live import hooks, sparse
 
 if TYPE_CHECKING:  # the store needs duckdb, which a GPU machine running the benchmark may lack
     from core.store import Store
@@ -77,6 +80,74 @@ def input_thresholds(recorders: list[Recorder], sparsity: float) -> np.ndarray:
     if sparsity <= 0:
         return np.zeros(len(recorders))
     return np.array([float(np.quantile(torch.cat(r.xs).numpy(), sparsity)) for r in recorders])
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama's names; o_proj reads the attention output
+
+
+def _attention_sites(model) -> list:
+    """Every layer's q, k, v and o projections (the harness's architectures: Llama, Mistral)."""
+    try:
+        return [getattr(block.self_attn, name) for block in models.blocks(model) for name in ATTENTION]
+    except AttributeError as exc:
+        raise ValueError(f"attention sparsity needs {', '.join(ATTENTION)} in self_attn: {exc}") from None
+
+
+_attention_inputs = hooks.Dispatcher("attention_inputs", "input", _attention_sites)
+
+
+@contextmanager
+def attention_inputs(model, functions: dict[int, tuple]) -> Iterator[None]:
+    """Within the block, layer i's q/k/v projections read f_qkv(x) and its o projection f_o(y), for
+    functions {i: (f_qkv, f_o)} (core.live.hooks: this context only)."""
+    blocks = models.blocks(model)
+    pairs = []
+    for layer, (f_qkv, f_o) in functions.items():
+        attn = blocks[layer].self_attn
+        pairs += [(attn.q_proj, f_qkv), (attn.k_proj, f_qkv), (attn.v_proj, f_qkv), (attn.o_proj, f_o)]
+    with _attention_inputs.using(model, pairs):
+        yield
+
+
+def calibrate_attention(lm: models.LoadedModel, ids: Iterable[list[int]]) -> list[tuple[list, list]]:
+    """Per layer, the |inputs| of its q projection (the attention input) and of its o projection (the
+    attention output) over token sequences `ids`, run densely."""
+    model = lm.model
+    seen: list[tuple[list, list]] = [([], []) for _ in models.blocks(model)]
+
+    def keeper(store: list):
+        def keep(x):
+            store.append(x.detach().reshape(-1, x.shape[-1]).abs().float().cpu())
+            return x
+
+        return keep
+
+    device = next(model.parameters()).device
+    blocks = models.blocks(model)
+    pairs = []
+    for block, (xs, ys) in zip(blocks, seen, strict=True):
+        pairs += [(block.self_attn.q_proj, keeper(xs)), (block.self_attn.o_proj, keeper(ys))]
+    with torch.inference_mode(), _attention_inputs.using(model, pairs):
+        for row in ids:
+            model(torch.tensor([row], device=device))
+    return seen
+
+
+def attention_thresholds(seen: list[tuple[list, list]], sparsity: float) -> tuple[np.ndarray, np.ndarray]:
+    """(t_qkv, t_o), each (n_layers,): the `sparsity` quantiles of the recorded |inputs|; 0 keeps all."""
+    if sparsity <= 0:
+        return np.zeros(len(seen)), np.zeros(len(seen))
+    quantile = lambda values: float(np.quantile(torch.cat(values).numpy(), sparsity))  # noqa: E731
+    return np.array([quantile(xs) for xs, _ in seen]), np.array([quantile(ys) for _, ys in seen])
+
+
+def attention_functions(t_qkv: np.ndarray, t_o: np.ndarray) -> dict[int, tuple]:
+    """attention_inputs' functions: inputs under the layer's threshold read as zero."""
+
+    def under(t: float):
+        return lambda x: x.masked_fill(x.abs() < t, 0.0)
+
+    return {layer: (under(float(t_qkv[layer])), under(float(t_o[layer]))) for layer in range(len(t_qkv))}
 
 
 def layer_functions(tau: np.ndarray, t_x: np.ndarray | None = None) -> dict[int, sparse.Threshold]:

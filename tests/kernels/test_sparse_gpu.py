@@ -28,13 +28,19 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double().cpu() - ref.cpu()).norm() / ref.norm().clamp_min(1e-30))
 
 
-# even tiles (masks constant along a row), ragged ones, and a split that leaves the last program short
+TILE = sparse_gpu.Launch(listed=False, block_k=16, block_n=32, warps=4)
+RAGGED_TILE = sparse_gpu.Launch(listed=False, block_k=32, block_n=64, warps=2)
+LISTED = sparse_gpu.Launch(listed=True, block_k=8, block_n=32, warps=4, chunk=32, ahead=False)
+AHEAD = sparse_gpu.Launch(listed=True, block_k=4, block_n=64, warps=4, chunk=16, ahead=True)
+# even shapes and ragged ones (outputs past a block, inputs past a chunk); tiles and lists; gate+up
+# listed with down tiled and the other way round
 SHAPES = [
-    (64, 128, sparse_gpu.Tiles(16, 32, 2, 4, 32, 32, 2, 4)),
-    (48, 100, sparse_gpu.Tiles(16, 32, 2, 4, 16, 32, 3, 4)),
-    (64, 96, sparse_gpu.Tiles(16, 64, 1, 4, 32, 64, 4, 4)),
-    (64, 128, sparse_gpu.Tiles(16, 32, 2, 4, 32, 32, 2, 4, True, True)),  # kept inputs listed first
-    (48, 100, sparse_gpu.Tiles(16, 32, 3, 4, 16, 32, 3, 4, False, True)),
+    (64, 128, sparse_gpu.Tiles(gate_up=TILE, down=TILE)),
+    (48, 100, sparse_gpu.Tiles(gate_up=RAGGED_TILE, down=RAGGED_TILE)),
+    (64, 128, sparse_gpu.Tiles(gate_up=LISTED, down=LISTED)),
+    (48, 100, sparse_gpu.Tiles(gate_up=AHEAD, down=AHEAD)),
+    (48, 100, sparse_gpu.Tiles(gate_up=LISTED, down=RAGGED_TILE)),
+    (64, 96, sparse_gpu.Tiles(gate_up=TILE, down=AHEAD)),
 ]
 THRESHOLDS = [(0.0, 0.0), (0.0, 0.2), (0.6, 0.0), (0.8, 0.35), (10.0, 0.0), (0.0, 1.0)]  # (t_x, tau)
 
@@ -51,6 +57,25 @@ def test_the_kernels_equal_the_masked_dense_ffn(d_model, d_ff, tiles, t_x, tau):
         assert not out.any()
     else:
         assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("launch", [TILE, RAGGED_TILE, LISTED, AHEAD])
+@pytest.mark.parametrize("k, n", [(64, 96), (100, 72), (7, 33)])
+@pytest.mark.parametrize("share", [0.0, 0.5, 0.9])
+def test_a_projection_equals_the_masked_dense_product(launch, k, n, share):
+    """q/k/v and o: x @ W.T over the inputs |x_k| >= threshold, weights input-major."""
+    g = torch.Generator().manual_seed(k * n)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE)
+    x = torch.randn(k, generator=g).to(DEVICE)
+    threshold = float(x.abs().quantile(share)) if share else 0.0
+    w_t = sparse_gpu.input_major(weight)
+    assert w_t.shape == (k, n) and w_t.is_contiguous()
+    out = sparse_gpu.project(x, w_t, threshold, launch)
+    ref = sparse_gpu.proj_reference(x, w_t, threshold)
+    assert out.dtype == torch.float32 and out.shape == (n,)
+    assert relative_error(out, ref) < 1e-5
+    if share:  # the skipped inputs matter: not the dense product
+        assert relative_error(out, sparse_gpu.proj_reference(x, w_t, 0.0)) > 1e-3
 
 
 def test_skipping_changes_the_output_and_bf16_stays_close():
