@@ -17,7 +17,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+# numba's disk cache of the neuron map's kernels (umap, pynndescent), filled once (~2 min of CPU) so a
+# user's first map loads them instead of compiling (core/bricks/neuron_map.py warm_up)
+$(VENV)/.warm-map: $(STAMP)
+	$(PY) -c "from core.bricks import neuron_map; neuron_map.warm_up()"
+	touch $@
+
+setup: $(STAMP) $(VENV)/.warm-map
 	$(PY) -m core setup-model
 
 # Ray (optional for users, installed for the tests of the Ray backend)

@@ -1,4 +1,5 @@
-"""The Paper analysis: its wall time cold (empty results cache) with batched evaluations, one
+"""The Paper analysis: its wall time cold (empty results cache) with batched evaluations and the
+tokens its evaluations ran (analysis_counts: core.live.evaluate.loss_per_prompt's counts), one
 evaluation (the held-out prompts, nothing masked) batched vs one prompt at a time with the losses
 compared, and with --rules the ablation matrix and selectivity of each selection rule.
 Last line: one JSON object. One torch thread per core given by --threads (default 2).
@@ -8,6 +9,7 @@ Run: python benchmarks/analysis.py [--db FILE] [--run ID] [--reps N] [--full-bas
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -58,8 +60,8 @@ def rule_matrices(store: Store, lm, run_id: str, rules: list[str], config: analy
     for rule in rules:
         a = analysis.Analysis(store, lm, run_id, replace(config, rule=rule), None)
         if shared:
-            a._baselines, a._memo = shared
-        shared = (a._baselines, a._memo)
+            a._known = shared
+        shared = a._known
         seconds, m = timed(lambda a=a: a.ablation(exclude_resident=False))
         out[rule] = {k: m[k] for k in ("increase_pct", "random", "selectivity", "diagonal_dominant")}
         out[rule]["seconds"] = round(seconds, 1)
@@ -120,10 +122,20 @@ def main() -> None:
                 )
             out = {"run": run.run_id, "prompts": run.n_prompts, "threads": args.threads}
             if not args.skip_timing:
+                counts: dict = {}
+                started = time.process_time()
                 out["analysis_cold_s"] = round(
-                    timed(lambda: analysis.report(store, lm, run.run_id, config))[0], 1
+                    timed(lambda: analysis.report(store, lm, run.run_id, config, counts=counts))[0], 1
                 )
-                print(f"Paper analysis cold, batched: {out['analysis_cold_s']} s")
+                out["analysis_cold_cpu_s"] = round(time.process_time() - started, 1)
+                out["analysis_counts"] = counts
+                out["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+                print(
+                    f"Paper analysis cold, batched: {out['analysis_cold_s']} s "
+                    f"(process CPU {out['analysis_cold_cpu_s']} s, load {out['load_avg'][0]}); "
+                    f"{counts.get('evaluations', 0)} evaluations, {counts.get('tokens', 0)} tokens "
+                    f"({counts.get('padded_tokens', 0)} padded), {counts.get('targets', 0)} predicted"
+                )
                 if args.full_baseline:
                     store.clear_results()
                     one = replace(config, batch_size=1)

@@ -1,7 +1,10 @@
 """Capture overhead: a bare forward pass of the decoder stack vs a full capture into a fresh DuckDB file.
 
-Both run the same prompts in the same batches; repetitions are interleaved so machine load hits both
-alike. Prints every timing, then as its last line one JSON object. Target on CPU: ratio <= 1.25.
+Both run the same prompts in the same batches (the bare pass as capture makes it: each chunk's shared
+template prefix once, every prompt cut after its last own token); repetitions are interleaved so machine
+load hits both alike. Also times the whole templated prompts through the model, the forward pass capture
+made before (capture_over_whole_prompts_cpu). Prints every timing, then as its last line one JSON object.
+Target on CPU: ratio <= 1.25.
 Run: python benchmarks/capture.py [--quick | --smoke] [--prompts N] [--reps R] [--threads T] [--profile]
      python benchmarks/capture.py --device cuda --shape llama3-8b   (random weights, see gpu_capture.py)
 """
@@ -26,12 +29,11 @@ from core.store import Store
 
 
 def padded_batches(lm, encoded, config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (ids, mask) batches capture builds on the CPU: per chunk, prompts grouped by length
-    (capture.batches), right-padded."""
+    """Whole templated prompts right-padded in capture's batches (capture.batches, per chunk): the
+    forward pass capture made before it shared the template prefix and cut after the own tokens."""
     pad = lm.tokenizer.pad_token_id or 0
     out = []
-    for lo in range(0, len(encoded), config.chunk_prompts):
-        chunk = encoded[lo : lo + config.chunk_prompts]
+    for chunk in chunks(encoded, config):
         for group in capture.batches([len(e.ids) for e in chunk], config.batch_size, None):
             rows = [chunk[i].ids for i in group]
             width = max(len(r) for r in rows)
@@ -41,6 +43,21 @@ def padded_batches(lm, encoded, config) -> list[tuple[torch.Tensor, torch.Tensor
                 ids[row, : len(r)], mask[row, : len(r)] = torch.tensor(r), 1
             out.append((ids, mask))
     return out
+
+
+def chunks(encoded, config) -> list[list]:
+    return [encoded[lo : lo + config.chunk_prompts] for lo in range(0, len(encoded), config.chunk_prompts)]
+
+
+def capture_tokens(encoded, config) -> int:
+    """Token positions capture's own forward passes compute: each chunk's prefix once, then its batches."""
+    total = 0
+    for chunk in chunks(encoded, config):
+        shared = capture.shared_prefix(chunk)
+        for group in capture.batches([len(e.ids) for e in chunk], config.batch_size, None):
+            total += len(group) * (max(chunk[i].end for i in group) - shared)
+        total += shared
+    return total
 
 
 class Clock:
@@ -55,8 +72,21 @@ class Clock:
 
 
 @torch.inference_mode()
-def time_bare(lm, batches) -> Clock:
-    """The decoder-stack call capture makes (`model.base_model`), without hooks or reductions."""
+def time_bare(lm, encoded, config) -> Clock:
+    """Capture's own forward passes (`model.base_model`: each chunk's shared prefix once, then its
+    batches up to the last own token), without hooks or reductions: the floor capture is held to."""
+    with Clock() as clock:
+        for chunk in chunks(encoded, config):
+            shared, prefix = capture.prefix_cache(lm, chunk)
+            for group in capture.batches([len(e.ids) for e in chunk], config.batch_size, None):
+                _, _, inputs = capture.batch_inputs(lm, chunk, group, shared, prefix)
+                lm.model.base_model(**inputs)
+    return clock
+
+
+@torch.inference_mode()
+def time_whole(lm, batches) -> Clock:
+    """The whole templated prompts through the decoder stack: what the forward pass cost before."""
     with Clock() as clock:
         for ids, mask in batches:
             lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -87,21 +117,23 @@ def run_cpu(
     limit = prompts.token_limit(lm.model, config.max_tokens)
     encoded = [prompts.encode(lm.tokenizer, p.text, limit, config.chat_template) for p in prompt_set.prompts]
     batches = padded_batches(lm, encoded, config)
-    bare, full = [], []
+    bare, full, whole = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        time_bare(lm, batches[:1])  # warm-up: allocator, kernels, lazy imports
+        time_bare(lm, encoded[:1], config)  # warm-up: allocator, kernels, lazy imports
         time_capture(lm, prompt_set.head(batch_size or capture.CPU_BATCH), config, folder)
         for rep in range(reps):  # interleaved; the order alternates so neither always runs second
             first_bare = rep % 2 == 0
             if first_bare:
-                bare.append(time_bare(lm, batches))
+                bare.append(time_bare(lm, encoded, config))
             full.append(time_capture(lm, prompt_set, config, folder))
             if not first_bare:
-                bare.append(time_bare(lm, batches))
+                bare.append(time_bare(lm, encoded, config))
+            whole.append(time_whole(lm, batches))
             b, c = bare[-1], full[-1]
             print(
-                f"rep {rep}: bare {b.wall:.3f} s (cpu {b.cpu:.3f}), "
+                f"rep {rep}: whole prompts {whole[-1].wall:.3f} s (cpu {whole[-1].cpu:.3f}), "
+                f"bare {b.wall:.3f} s (cpu {b.cpu:.3f}), "
                 f"capture {c.wall:.3f} s (cpu {c.cpu:.3f}), "
                 f"ratio {c.wall / b.wall:.3f} (cpu {c.cpu / b.cpu:.3f})",
                 flush=True,
@@ -115,11 +147,15 @@ def run_cpu(
         "device": "cpu", "model": lm.info.model_id, "threads": torch.get_num_threads(),
         "n_prompts": len(prompt_set), "n_tokens": n_tokens,
         "n_prompt_tokens": sum(e.end - e.start for e in encoded),
-        "n_padded_tokens": sum(ids.numel() for ids, _ in batches), "batch_size": batch_size, "reps": reps,
+        "n_padded_tokens": capture_tokens(encoded, config),
+        "n_whole_padded_tokens": sum(ids.numel() for ids, _ in batches),
+        "batch_size": batch_size, "reps": reps,
         "bare_s": bare_s, "capture_s": capture_s, "ratio": capture_s / bare_s,
         "ratio_median": statistics.median(c.wall for c in full) / statistics.median(c.wall for c in bare),
         "ratio_per_rep": [c.wall / b.wall for b, c in zip(bare, full, strict=True)],
         "cpu_ratio": capture_cpu / bare_cpu, "bare_cpu_s": bare_cpu, "capture_cpu_s": capture_cpu,
+        "whole_prompts_s": min(c.wall for c in whole), "whole_prompts_cpu_s": min(c.cpu for c in whole),
+        "capture_over_whole_prompts_cpu": capture_cpu / min(c.cpu for c in whole),
         "bare_all": [c.wall for c in bare], "capture_all": [c.wall for c in full],
         "tokens_per_s": n_tokens / capture_s, "bare_tokens_per_s": n_tokens / bare_s,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

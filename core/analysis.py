@@ -23,9 +23,12 @@ from core.store import Run, Store
 class ReportConfig:
     percent: float = 5.0  # each category's top share of all neurons (the paper's 5%)
     seed: int = 0  # seeds the selection / held-out split and the random control sets
-    eval_per_category: int = 8  # held-out prompts per category whose loss is measured
-    sparsity_per_category: int = 2  # of those, prompts per category for the lowest-k curve
-    ks: tuple[int, ...] = tuple(range(0, 100, 10))  # % of neurons masked per token
+    # 4 held-out prompts per category and 5 lowest-k points keep the first analysis of the default
+    # run near a minute on 2 cores (issue #21); `thorough()` measures 8 and 10 (standard errors
+    # ~1/1.41 as large, ~3x the time)
+    eval_per_category: int = 4  # held-out prompts per category whose loss is measured
+    sparsity_per_category: int = 1  # of those, prompts per category for the lowest-k curve
+    ks: tuple[int, ...] = (0, 30, 50, 70, 90)  # % of neurons masked per token
     recombine: tuple[str, ...] = ("coding", "math")  # categories whose top neurons are kept
     recombine_percents: tuple[float, ...] = (5.0, 25.0, 50.0)  # per-category top shares kept
     max_tokens: int = 128  # tokens per prompt for the loss, chat template included
@@ -44,6 +47,10 @@ class ReportConfig:
 
     def quick(self) -> ReportConfig:
         return replace(self, eval_per_category=3, sparsity_per_category=1, ks=(0, 30, 50, 70, 90))
+
+    def thorough(self) -> ReportConfig:
+        """Twice the held-out prompts and every 10% of the lowest-k curve (the defaults before #21)."""
+        return replace(self, eval_per_category=8, sparsity_per_category=2, ks=tuple(range(0, 100, 10)))
 
 
 SPLIT_NOTE = (
@@ -103,23 +110,22 @@ class Analysis:
         self.selection_texts = [[texts[i] for i in rows[:VALIDATE_PROMPTS]] for rows in chosen]
         self.n_neurons = self.run.n_layers * self.run.d_ff
         self.done, self.planned = 0, 0
+        self.counts: dict = {}  # what the evaluations cost: core.live.evaluate.loss_per_prompt's counts
         self._sets: dict = {}
-        self._baselines: dict = {}
-        self._memo: dict = {}  # (how, neuron ids, prompts) -> losses: equal sets are measured once
+        # mask key -> {prompt text: loss}: a prompt is measured once per mask (the unmasked one's key is
+        # "base"), so equal sets, the shared baseline and subsets of measured prompts cost nothing
+        self._known: dict = {}
         # numba's OpenMP kernels (the scores) reset the process-wide thread count that torch shares
         self.threads = torch.get_num_threads()
 
     # --- loss -------------------------------------------------------------------------------
 
     def losses(self, per_layer: dict | None, per_category: int | None = None, texts=None) -> np.ndarray:
-        """Mean loss per category over its evaluated held-out prompts (the unmasked one memoised),
-        or over `texts` (a list of prompt lists per category)."""
+        """Mean loss per category over its evaluated held-out prompts (unmasked when `per_layer` is
+        None, and then memoised per prompt), or over `texts` (a list of prompt lists per category)."""
         if per_layer is None:
-            key = (per_category, texts is None)
-            if key not in self._baselines:
-                self._baselines[key] = self._losses(None, per_category, texts)
-            return self._baselines[key]
-        return self._losses(per_layer, per_category, texts)
+            return self._losses("base", lambda: None, per_category, texts)
+        return self._losses(None, lambda: per_layer, per_category, texts)
 
     def zeroed(self, ids, per_category: int | None = None, texts=None) -> np.ndarray:
         """`losses` with the given neurons zeroed; a set measured before is not measured again."""
@@ -131,31 +137,28 @@ class Analysis:
 
     def _memoised(self, how: str, ids, per_category, texts) -> np.ndarray:
         ids = np.unique(np.asarray(ids, dtype=np.int64))
-        key = (how, ids.tobytes(), per_category, texts is None)
-        if key in self._memo:
+        n, d = self.run.n_layers, self.run.d_ff
+        make = evaluate.masked_neurons if how == "zero" else evaluate.kept_neurons
+        return self._losses((how, ids.tobytes()), lambda: make(n, d, ids), per_category, texts)
+
+    def _losses(self, key, mask: Callable[[], dict | None], per_category: int | None, texts) -> np.ndarray:
+        """Per category, the mean loss of its prompts under `mask()`; prompts already measured under
+        `key` (None: never memoised) are not measured again."""
+        texts = [t[:per_category] for t in (self.eval_texts if texts is None else texts)]
+        known = self._known.setdefault(key, {}) if key is not None else {}
+        todo = list(dict.fromkeys(t for group in texts for t in group if t not in known))
+        if todo:
+            torch.set_num_threads(self.threads)
+            c = self.config
+            loss = evaluate.loss_per_prompt(
+                self.lm, todo, c.batch_size, mask(), max_tokens=c.max_tokens, counts=self.counts
+            )
+            known.update(zip(todo, loss, strict=True))
+        if todo or key != "base":  # the plan counts each masked call, and each baseline measured
             self.done += 1
             if self.progress:
                 self.progress(self.done, self.planned, "evaluating")
-        else:
-            n, d = self.run.n_layers, self.run.d_ff
-            mask = evaluate.masked_neurons(n, d, ids) if how == "zero" else evaluate.kept_neurons(n, d, ids)
-            self._memo[key] = self.losses(mask, per_category, texts)
-        return self._memo[key]
-
-    def _losses(self, per_layer: dict | None, per_category: int | None, texts=None) -> np.ndarray:
-        torch.set_num_threads(self.threads)
-        texts = [t[:per_category] for t in (self.eval_texts if texts is None else texts)]
-        flat = [t for group in texts for t in group]
-        loss = evaluate.loss_per_prompt(
-            self.lm, flat, self.config.batch_size, per_layer, max_tokens=self.config.max_tokens
-        )
-        bounds = np.cumsum([0] + [len(t) for t in texts])
-        self.done += 1
-        if self.progress:
-            self.progress(self.done, self.planned, "evaluating")
-        return np.array(
-            [np.nanmean(loss[a:b]) if b > a else np.nan for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        )
+        return np.array([np.nanmean([known[t] for t in group]) if group else np.nan for group in texts])
 
     def top_sets(self, percent: float, exclude_resident: bool = False, rule: str | None = None) -> list:
         """Per category, the sorted global ids of its top `percent`% neurons under the rule."""
@@ -359,10 +362,12 @@ def report(
     run_id: str | None = None,
     config: ReportConfig = ReportConfig(),
     progress: Progress | None = None,
+    counts: dict | None = None,
 ) -> dict:
     """Every section of the analysis as one JSON-ready dict; cached sections compute nothing.
 
-    `lm` is needed only for sections that are not cached yet (it may be None when all are).
+    `lm` is needed only for sections that are not cached yet (it may be None when all are). `counts`,
+    when given, receives what the evaluations cost (core.live.evaluate.loss_per_prompt's counts).
     """
     run = store.require_run(run_id)
     params = _params(config)
@@ -374,6 +379,8 @@ def report(
                 f"Sections {missing} are not cached yet and need the model.", "Pass the loaded model."
             )
         analysis = Analysis(store, lm, run.run_id, config, progress)
+        if counts is not None:
+            analysis.counts = counts
         n_cat = len(analysis.categories)
         baselines = {SECTIONS[name][2] for name in missing} - {None}
         analysis.planned = len(baselines) + sum(SECTIONS[name][1](config, n_cat) for name in missing)

@@ -24,9 +24,9 @@ STEPS = {  # name -> what a person reads
     "map": "neuron map",
     "analysis": "paper analysis",
 }
-# Seconds per step on the default model on a quiet 2-core machine (issue #21's walk-through): they
+# Seconds per step on the default model on a quiet 2-core machine (benchmarks/first_use.py, 2026-12-03): they
 # only weigh the steps in one progress bar until this machine has prepared a run of its own.
-FALLBACK_SECONDS = {"capture": 100, "coact": 95, "functional": 15, "map": 140, "analysis": 300}
+FALLBACK_SECONDS = {"capture": 91, "coact": 32, "functional": 8, "map": 42, "analysis": 93}
 TIMING = "prepare.seconds"  # the results kind that keeps a run's measured step times
 TIMING_KEY = {"version": 1}
 Step = Callable[[str, str], None]  # (step name, state): "running", "done", "cached", "skipped"

@@ -9,7 +9,7 @@ from ui import figures, jobs_view, layout, paper_text, resources, routing_view
 
 layout.page("Paper", "📄", paper_text.INTRO)
 run = layout.require_run()
-quick = st.toggle("Quick (fewer prompts and k values: rougher numbers, about 4× faster)", value=False)
+quick = st.toggle("Quick (3 held-out prompts per category instead of 4: rougher numbers)", value=False)
 config = analysis.ReportConfig().quick() if quick else analysis.ReportConfig()
 missing = analysis.missing_sections(resources.store(), run.run_id, config)
 if missing and jobs_view.follow_running("analysis", jobs_view.analysis_key(run, config)):
@@ -37,11 +37,11 @@ x = np.arange(1, r["sparsity"]["bins"] + 1) / r["sparsity"]["bins"]
 cdf = {name: np.mean(sp[name]["cdf"], axis=0) for name in ("abs", "output")}
 left, right = st.columns(2)
 left.plotly_chart(
-    figures.curves(x, cdf, "Share of neurons below x · per-token max (mean over layers)", "x", "share")
+    figures.curves(x, cdf, "Neurons below x", "x · per-token max |a| (mean over layers)", "share")
 )
 loss = {name: sp[name]["loss"] for name in ("abs", "output")}
 right.plotly_chart(
-    figures.curves(r["sparsity"]["ks"], loss, "Loss with the lowest k% zeroed per token", "k (%)", "loss")
+    figures.curves(r["sparsity"]["ks"], loss, "Lowest k% zeroed", "k: % of neurons zeroed per token", "loss")
 )
 below = np.mean(sp["abs"]["share_below_0.2"])
 st.caption(

@@ -219,3 +219,48 @@ def test_verdicts_of_a_whole_report(reported):
     v = analysis.verdicts(reported[2])
     assert set(v) == {"sparsity", "functionality", "ablation_matrix", "overlap", "recombination"}
     assert all(x["holds"] in (True, False, None) and "on this run" in x["text"] for x in v.values())
+
+
+# the evaluations' shortcuts (per-prompt memo, sparse static masks) against plain one-prompt evaluations
+
+
+def _plain(lm, groups, per_layer=None) -> list[float]:
+    """Per group, the mean loss of its prompts run one at a time through dense transforms."""
+    return [
+        np.nanmean(evaluate.loss_per_prompt(lm, g, 1, per_layer, max_tokens=QUICK.max_tokens)) for g in groups
+    ]
+
+
+def test_recombination_equals_plain_evaluations(copy_store, reported, tiny_lm, monkeypatch):
+    store, run_id = copy_store
+    a = analysis.Analysis(store, tiny_lm, run_id, QUICK, None)
+    r = reported[2]["recombination"]
+    monkeypatch.setattr(evaluate, "SPARSE_SHARE", -1.0)
+    for row in r["rows"]:
+        sets = a.top_sets(row["percent"])
+        union = np.unique(np.concatenate([sets[a.categories.index(c)] for c in r["kept"]]))
+        np.testing.assert_allclose(
+            row["loss"], _plain(tiny_lm, a.eval_texts, evaluate.kept_neurons(2, 96, union)), atol=2e-4
+        )
+    np.testing.assert_allclose(r["baseline_loss"], _plain(tiny_lm, a.eval_texts), atol=2e-4)
+
+
+def test_a_baseline_over_measured_prompts_runs_nothing(copy_store, tiny_lm, monkeypatch):
+    store, run_id = copy_store
+    calls = []
+    real = evaluate.loss_per_prompt
+    monkeypatch.setattr(evaluate, "loss_per_prompt", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    a = analysis.Analysis(store, tiny_lm, run_id, QUICK, None)
+    groups = a.selection_texts  # two prompts per category on the tiny run
+    assert [len(g) for g in groups] == [2] * 7
+    part = a.losses(None, 1, texts=groups)  # as the sparsity section's baseline before the full one
+    full = a.losses(None, texts=groups)
+    assert calls == [7, 7]  # the rest of the prompts, once
+    assert np.array_equal(a.losses(None, 1, texts=groups), part) and np.array_equal(
+        a.losses(None, texts=groups), full
+    )
+    assert len(calls) == 2
+    monkeypatch.setattr(evaluate, "loss_per_prompt", real)
+    np.testing.assert_allclose(part, _plain(tiny_lm, [g[:1] for g in groups]), atol=1e-4)
+    np.testing.assert_allclose(full, _plain(tiny_lm, groups), atol=1e-4)
+    assert a.counts["evaluations"] == 2 and a.counts["texts"] == 14

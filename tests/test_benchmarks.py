@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,11 @@ SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
     "adapters.py": (["--smoke"], {"sha256", "recall_on", "loss_change_pct", "both_loss_change_pct"}),
     "routing.py": (["--smoke"], {"settings", "dense_tokens_per_s", "best_within_10pct"}),
     "sparse_decode.py": (["--smoke"], {"settings", "dense_tokens_per_s", "matches_hf", "loss"}),
-    "analysis.py": (["--smoke"], {"analysis_cold_s", "eval_ratio", "max_abs_loss_diff", "rules"}),
+    "sparse_kernels.py": (["--smoke"], {"products", "cuda"}),
+    "analysis.py": (
+        ["--smoke"],
+        {"analysis_cold_s", "analysis_counts", "eval_ratio", "max_abs_loss_diff", "rules"},
+    ),
     "app.py": (["--smoke"], {"neuron_detail_p95_ms", "regen_ratio", "generation_only_ratio"}),
     "map_page.py": (["--smoke"], {"page_warm_s", "page_warm_baseline_s", "figure_s", "figure_bytes"}),
     "bricks.py": (["--smoke"], {"pipeline_s", "bricks_coact_count", "bricks_functional_random_share"}),
@@ -40,6 +45,7 @@ GPU = {  # the paths only a CUDA device runs, at their smallest
     "coactivation.py": ["--device", "cuda", "--quick", "--tokens", "65536", "--neurons", "1024"],
     "gpu_capture.py": ["--device", "cuda", "--shape", "smollm2-135m", "--prompts", "4", "--seq", "64",
                        "--batch-size", "2", "--reps", "1", "--kernels"],
+    "sparse_kernels.py": ["--quick", "--products", "o"],
     "sparse_decode.py": ["--device", "cuda", "--shape", "smollm2-135m", "--no-loss", "--tokens", "8",
                          "--reps", "1", "--calibrate", "8"],
 }  # fmt: skip
@@ -75,7 +81,7 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
 
 def test_every_script_has_a_smoke_run():
     scripts = {p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")}
-    assert scripts == set(SMOKE)
+    assert scripts == set(SMOKE) | set(BROWSER)
     assert not [p.name for p in BENCHMARKS.glob("*.py") if "sys.path" in p.read_text()]
 
 
@@ -100,3 +106,16 @@ def test_first_use_makes_every_step_ready(smoke_runs):
 @pytest.mark.parametrize("script", sorted(GPU))
 def test_the_gpu_paths_print_their_json_line(script):
     assert last_json(run(script, GPU[script]))
+
+
+BROWSER = {  # scripts that drive the headless Chromium of the end-to-end test: slow, and need it
+    "map_browser.py": (["--smoke"], {"warm_median_s", "first_s", "warm_server_s", "target_met", "webgl"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium (make browser)")
+@pytest.mark.parametrize("script", sorted(BROWSER))
+def test_the_browser_benchmarks_print_their_json_line(script):
+    result = last_json(run(script, BROWSER[script][0]))
+    assert BROWSER[script][1] <= set(result), sorted(BROWSER[script][1] - set(result))

@@ -5,7 +5,11 @@ label, distinctive input tokens and a stability score, cached per parameters.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -26,6 +30,9 @@ Method = Literal["coact", "functional", "map", "expert"]
 METHODS = ("coact", "functional", "map", "expert")  # expert: a MoE run's trained experts
 GRAPHS = ("jaccard", "pmi", "counts")
 _WEIGHT_SCALE = 1000  # METIS wants integer edge weights: the strongest edge gets this
+_METIS_NOPTIONS, _METIS_OPTION_SEED, _METIS_OK = 40, 9, 1  # from metis.h
+_PARTITION_THREADS = 2  # layers at once: one builds its graphs while the other is in METIS
+_METIS_LOCK = threading.Lock()
 VERSION = 2  # part of every cache key: bump it when the way bricks are computed changes
 
 
@@ -166,20 +173,28 @@ def random_baseline_share(
 
 def _coact_groups(store: Store, run: Run, params: BrickParams, report: Progress):
     """Per layer, a METIS partition of the co-activation graph; for stability also of the graph
-    of each half of the prompts (the halves' counts sum to the run's, so the kernel runs once)."""
+    of each half of the prompts (the halves' counts sum to the run's, so the kernel runs once).
+    Two layers at a time: one thread's graph work (numpy, numba, without the GIL) runs beside the
+    other's METIS call (also without the GIL, but one at a time: METIS's random state is global)."""
     half = scores.prompt_halves(store, run.run_id, params.seed)[store.token_prompts(run.run_id)]
     n_a, n_b = int(half.sum()), int((~half).sum())
-    full, halves, ids = [], ([], []), []
-    for layer in range(run.n_layers):
-        report(layer, run.n_layers, f"co-activation partition of layer {layer}")
-        bits, offset = store.firing_bits(run.run_id, layer), layer * run.d_ff
+
+    def layer_parts(layer: int) -> list[list[np.ndarray]]:
+        bits = store.firing_bits(run.run_id, layer)
         a, b = (kernels.coactivation_counts(bits[rows], run.d_ff) for rows in (half, ~half))
-        bricks = partition(a + b, n_a + n_b, params)
-        full += [offset + g for g in bricks]
-        ids += [f"coact-L{layer:02d}-{j:02d}" for j in range(len(bricks))]
-        if params.stability:
-            halves[0].extend(offset + g for g in partition(a, n_a, params))
-            halves[1].extend(offset + g for g in partition(b, n_b, params))
+        del bits
+        full = partition(a + b, n_a + n_b, params)
+        return [full, partition(a, n_a, params), partition(b, n_b, params)] if params.stability else [full]
+
+    full, halves, ids = [], ([], []), []
+    with ThreadPoolExecutor(max_workers=_PARTITION_THREADS) as pool:
+        for layer, parts in enumerate(pool.map(layer_parts, range(run.n_layers))):
+            report(layer, run.n_layers, f"co-activation partition of layer {layer}")
+            offset = layer * run.d_ff
+            full += [offset + g for g in parts[0]]
+            ids += [f"coact-L{layer:02d}-{j:02d}" for j in range(len(parts[0]))]
+            for mine, other in zip(halves, parts[1:], strict=False):
+                mine.extend(offset + g for g in other)
     report(run.n_layers, run.n_layers, "partitioned")
     return full, ids, _stability(full, halves) if params.stability else None
 
@@ -241,8 +256,6 @@ def partition(counts: np.ndarray, n_tokens: int, params: BrickParams) -> list[np
 
     METIS (as in MoEfication) cuts the co-activation graph with the least edge weight between
     bricks; a greedy pass then moves the neurons that fit worst until the sizes are equal."""
-    import pymetis
-
     d = len(counts)
     n_parts = math.ceil(d / params.size)
     weights = _graph(counts, n_tokens, params)
@@ -253,12 +266,49 @@ def partition(counts: np.ndarray, n_tokens: int, params: BrickParams) -> list[np
         scale = _WEIGHT_SCALE / weights.max() if len(rows) else 0.0
         edge = np.maximum(np.rint(weights[rows, cols] * scale), 1).astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=d))])
-        graph = pymetis.CSRAdjacency(starts, cols)
-        options = pymetis.Options(seed=params.seed)
-        parts = np.asarray(pymetis.part_graph(n_parts, graph, eweights=edge, options=options).vertex_part)
+        parts = _metis(n_parts, starts, cols, edge, params.seed)
     parts = _balance(parts, weights, n_parts)
     order = np.argsort(parts, kind="stable")
     return np.split(order.astype(np.int32), np.cumsum(np.bincount(parts, minlength=n_parts))[:-1])
+
+
+def _metis(n_parts: int, starts: np.ndarray, cols: np.ndarray, edge: np.ndarray, seed: int) -> np.ndarray:
+    """pymetis.part_graph's partition: recursive bisection up to 8 parts through pymetis, k-way beyond
+    through ctypes into pymetis's own METIS with its options, which releases the GIL (pymetis holds
+    it for the whole call). One call at a time: METIS keeps its random state in globals."""
+    import pymetis
+    import pymetis._internal
+
+    if n_parts <= 8:
+        with _METIS_LOCK:
+            graph = pymetis.CSRAdjacency(starts, cols)
+            options = pymetis.Options(seed=seed)
+            return np.asarray(pymetis.part_graph(n_parts, graph, eweights=edge, options=options).vertex_part)
+    lib = _metis_library(pymetis._internal.__file__)
+    options = np.zeros(_METIS_NOPTIONS, np.int64)  # idx_t is 64 bits in pymetis's METIS
+    lib.METIS_SetDefaultOptions(options.ctypes.data)
+    options[_METIS_OPTION_SEED] = seed
+    xadj, adjncy, adjwgt = (np.ascontiguousarray(a, np.int64) for a in (starts, cols, edge))
+    n, ncon, nparts, cut = (ctypes.c_int64(v) for v in (len(starts) - 1, 1, n_parts, 0))
+    parts = np.zeros(len(starts) - 1, np.int64)
+    with _METIS_LOCK:
+        status = lib.METIS_PartGraphKway(
+            ctypes.byref(n), ctypes.byref(ncon), xadj.ctypes.data, adjncy.ctypes.data, None, None,
+            adjwgt.ctypes.data, ctypes.byref(nparts), None, None, options.ctypes.data,
+            ctypes.byref(cut), parts.ctypes.data,
+        )  # fmt: skip
+    if status != _METIS_OK:
+        raise BricklabError(f"METIS failed to partition a layer (status {status}).", "Report this as a bug.")
+    return parts
+
+
+@functools.cache
+def _metis_library(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.METIS_PartGraphKway.argtypes = [ctypes.c_void_p] * 13
+    lib.METIS_PartGraphKway.restype = ctypes.c_int
+    lib.METIS_SetDefaultOptions.argtypes = [ctypes.c_void_p]
+    return lib
 
 
 def _graph(counts: np.ndarray, n_tokens: int, params: BrickParams) -> np.ndarray:

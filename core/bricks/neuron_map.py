@@ -4,6 +4,9 @@ prompts, and clustered with HDBSCAN; cached per parameters. umap and hdbscan loa
 
 from __future__ import annotations
 
+import functools
+import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -13,6 +16,14 @@ from core.progress import Progress
 from core.store import Store
 
 STEPS = 3  # features, embedding, clustering
+# umap-learn and pynndescent compile most of their numba kernels without numba's on-disk cache, so
+# every fresh process spent ~85 s (a quiet 2-core machine) compiling them before the first map of
+# 46k neurons. `_cache_kernels` turns the cache on for the modules a map runs through.
+KERNEL_MODULES = (
+    "umap.umap_", "umap.layouts", "umap.utils", "umap.distances",
+    "pynndescent.pynndescent_", "pynndescent.utils", "pynndescent.kernels", "pynndescent.distances",
+    "pynndescent.rp_trees", "pynndescent.graph_utils",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class NeuronMap:
 def profile_features(store: Store, run_id: str | None, pca: int = 32, seed: int = 0) -> np.ndarray:
     """float32 (n_neurons, k): each neuron's per-prompt mean |a|, standardised over the prompts
     (so the map groups neurons by *when* they are active, not how strongly), then PCA."""
+    run_id = store.require_run(run_id).run_id  # None: the newest complete run
     X = store.prompt_activations(run_id).astype(np.float32).T  # (n_neurons, n_prompts)
     X -= X.mean(axis=1, keepdims=True)
     std = X.std(axis=1, keepdims=True)
@@ -106,14 +118,49 @@ def compute_map(
     return result
 
 
-def _compute(store: Store, run_id: str, params: MapParams, progress: Progress | None) -> NeuronMap:
-    import hdbscan
-    import umap
+@functools.cache
+def _cache_kernels() -> None:
+    """Keep the compiled machine code of umap's and pynndescent's numba kernels on disk (numba's
+    cache, beside their sources or in the user's cache folder): the next process loads it instead of
+    compiling again. Same code, same machine, so the same map; numba recompiles on its own when a
+    package or the CPU changes. (pynndescent's `nn_descent` cannot be cached: ~20 s stay.)"""
+    import importlib
 
+    from numba.core.dispatcher import Dispatcher
+
+    for name in KERNEL_MODULES:
+        for value in vars(importlib.import_module(name)).values():
+            if isinstance(value, Dispatcher):
+                value.enable_caching()
+
+
+def warm_up(n: int = 4096, seed: int = 0) -> float:
+    """Fill numba's cache with a map of `n` random points (at least 4096: the size from which UMAP
+    searches neighbours with pynndescent, as on a real model); `make setup` runs it once, so a user's
+    first map does not compile. Returns the seconds it took."""
+    started = time.perf_counter()
+    X = np.random.default_rng(seed).normal(size=(max(n, 4096), 8)).astype(np.float32)
+    _embed(X, MapParams(n_epochs=2, min_cluster_size=50))
+    return time.perf_counter() - started
+
+
+def _compute(store: Store, run_id: str, params: MapParams, progress: Progress | None) -> NeuronMap:
     report = progress or (lambda done, total, message: None)
     report(0, STEPS, "profiles")
     X = profile_features(store, run_id, params.pca, params.seed)
     report(1, STEPS, "UMAP")
+    coords, labels = _embed(X, params, lambda: report(2, STEPS, "HDBSCAN"))
+    report(STEPS, STEPS, "done")
+    return NeuronMap(coords, labels, params)
+
+
+def _embed(X: np.ndarray, params: MapParams, clustering=lambda: None) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 (n, 2) UMAP coordinates, int32 (n,) HDBSCAN labels) of the rows of X."""
+    import hdbscan
+    import umap
+    from numba.core.errors import NumbaWarning
+
+    _cache_kernels()
     reducer = umap.UMAP(
         n_neighbors=params.n_neighbors,
         min_dist=params.min_dist,
@@ -123,16 +170,17 @@ def _compute(store: Store, run_id: str, params: MapParams, progress: Progress | 
         random_state=params.seed,
         n_jobs=1,  # a seed makes UMAP single-threaded anyway; saying so keeps it quiet
     )
-    coords = reducer.fit_transform(X).astype(np.float32)
-    report(2, STEPS, "HDBSCAN")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Cannot cache compiled function", NumbaWarning)
+        coords = reducer.fit_transform(X).astype(np.float32)
+    clustering()
     clusterer = hdbscan.HDBSCAN(
         min_cluster_size=params.min_cluster_size,
         min_samples=params.min_samples,
         cluster_selection_method=params.selection,
+        core_dist_n_jobs=1,  # its default 4 starts worker processes (~20 s under load) for ~2 s of work
     )
-    labels = clusterer.fit_predict(coords).astype(np.int32)
-    report(STEPS, STEPS, "done")
-    return NeuronMap(coords, labels, params)
+    return coords, clusterer.fit_predict(coords).astype(np.int32)
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], params: MapParams) -> NeuronMap:

@@ -8,6 +8,7 @@ killed capture resumes from its last chunk and a finished one is a cache hit.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -245,24 +246,61 @@ def batches(lengths: list[int], batch_size: int, budget: int | None) -> list[lis
     return groups if groups[0] else []
 
 
+def shared_prefix(encoded) -> int:
+    """Tokens every prompt starts with before its own tokens (the chat template's system part): capture
+    never reduces them, so their keys and values are computed once per chunk, not once per prompt."""
+    if not encoded:
+        return 0
+    first, n = encoded[0].ids, min(e.start for e in encoded)
+    for e in encoded[1:]:
+        n = next((i for i in range(n) if e.ids[i] != first[i]), n)
+    return n
+
+
+def prefix_cache(lm, encoded) -> tuple[int, object]:
+    """The chunk's shared prefix length and its keys and values (None when there is none), computed
+    once; call it before any hook is installed: the prefix is not the prompts' own."""
+    shared = shared_prefix(encoded)
+    if not shared:
+        return 0, None
+    ids = torch.tensor([encoded[0].ids[:shared]], device=next(lm.model.parameters()).device)
+    return shared, lm.model.base_model(input_ids=ids, use_cache=True).past_key_values
+
+
+def batch_inputs(lm, encoded, batch: list[int], shared: int, prefix) -> tuple[list, int, dict]:
+    """One forward pass of `batch`: each prompt from the shared prefix to its last own token (a causal
+    model's later tokens change nothing before them), right-padded. Returns the own tokens' spans in
+    the pass, its width and the decoder stack's arguments."""
+    device = next(lm.model.parameters()).device
+    width = max(encoded[i].end for i in batch) - shared
+    ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
+    for row, i in enumerate(batch):
+        ids[row, : encoded[i].end - shared] = torch.tensor(encoded[i].ids[shared : encoded[i].end])
+        mask[row, : encoded[i].end] = 1
+    cache = None
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(batch))
+    spans = [(encoded[i].start - shared, encoded[i].end - shared) for i in batch]
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    return spans, width, inputs | {"past_key_values": cache, "use_cache": cache is not None}
+
+
 @torch.inference_mode()
 def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, budget=None):
-    model, device = lm.model, next(lm.model.parameters()).device
+    model = lm.model
     body = model.base_model  # the decoder stack: capture needs no logits
-    pad = lm.tokenizer.pad_token_id or 0
+    shared, prefix = prefix_cache(lm, encoded)
     routes = expert_routes.recording(lm, reducer, len(encoded))
     with reducer.hooks(model), routes as counts, reducer.forward_stream():
         previous = None
         done = 0
         for batch in batches([len(e.ids) for e in encoded], config.batch_size, budget):
-            width = max(len(encoded[i].ids) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(encoded[i].ids)] = torch.tensor(encoded[i].ids)
-                mask[row, : len(encoded[i].ids)] = 1
-            reducer.set_batch(batch, [(encoded[i].start, encoded[i].end) for i in batch], width)
-            body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            spans, width, inputs = batch_inputs(lm, encoded, batch, shared, prefix)
+            reducer.set_batch(batch, spans, width)
+            body(**inputs)
             taken = reducer.take_batch()
             if previous is not None:
                 reducer.file(previous)  # overlaps with this batch's device work on CUDA

@@ -28,6 +28,10 @@ def register(sub) -> None:
         "--quick", action="store_true", help="fewer held-out prompts and k values (rougher numbers)"
     )
     p.add_argument(
+        "--thorough", action="store_true",
+        help="8 held-out prompts per category and every 10%% of the lowest-k curve (about 3x slower)",
+    )  # fmt: skip
+    p.add_argument(
         "--rule",
         choices=scores.RULES,
         default=analysis.ReportConfig.rule,
@@ -53,7 +57,7 @@ def cmd_report(args) -> int:
                 "Capture a prompt set whose prompts have a 'category' (JSONL or CSV, not TXT).",
             )
         config = analysis.ReportConfig(rule=args.rule)
-        config = config.quick() if args.quick else config
+        config = config.quick() if args.quick else config.thorough() if args.thorough else config
         lm = None
         if analysis.missing_sections(store, run.run_id, config):
             default = None if run.model_id == models.DEFAULT_MODEL else run.model_id

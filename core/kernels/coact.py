@@ -75,7 +75,7 @@ def _transpose64(a):
         m ^= m << np.uint64(j)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # nogil: bricks partition two layers at once in threads
 def _transpose_bits_kernel(token_bits, n_neurons):
     """out[j, t // 64] bit t % 64 = token_bits[t, j // 64] bit j % 64."""
     n_tokens, n_words = token_bits.shape
@@ -160,7 +160,7 @@ def _firing_counts_kernel(token_bits, n_neurons):
     return counts
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _normalise_kernel(counts, n_tokens, jaccard):
     """C_ij / (C_ii + C_jj - C_ij) or log(C_ij N / (C_ii C_jj)); 0 where C_ij = 0.
 

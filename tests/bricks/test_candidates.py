@@ -169,3 +169,30 @@ def test_by_significance_puts_labelled_bricks_first():
 
     found = [brick("u1", None, 1e-9), brick("l2", "a", 1e-3), brick("l1", "a", 1e-8), brick("u0", None, 0.5)]
     assert [b.brick_id for b in bricks.by_significance(found)] == ["l1", "l2", "u1", "u0"]
+
+
+@pytest.mark.parametrize(("n_parts", "seed"), [(4, 0), (12, 0), (12, 3)])  # recursive to 8 parts, then k-way
+def test_metis_through_ctypes_is_pymetis(n_parts, seed):
+    import pymetis
+
+    counts, n_tokens, _ = planted_counts(6, 16)
+    weights = bricks._graph(counts, n_tokens, BrickParams())
+    rows, cols = np.nonzero(weights)
+    edge = np.maximum(np.rint(weights[rows, cols] * 1000 / weights.max()), 1).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(weights)))])
+    graph = pymetis.CSRAdjacency(starts, cols)
+    options = pymetis.Options(seed=seed)
+    expected = pymetis.part_graph(n_parts, graph, eweights=edge, options=options).vertex_part
+    assert bricks._metis(n_parts, starts, cols, edge, seed).tolist() == list(expected)
+
+
+def test_partitions_in_threads_equal_those_one_at_a_time():
+    from concurrent.futures import ThreadPoolExecutor
+
+    graphs = [planted_counts(16, 32, seed=s) for s in range(6)]
+    params = BrickParams(size=16)
+    alone = [bricks.partition(c, n, params) for c, n, _ in graphs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda g: bricks.partition(g[0], g[1], params), graphs * 2))
+    for a, b in zip(alone * 2, together, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))

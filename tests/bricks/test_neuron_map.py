@@ -1,6 +1,9 @@
 """The neuron map: standardised profiles, UMAP + HDBSCAN on the tiny run, and the cache."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -72,3 +75,46 @@ def test_map_refuses_runs_too_small_for_its_neighbourhood(store):
     fake_run(store, np.ones((4, 1, 8)), ["a", "b"] * 2)
     with pytest.raises(BricklabError, match="too few"):
         neuron_map.compute_map(store, "fake", MapParams(n_neighbors=15))
+
+
+def test_umap_kernels_are_compiled_into_numbas_disk_cache():
+    import umap.layouts
+    from numba.core.caching import NullCache
+
+    neuron_map._cache_kernels()
+    kernel = umap.layouts._nb_optimize_layout_euclidean_single_epoch  # the layout's SGD epoch
+    assert not isinstance(kernel._cache, NullCache) and kernel._cache.cache_path
+
+
+COMPILED = """
+from numba.core import event
+names = []
+class Names(event.Listener):
+    def on_start(self, e):
+        names.append(getattr(e.data.get("dispatcher"), "__qualname__", "?"))
+    def on_end(self, e):
+        pass
+event.register("numba:compile", Names())
+from core.bricks import neuron_map
+neuron_map.warm_up()
+print(",".join(names))
+"""
+
+
+@pytest.mark.slow  # compiles umap's kernels once (a minute or two of CPU), then loads them
+def test_after_the_warm_up_a_fresh_process_compiles_no_umap_kernel(tmp_path):
+    env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path)}  # an empty cache, as on a fresh clone
+
+    def compiled() -> set[str]:
+        out = subprocess.run([sys.executable, "-c", COMPILED], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return set(out.stdout.strip().splitlines()[-1].split(","))
+
+    first, second = compiled(), compiled()
+    umap_kernels = {
+        "_optimize_layout_euclidean_single_epoch",
+        "compute_membership_strengths",
+        "smooth_knn_dist",
+    }
+    assert umap_kernels <= first
+    assert not umap_kernels & second and len(second) < len(first) / 2

@@ -295,3 +295,36 @@ def test_the_batch_size_is_fixed_on_the_cpu_and_only_fit_to_memory_on_cuda(tiny_
     assert capture.token_budget(tiny_lm, encoded, capture.CaptureConfig(batch_size=4)) is None
     with pytest.raises(ValueError):
         capture.CaptureConfig(batch_size=-1)
+
+
+def test_the_shared_prefix_is_what_every_prompt_starts_with_before_its_own_tokens():
+    enc = prompts.Encoded
+    assert capture.shared_prefix([enc([1, 2, 3, 4, 5], 3, 5, False), enc([1, 2, 9, 4], 3, 4, False)]) == 2
+    assert capture.shared_prefix([enc([1, 2, 3, 4], 1, 4, False), enc([1, 2, 3, 5], 3, 4, False)]) == 1
+    assert capture.shared_prefix([enc([7, 8], 0, 2, False), enc([7, 8], 0, 2, False)]) == 0  # no template
+    assert capture.shared_prefix([]) == 0
+
+
+def test_the_template_prefix_runs_once_per_chunk_and_nothing_after_the_own_tokens(
+    tiny_lm, small_prompts, store
+):
+    """The FFN sees each chunk's shared prefix once and each prompt only up to its last own token."""
+    config = capture.CaptureConfig(chunk_prompts=4)
+    limit = prompts.token_limit(tiny_lm.model, config.max_tokens)
+    encoded = [prompts.encode(tiny_lm.tokenizer, p.text, limit, True) for p in small_prompts.prompts]
+    chunks = [encoded[lo : lo + 4] for lo in range(0, len(encoded), 4)]
+    shared = [capture.shared_prefix(c) for c in chunks]
+    assert min(shared) > 0  # the chat template's system part
+    rows = []
+    handle = models.down_proj(tiny_lm.model, 0).register_forward_pre_hook(
+        lambda m, args: rows.append(args[0].shape[0] * args[0].shape[1])
+    )
+    try:
+        capture.capture(tiny_lm, small_prompts, store, config)
+    finally:
+        handle.remove()
+    expected = sum(shared)  # one pass over each chunk's prefix, then its batches cut after the own tokens
+    for chunk, n in zip(chunks, shared, strict=True):
+        for batch in capture.batches([len(e.ids) for e in chunk], 0, None):
+            expected += len(batch) * (max(chunk[i].end for i in batch) - n)
+    assert sum(rows) == expected < sum(len(e.ids) for e in encoded)

@@ -130,3 +130,44 @@ def test_passes_cover_every_text_once_sorted_and_capped():
     mixed = list(range(10, 66))  # 56 widths: a wide pass costs padding, a narrow one its fixed cost
     assert len(evaluate.passes(mixed, 64, pass_cost=10**6)) == 1
     assert len(evaluate.passes(mixed, 64, pass_cost=64)) > 2
+
+
+def test_static_masks_run_sparsely_and_equal_the_dense_masks(tiny_lm, monkeypatch):
+    from core.live import sparse
+
+    calls = []
+    real = sparse.KeepOnly.__call__
+    monkeypatch.setattr(sparse.KeepOnly, "__call__", lambda self, f, x: calls.append(1) or real(self, f, x))
+    kept = evaluate.kept_neurons(2, 96, list(range(0, 96, 7)) + list(range(96, 192, 5)))  # ~17% kept
+    zeroed = evaluate.masked_neurons(2, 96, range(0, 192, 3))  # 67% kept: sparse too
+    for per_layer in (kept, zeroed):
+        calls.clear()
+        quick = evaluate.loss_per_prompt(tiny_lm, MIXED, 64, per_layer)
+        assert calls  # the sparse path ran
+        monkeypatch.setattr(evaluate, "SPARSE_SHARE", -1.0)  # every mask through the dense transforms
+        calls.clear()
+        dense = evaluate.loss_per_prompt(tiny_lm, MIXED, 64, per_layer)
+        assert not calls
+        monkeypatch.setattr(evaluate, "SPARSE_SHARE", 0.8)
+        np.testing.assert_allclose(quick, dense, atol=1e-4)
+        assert not np.allclose(quick, evaluate.loss_per_prompt(tiny_lm, MIXED, 64), atol=1e-3)
+    assert interventions.hook_count(tiny_lm.model) == 0 and sparse.patched_count(tiny_lm.model) == 0
+
+
+def test_a_mask_keeping_most_neurons_stays_dense():
+    assert evaluate.masked_neurons(2, 96, [5])[0].share == pytest.approx(95 / 96)
+    assert evaluate.masked_neurons(2, 96, [5])[0].share > evaluate.SPARSE_SHARE
+
+
+def test_counts_add_up_the_tokens_run(tiny_lm):
+    counts = {}
+    evaluate.loss_per_prompt(tiny_lm, MIXED, 64, counts=counts)
+    evaluate.loss_per_prompt(tiny_lm, MIXED[:2], 64, counts=counts)
+    encoded = [encode(tiny_lm.tokenizer, t, 256) for t in MIXED]
+    shared = evaluate._shared_prefix(encoded)
+    own = sum(e.end - max(e.start, 1) for e in encoded)
+    assert counts["evaluations"] == 2 and counts["texts"] == 9
+    assert counts["targets"] == own + sum(e.end - max(e.start, 1) for e in encoded[:2])
+    # the last own token is only a target: each text runs its tokens after the prefix but that one
+    assert counts["tokens"] == sum(e.end - 1 - shared for e in encoded + encoded[:2])
+    assert counts["padded_tokens"] >= counts["tokens"] and counts["passes"] >= 2
