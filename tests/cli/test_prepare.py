@@ -11,7 +11,7 @@ def test_prepare_run_then_everything_is_cached(tiny_dir, tmp_path, capsys):
     assert cli.main(argv) == 0
     first = capsys.readouterr()
     run_id = re.search(r"run (\w+): ready in .* \(14 prompts\)", first.out).group(1)
-    assert re.search(r"capture: done in \d+ s", first.err) and "neuron map: done in" in first.err
+    assert re.search(r"capture: done in [\d.]+ s", first.err) and "neuron map: done in" in first.err
     assert "paper analysis: done in" in first.err
     assert cli.main(argv) == 0
     second = capsys.readouterr()

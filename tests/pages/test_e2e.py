@@ -166,7 +166,7 @@ def test_the_app_end_to_end(app_url, page):
     shot(page, "custom_bricks")
 
     go(page, "Paper")
-    page.get_by_text("Quick (fewer prompts").click()
+    page.get_by_text("Quick (3 held-out prompts").click()
     page.get_by_role("button", name=re.compile("Compute the analysis")).click()
     page.get_by_role("heading", name=re.compile("Recombination")).wait_for()
     shot(page, "paper")
