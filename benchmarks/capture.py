@@ -94,14 +94,25 @@ def time_whole(lm, batches) -> Clock:
 
 
 def time_capture(lm, prompt_set, config, folder: Path) -> Clock:
-    """A whole capture (tokenising, hooks, reductions, every cache write, finalising) into a new file."""
-    store = Store(Path(tempfile.mkdtemp(dir=folder)) / "bench.duckdb")
+    """A whole capture (tokenising, hooks, reductions, every cache write, finalising) into a new file;
+    `clock.cache` is the finished file's size, its used and free blocks, after the store is closed."""
+    path = Path(tempfile.mkdtemp(dir=folder)) / "bench.duckdb"
+    store = Store(path)
     try:
         with Clock() as clock:
             result = capture.capture(lm, prompt_set, store, config)
     finally:
         store.close()
     assert not result.cache_hit
+    store = Store(path)  # closed, every write is in the file; reopened, the blocks read back
+    try:
+        used, free, block = store.file_blocks()
+    finally:
+        store.close()
+    size = path.stat().st_size
+    clock.cache = {"cache_bytes": size, "cache_used_blocks": used, "cache_free_blocks": free,
+                   "cache_block_bytes": block, "cache_bytes_per_token": size / max(result.n_tokens, 1),
+                   }  # fmt: skip
     return clock
 
 
@@ -138,6 +149,10 @@ def run_cpu(
                 f"ratio {c.wall / b.wall:.3f} (cpu {c.cpu / b.cpu:.3f})",
                 flush=True,
             )
+        cache = full[-1].cache
+        mib, per_token = cache["cache_bytes"] / 2**20, cache["cache_bytes_per_token"]
+        used, free = cache["cache_used_blocks"], cache["cache_free_blocks"]
+        print(f"finished cache {mib:.1f} MiB, {per_token:.0f} B a token; blocks used {used}, free {free}")
         if profile:
             profile_capture(lm, prompt_set, config, folder)
     n_tokens = sum(len(e.ids) for e in encoded)
@@ -159,7 +174,7 @@ def run_cpu(
         "bare_all": [c.wall for c in bare], "capture_all": [c.wall for c in full],
         "tokens_per_s": n_tokens / capture_s, "bare_tokens_per_s": n_tokens / bare_s,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "load_avg_1min": os.getloadavg()[0], "wall_s": time.perf_counter() - started,
+        "load_avg_1min": os.getloadavg()[0], "wall_s": time.perf_counter() - started, **cache,
     }  # fmt: skip
 
 

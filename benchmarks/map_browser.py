@@ -6,10 +6,16 @@ server (script + transfer) and browser (decoding, React, Plotly's paint), and th
 (Streamlit sends a message it sent before, like the figure on a warm visit, as a short reference).
 Issue #21's target: <= 2 s warm.
 
+`--compare` also serves the map's figure code before its one-trace-per-colour change (one trace with a
+colour per point, which Plotly turns into RGBA strings point by point in the browser) from a second app
+process, and visits the two in turn in the same browser, so that both see the same machine load.
+
 The app runs on a temporary copy of --db (never the file itself), with its map computed first.
-  python benchmarks/map_browser.py --db data/bricklab.duckdb [--repeats 7]
-`--smoke`: a fresh run of a tiny random model, 2 visits. Needs /usr/bin/chromium (`make browser`).
-The last line is one JSON object (warm_median_s, first_s, target_met, load).
+  python benchmarks/map_browser.py --db data/bricklab.duckdb [--repeats 7] [--compare]
+`--smoke`: a fresh run of a tiny random model, 2 visits of each (with --compare).
+Needs /usr/bin/chromium (`make browser`).
+The last line is one JSON object (warm_median_s, first_s, target_met, load; with --compare the
+baseline's warm_median_s and first_s as baseline_warm_median_s, baseline_first_s, and the speedup).
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import numpy as np
 
 from core.bricks import neuron_map
 from core.store import Store
@@ -37,6 +45,17 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]  # fmt: skip
 TARGET_S = 2.0
+# The app with ui.figures.neuron_map replaced by baseline_figure (below) before Streamlit starts: pages
+# import the module Streamlit's process already holds (its file watcher is off: no reload undoes it).
+BASELINE_APP = """
+import sys
+import map_browser
+from ui import figures
+figures.neuron_map = map_browser.baseline_figure
+from streamlit.web.cli import main
+sys.argv[0] = "streamlit"
+main()
+"""
 # Every websocket message's arrival time and size, recorded before Streamlit's own handler sees it.
 RECORD_MESSAGES = """
 (() => {
@@ -52,13 +71,16 @@ RECORD_MESSAGES = """
   Object.assign(window.WebSocket, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
 })();
 """
-# True once the page holds the map with all n points, drawn on its WebGL canvas, and the script is done.
+# True once the page holds the map with all n points (over its WebGL traces), drawn on its WebGL canvas,
+# and the script is done.
 PAINTED = """
 (n) => {
   if (!location.pathname.endsWith("Neuron_map")) return false;
   if (document.querySelector('[data-testid="stStatusWidgetRunningIcon"]')) return false;  // running
   const gd = document.querySelector(".js-plotly-plot");
-  if (!gd || !gd._fullData || !gd._fullData.length || gd._fullData[0].x.length !== n) return false;
+  if (!gd || !gd._fullData) return false;
+  const points = gd._fullData.reduce((sum, t) => sum + (t.type === "scattergl" ? t.x.length : 0), 0);
+  if (points !== n) return false;
   const canvas = gd.querySelector("canvas.gl-canvas-context");
   if (!canvas || !canvas.width) return false;
   const probe = document.createElement("canvas");  // a small copy: are any points drawn on it?
@@ -78,15 +100,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def baseline_figure(coords, d_ff, colour, colour_name, categorical):
+    """ui.figures.neuron_map before one trace per colour: one trace, a colour number per point through a
+    colour scale (a palette index for groups), which Plotly turns into an RGBA string per point."""
+    import plotly.graph_objects as go
+
+    from ui import figures
+
+    n = len(coords)
+    ids = np.arange(n)
+    marker = {"size": 3 if n > 5000 else 6, "opacity": 0.8}
+    where = np.stack([ids // d_ff, ids % d_ff], axis=1)
+    hover = "layer %{customdata[0]} · neuron %{customdata[1]}"
+    if categorical:
+        groups = np.asarray(colour)
+        colours = (*figures.PALETTE, figures.NOISE)
+        index = np.where(groups < 0, len(figures.PALETTE), groups % len(figures.PALETTE)).astype(np.uint8)
+        steps = [[edge / len(colours), c] for i, c in enumerate(colours) for edge in (i, i + 1)]
+        marker |= {"color": index, "colorscale": steps, "cmin": -0.5, "cmax": len(colours) - 0.5}
+        custom = where.astype(np.int32)
+    else:
+        marker |= {"color": np.asarray(colour, np.float32), "colorscale": "Viridis", "showscale": True}
+        marker["colorbar"] = {"title": colour_name}
+        custom = np.column_stack([where, colour]).astype(np.float32)
+        hover += "<br>" + colour_name + " %{customdata[2]:.3g}"
+    x, y = np.asarray(coords, np.float32).T
+    fig = go.Figure(go.Scattergl(x=x, y=y, mode="markers", marker=marker, customdata=custom,
+                                 hovertemplate=hover + "<extra></extra>"))  # fmt: skip
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, scaleanchor="x")
+    return figures._layout(fig, height=560)
+
+
 @contextmanager
-def serve(folder: Path, env: dict[str, str]):
-    """`streamlit run app.py` on a free loopback port with `env` added; yields its URL."""
+def serve(folder: Path, env: dict[str, str], baseline: bool = False):
+    """`streamlit run app.py` on a free loopback port with `env` added (with the baseline figure code
+    if `baseline`); yields its URL."""
     port = free_port()
-    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-               "--server.address", "127.0.0.1", "--server.headless", "true"]  # fmt: skip
-    log_path = folder / "streamlit.log"
+    start = [sys.executable, "-c", BASELINE_APP] if baseline else [sys.executable, "-m", "streamlit"]
+    command = [*start, "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
+               "--server.headless", "true", "--server.fileWatcherType", "none"]  # fmt: skip
+    log_path = folder / ("streamlit-baseline.log" if baseline else "streamlit.log")
     with open(log_path, "wb") as log:
         out = {"stdout": log, "stderr": subprocess.STDOUT}
+        if baseline:  # the baseline process imports this file as `map_browser`
+            paths = [str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]
+            env = {**env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
         server = subprocess.Popen(command, cwd=ROOT, env=os.environ | env, **out)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -121,6 +180,7 @@ def visit(page, n: int) -> dict:
         "browser_s": (painted - last) / 1000,  # the rest: decoding, React and Plotly's paint
         "largest_message_bytes": max((m[1] for m in messages), default=0),
         "messages": len(messages),
+        "traces": page.evaluate("() => document.querySelector('.js-plotly-plot')._fullData.length"),
     }
 
 
@@ -131,7 +191,7 @@ def home(page) -> None:
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidgetRunningIcon\"]')")
 
 
-def measure(db: Path, run_id: str, model: str, repeats: int) -> dict:
+def measure(db: Path, run_id: str, model: str, repeats: int, compare: bool) -> dict:
     from playwright.sync_api import sync_playwright
 
     store = Store(db)
@@ -141,23 +201,46 @@ def measure(db: Path, run_id: str, model: str, repeats: int) -> dict:
         map_s = time.perf_counter() - started
     finally:
         store.close()
-    visits = []
+    variants = ["", "baseline_"] if compare else [""]
+    visits = {v: [] for v in variants}
     env = {"BRICKLAB_DB": str(db), "BRICKLAB_MODEL": model}
-    with serve(db.parent, env) as url, sync_playwright() as p:
+    with ExitStack() as stack, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-        page.set_default_timeout(600_000)
-        page.add_init_script(RECORD_MESSAGES)
-        page.goto(f"{url}/?run={run_id}")
-        page.get_by_text("Cached runs").wait_for()
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        context.add_init_script(RECORD_MESSAGES)
+        pages = {}
+        for v in variants:
+            if v:  # its own copy: one process at a time may open a DuckDB file for writing
+                env = env | {"BRICKLAB_DB": str(shutil.copyfile(db, db.with_name(v + db.name)))}
+            url = stack.enter_context(serve(db.parent, env, baseline=bool(v)))
+            pages[v] = context.new_page()
+            pages[v].set_default_timeout(600_000)
+            pages[v].goto(f"{url}/?run={run_id}")
+            pages[v].get_by_text("Cached runs").wait_for()
         for i in range(repeats):
-            visits.append(visit(page, n))
-            print(f"visit {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in visits[-1].items()), flush=True)
-            home(page)
+            for v, page in pages.items():  # in turn: the same machine load for each
+                page.bring_to_front()
+                visits[v].append(visit(page, n))
+                shown = ", ".join(f"{k} {x:.3f}" for k, x in visits[v][-1].items())
+                print(f"{v or 'current_'}visit {i + 1}: {shown}", flush=True)
+                home(page)
         webgl = page.evaluate("() => { const c = document.createElement('canvas'); "
                               "return (c.getContext('webgl2') || c.getContext('webgl')) ? "
                               "c.getContext('webgl2') ? 'webgl2' : 'webgl' : 'none'; }")  # fmt: skip
         browser.close()
+    result = {}
+    for v in variants:
+        result |= {v + k: x for k, x in summary(visits[v]).items()}
+    if compare:
+        result["speedup"] = round(result["baseline_warm_median_s"] / result["warm_median_s"], 2)
+    return result | {
+        "n_neurons": n, "map_ready_s": round(map_s, 2), "repeats": repeats, "run_id": run_id,
+        "webgl": webgl, "load_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+    }  # fmt: skip
+
+
+def summary(visits: list[dict]) -> dict:
+    """The first visit and the median of the warm ones."""
     warm = visits[1:]
     median = {k: statistics.median(v[k] for v in warm) for k in warm[0]} if warm else {}
     return {
@@ -168,10 +251,9 @@ def measure(db: Path, run_id: str, model: str, repeats: int) -> dict:
         "warm_browser_s": round(median.get("browser_s", float("nan")), 3),
         "first_server_s": round(visits[0]["server_s"], 3),
         "first_largest_message_bytes": visits[0]["largest_message_bytes"],
+        "traces": visits[0]["traces"],
         "target_met": bool(warm) and median["s"] <= TARGET_S,
-        "n_neurons": n, "map_ready_s": round(map_s, 2), "repeats": repeats, "run_id": run_id,
-        "webgl": webgl, "load_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -179,7 +261,8 @@ def main() -> None:
     parser.add_argument("--db", help="a cache with a complete run (copied first); required unless --smoke")
     parser.add_argument("--run", help="run id (default: the newest complete run)")
     parser.add_argument("--repeats", type=int, default=7, help="visits: the first, then warm ones")
-    parser.add_argument("--smoke", action="store_true", help="a fresh tiny run, 2 visits")
+    parser.add_argument("--smoke", action="store_true", help="a fresh tiny run, 2 visits of each, compared")
+    parser.add_argument("--compare", action="store_true", help="also the figure code before, in turn")
     args = parser.parse_args()
     if not Path(CHROMIUM).exists():
         parser.error(f"needs {CHROMIUM} (make browser)")
@@ -189,7 +272,7 @@ def main() -> None:
 
             model = _tiny.save(Path(tmp) / "tiny")
             db, run_id = _tiny.run(_tiny.model(), tmp)
-            args.repeats = 2
+            args.repeats, args.compare = 2, True  # the baseline's path too
         else:
             if not args.db:
                 parser.error("--db is required (or --smoke)")
@@ -200,7 +283,7 @@ def main() -> None:
                 run_id = store.require_run(args.run).run_id
             finally:
                 store.close()
-        result = measure(Path(db), run_id, model, args.repeats)
+        result = measure(Path(db), run_id, model, args.repeats, args.compare)
     print(json.dumps(result | {"smoke": args.smoke}))
 
 

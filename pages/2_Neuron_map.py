@@ -42,7 +42,7 @@ n_clusters = int(clusters.max()) + 1
 st.caption(
     f"{len(coords):,} neurons · {n_clusters} clusters · click a point, or lasso a group (chart toolbar)."
 )
-picked = [int(p["point_index"]) for p in event.selection.points][:500]
+picked = figures.map_selection(event.selection.points[:500], run.d_ff)
 if len(picked) == 1 and picked != st.session_state.get("map-seen"):
     neuron_view.open_neuron(*divmod(picked[0], run.d_ff))
 st.session_state["map-seen"] = picked

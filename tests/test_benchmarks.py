@@ -28,13 +28,23 @@ SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
     "sparse_kernels.py": (["--smoke"], {"products", "cuda"}),
     "analysis.py": (
         ["--smoke"],
-        {"analysis_cold_s", "analysis_counts", "eval_ratio", "max_abs_loss_diff", "rules"},
+        {
+            "analysis_cold_s",
+            "analysis_counts",
+            "resident_control_counts",
+            "eval_ratio",
+            "max_abs_loss_diff",
+            "rules",
+        },
     ),
     "app.py": (["--smoke"], {"neuron_detail_p95_ms", "regen_ratio", "generation_only_ratio"}),
     "map_page.py": (["--smoke"], {"page_warm_s", "page_warm_baseline_s", "figure_s", "figure_bytes"}),
     "bricks.py": (["--smoke"], {"pipeline_s", "bricks_coact_count", "bricks_functional_random_share"}),
     "explain.py": (["--smoke"], {"projection_s", "projection_speedup", "score_median", "control_median"}),
-    "capture.py": (["--smoke"], {"ratio", "cpu_ratio", "tokens_per_s", "n_padded_tokens"}),
+    "capture.py": (
+        ["--smoke"],
+        {"ratio", "cpu_ratio", "tokens_per_s", "n_padded_tokens", "cache_bytes_per_token"},
+    ),
     "store.py": (["--smoke"], {"store_s", "fetchall_s", "long_table_s", "speedup_vs_fetchall"}),
     "gpu_capture.py": (["--smoke"], {"ratio", "bare_s", "capture_s", "tokens_per_s"}),
     "select_window.py": (["--smoke"], {"hit_rate", "worst_layer_hit_rate", "tokens"}),
@@ -109,7 +119,18 @@ def test_the_gpu_paths_print_their_json_line(script):
 
 
 BROWSER = {  # scripts that drive the headless Chromium of the end-to-end test: slow, and need it
-    "map_browser.py": (["--smoke"], {"warm_median_s", "first_s", "warm_server_s", "target_met", "webgl"}),
+    "map_browser.py": (
+        ["--smoke"],
+        {
+            "warm_median_s",
+            "first_s",
+            "warm_server_s",
+            "target_met",
+            "webgl",
+            "baseline_warm_median_s",
+            "speedup",
+        },
+    ),
 }
 
 

@@ -6,6 +6,7 @@ import html
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
 
 from ui.text import plain, plain_labels
 
@@ -14,6 +15,7 @@ PALETTE = (
     "#bab0ac", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
 )  # fmt: skip
 NOISE = "#d0d0d0"  # neurons in no cluster / no brick
+MAP_STEPS = 32  # a continuous colouring's steps (one WebGL trace each); at most this many exact values
 FONT = {"size": 15}  # readable on a classroom projector
 
 
@@ -33,40 +35,85 @@ def group_colours(groups: np.ndarray) -> list[str]:
 def neuron_map(
     coords: np.ndarray, d_ff: int, colour: np.ndarray, colour_name: str, categorical: bool
 ) -> go.Figure:
-    """Every neuron as one WebGL point (selection returns its index, layer * d_ff + neuron). Every
-    per-point array is a compact numpy array, which Plotly sends as typed binary, not as a list of
-    strings it must validate one by one: the map of 46k neurons builds and ships in well under a second."""
+    """Every neuron as one WebGL point, in one trace per colour. Plotly turns a per-point colour into
+    RGBA one point at a time in the browser (colour scale -> string -> parsed back: ~1.5 s of a 46k-point
+    map's paint in software WebGL); a trace of one colour skips that. A continuous colouring takes
+    MAP_STEPS steps of Viridis, with a colour bar beside it and the exact value in the hover. Every point's
+    customdata is (layer, neuron[, value]): a selection reads the neuron from it, not from its index."""
     n = len(coords)
     ids = np.arange(n)
-    marker = {"size": 3 if n > 5000 else 6, "opacity": 0.8}
     where = np.stack([ids // d_ff, ids % d_ff], axis=1)
     hover = "layer %{customdata[0]} · neuron %{customdata[1]}"
-    if categorical:  # a palette index per point, -1 (no group) as the last colour: light grey
+    if categorical:
         groups = np.asarray(colour)
-        index = np.where(groups < 0, len(PALETTE), groups % len(PALETTE)).astype(np.uint8)
-        marker |= {"color": index, "colorscale": _steps((*PALETTE, NOISE)), "cmin": -0.5}
-        marker["cmax"] = len(PALETTE) + 0.5
+        step = np.where(groups < 0, len(PALETTE), groups % len(PALETTE))
+        colours = [*PALETTE, NOISE]
         custom = where.astype(np.int32)
+        bar = None
     else:
-        marker |= {"color": np.asarray(colour, np.float32), "colorscale": "Viridis", "showscale": True}
-        marker["colorbar"] = {"title": plain(colour_name)}
-        custom = np.column_stack([where, colour]).astype(np.float32)
+        value = np.asarray(colour, np.float32)
+        step, colours, bar = _viridis_steps(value)
+        custom = np.column_stack([where, value]).astype(np.float32)
         hover += "<br>" + plain(colour_name) + " %{customdata[2]:.3g}"
-    x, y = np.asarray(coords, np.float32).T
-    fig = go.Figure(
-        go.Scattergl(x=x, y=y, mode="markers", marker=marker, customdata=custom,
-                     hovertemplate=hover + "<extra></extra>")
-    )  # fmt: skip
+    order = np.argsort(step, kind="stable")
+    starts = np.searchsorted(step[order], np.arange(len(colours) + 1))
+    x, y = np.asarray(coords, np.float32)[order].T
+    custom = custom[order]
+    marker = {"size": 3 if n > 5000 else 6, "opacity": 0.8}
+    fig = go.Figure()
+    for k, colour_k in enumerate(colours):
+        part = slice(starts[k], starts[k + 1])
+        if part.start == part.stop:
+            continue
+        fig.add_trace(go.Scattergl(
+            x=x[part], y=y[part], customdata=custom[part], mode="markers", showlegend=False,
+            marker=marker | {"color": colour_k}, hovertemplate=hover + "<extra></extra>",
+        ))  # fmt: skip
+    if bar is not None:  # the colour bar: an empty trace carrying the continuous scale
+        lo, hi = bar
+        scale = {"color": [lo, hi], "cmin": lo, "cmax": hi, "colorscale": "Viridis", "showscale": True}
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
+            marker=scale | {"colorbar": {"title": plain(colour_name)}},
+        ))  # fmt: skip
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, scaleanchor="x")
+    # the modes Streamlit sets for a selectable chart, set here: else it sets them after the first paint,
+    # and Plotly draws the whole map a second time
+    fig.update_layout(clickmode="event+select", dragmode="pan", hovermode="closest")
     return _layout(fig, height=560)
 
 
-def _steps(colours) -> list:
-    """A colour scale with one flat step per colour: index k (of K) on a cmin -0.5, cmax K - 0.5 axis
-    gets colours[k]."""
-    k = len(colours)
-    return [[edge / k, c] for i, c in enumerate(colours) for edge in (i, i + 1)]
+def map_selection(points: list[dict], d_ff: int) -> list[int]:
+    """Global ids (layer * d_ff + neuron) of the neuron_map points a selection event holds, read from
+    their customdata (a point's index counts within its colour's trace)."""
+    ids = []
+    for point in points:
+        custom = point["customdata"]
+        layer, neuron = (custom[0], custom[1]) if isinstance(custom, list) else (custom["0"], custom["1"])
+        ids.append(int(layer) * d_ff + int(neuron))
+    return ids
+
+
+def _viridis_steps(value: np.ndarray) -> tuple[np.ndarray, list[str], tuple[float, float] | None]:
+    """(step of each value, each step's colour, the colour bar's range): the distinct values themselves
+    when there are at most MAP_STEPS (e.g. layers), else MAP_STEPS equal bins; NaN gets the last step,
+    grey."""
+    finite = np.isfinite(value)
+    if not finite.any():
+        return np.zeros(len(value), np.int64), [NOISE], None
+    lo, hi = float(value[finite].min()), float(value[finite].max())
+    levels = np.unique(value[finite])
+    if len(levels) <= MAP_STEPS:
+        step = np.searchsorted(levels, value)
+        where = (levels - lo) / (hi - lo) if hi > lo else np.zeros(len(levels))
+    else:
+        width = (hi - lo) / MAP_STEPS
+        step = np.minimum(((np.where(finite, value, lo) - lo) / width).astype(np.int64), MAP_STEPS - 1)
+        where = (np.arange(MAP_STEPS) + 0.5) / MAP_STEPS
+    step = np.where(finite, step, len(where))
+    colours = [*sample_colorscale("Viridis", where.tolist()), NOISE]
+    return step, colours, (lo, hi)
 
 
 def bars(names: list[str], values: list[float], title: str, baseline: float | None = None) -> go.Figure:

@@ -18,6 +18,7 @@ from scipy import sparse
 
 from core import configuration
 from core.bricks import distinctive, neuron_map, scores
+from core.bricks.firing import RunFiring
 from core.bricks.neuron_map import MapParams
 from core.capture import experts as expert_routes
 from core.errors import BricklabError
@@ -176,15 +177,16 @@ def _coact_groups(store: Store, run: Run, params: BrickParams, report: Progress)
     of each half of the prompts (the halves' counts sum to the run's, so the kernel runs once).
     Two layers at a time: one thread's graph work (numpy, numba, without the GIL) runs beside the
     other's METIS call (also without the GIL, but one at a time: METIS's random state is global)."""
-    half = scores.prompt_halves(store, run.run_id, params.seed)[store.token_prompts(run.run_id)]
-    n_a, n_b = int(half.sum()), int((~half).sum())
+    firing = RunFiring(store, run)
+    half = scores.prompt_halves(store, run.run_id, params.seed)
+    n_a, n_b = firing.n_tokens(half), firing.n_tokens(~half)
 
     def layer_parts(layer: int) -> list[list[np.ndarray]]:
-        bits = store.firing_bits(run.run_id, layer)
-        a, b = (kernels.coactivation_counts(bits[rows], run.d_ff) for rows in (half, ~half))
-        del bits
+        if not params.stability:
+            return [partition(firing.counts(layer), n_a + n_b, params)]
+        a, b = firing.split_counts(layer, half)
         full = partition(a + b, n_a + n_b, params)
-        return [full, partition(a, n_a, params), partition(b, n_b, params)] if params.stability else [full]
+        return [full, partition(a, n_a, params), partition(b, n_b, params)]
 
     full, halves, ids = [], ([], []), []
     with ThreadPoolExecutor(max_workers=_PARTITION_THREADS) as pool:

@@ -1,9 +1,9 @@
 """Brick coherence: how much more a brick's neurons fire together than with the rest of their layers.
 
-Over the run's tokens, C_ij counts the tokens where neurons i and j both fire (i, j in any layers:
-every layer's firing bits cover the same tokens) and n_ij = C_ij / sqrt(C_ii C_jj) (0 for a neuron
-that never fires) is their normalised co-activation (the cosine of their firing vectors). For a
-brick B spanning layers L:
+Over the run's tokens (its token sample, core.bricks.firing: every token today), C_ij counts the
+tokens where neurons i and j both fire (i, j in any layers: every layer's firing bits cover the same
+tokens) and n_ij = C_ij / sqrt(C_ii C_jj) (0 for a neuron that never fires) is their normalised
+co-activation (the cosine of their firing vectors). For a brick B spanning layers L:
     inside(B)    = mean of n_ij over ordered pairs i != j of B
     outside(B)   = mean of n_ij over i in B and j in layers L but not in B
     coherence(B) = inside(B) / outside(B); None when B has one neuron, L has no other neuron, or
@@ -23,6 +23,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from core.bricks.firing import RunFiring
 from core.errors import BricklabError
 from core.kernels import coact as kernels
 from core.store import Store
@@ -46,8 +47,9 @@ class Firing:
 
     @classmethod
     def of_run(cls, store: Store, run_id: str | None) -> Firing:
+        """The run's token sample (core.bricks.firing): every token of the run where it holds them all."""
         run = store.require_run(run_id)
-        return cls(lambda layer: store.firing_bits(run.run_id, layer), run.n_layers, run.d_ff)
+        return cls(RunFiring(store, run).sample, run.n_layers, run.d_ff)
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(token-major bits (n_tokens, words), w (d_ff,) float64 = count ** -0.5, 0 if silent)."""

@@ -1,11 +1,12 @@
 """The input tokens distinctive for a neuron or a group of neurons: the tokens at which they fire,
 weighed against how often each token occurs in the run.
 
-Each firing of a neuron (its bit in the capture's firing bits) counts once for the token at that
-position; a group's counts are its neurons' summed. The counts are compared with the run's token
-frequencies by the log-odds ratio with an informative Dirichlet prior (Monroe, Colaresi & Quinn
-2008, "Fightin' Words"), as a z-score: a token ranks high when the group fires on it far more often
-than its frequency predicts, and rare tokens need more evidence than common ones.
+Each firing of a neuron (its bit in the capture's firing bits, read through core.bricks.firing over
+the run's token sample: every token today) counts once for the token at that position; a group's
+counts are its neurons' summed. The counts are compared with the token frequencies of the same
+tokens by the log-odds ratio with an informative Dirichlet prior (Monroe, Colaresi & Quinn 2008,
+"Fightin' Words"), as a z-score: a token ranks high when the group fires on it far more often than
+its frequency predicts, and rare tokens need more evidence than common ones.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from core.bricks.firing import RunFiring
 from core.kernels import coact
 from core.store import Run, Store
 
@@ -25,22 +27,25 @@ _ROWS = 8192  # firing rows unpacked at a time: (8192, d_ff) float32
 
 @dataclass(frozen=True)
 class RunTokens:
-    """The run's tokens as types: what every firing row reads."""
+    """The run's tokens as types, and which of them the firing sample holds."""
 
-    prompt: np.ndarray  # int32 (n_tokens,) prompt index of each firing row
+    prompt: np.ndarray  # int32 (n_tokens,) prompt index of every token of the run
     kind: np.ndarray  # int64 (n_tokens,) index of its type
     token_ids: np.ndarray  # int32 (n_types,) vocabulary id of each type
     texts: np.ndarray  # object (n_types,) stored token text of each type
-    counts: np.ndarray  # float64 (n_types,) occurrences in the rows kept (see `run_tokens`)
+    counts: np.ndarray  # float64 (n_types,) occurrences among the sampled tokens kept (`run_tokens`)
+    sample: np.ndarray  # int64 (n_sample,) the tokens the firing sample's rows belong to
 
 
 def run_tokens(store: Store, run: Run, rows: np.ndarray | None = None) -> RunTokens:
-    """The run's token types; `counts` only over the firing rows where `rows` (bool) is True."""
+    """The run's token types; `counts` over the sampled tokens where `rows` (bool per token) is True:
+    the background that firings counted over the same tokens are weighed against."""
     prompt, ids, texts = store.run_tokens(run.run_id)
     token_ids, first, kind = np.unique(ids, return_index=True, return_inverse=True)
-    keep = np.ones(len(kind), bool) if rows is None else rows
-    counts = np.bincount(kind[keep], minlength=len(token_ids)).astype(np.float64)
-    return RunTokens(prompt, kind.astype(np.int64), token_ids.astype(np.int32), texts[first], counts)
+    sample = RunFiring(store, run).sample_index
+    kept = kind[sample] if rows is None else kind[sample][rows[sample]]
+    counts = np.bincount(kept, minlength=len(token_ids)).astype(np.float64)
+    return RunTokens(prompt, kind.astype(np.int64), token_ids.astype(np.int32), texts[first], counts, sample)
 
 
 def firing_by_type(bits: np.ndarray, kind: np.ndarray, n_types: int, d_ff: int, rows=None) -> np.ndarray:
@@ -94,11 +99,21 @@ def top_types(z: np.ndarray, k: int, min_z: float = MIN_Z) -> list[np.ndarray]:
     return [b[ok] for b, ok in zip(best, keep, strict=True)]
 
 
+def layer_counts(
+    firing: RunFiring, layer: int, tokens: RunTokens, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """float32 (n_types, d_ff): how often each neuron of a layer fires at each token type, over the
+    sampled tokens where `rows` (bool per token of `tokens`) is True (all when None)."""
+    kind, picked = tokens.kind[tokens.sample], None if rows is None else rows[tokens.sample]
+    return firing_by_type(firing.sample(layer), kind, len(tokens.token_ids), firing.run.d_ff, picked)
+
+
 def group_counts(
     store: Store, run: Run, groups: list[np.ndarray], tokens: RunTokens, rows: np.ndarray | None = None
 ) -> np.ndarray:
     """float32 (n_types, n_groups): the groups' summed firings per token type (global neuron ids),
-    over the firing rows where `rows` is True; one pass over the layers the groups touch."""
+    over the sampled tokens where `rows` is True; one pass over the layers the groups touch."""
+    firing = RunFiring(store, run)
     ids = np.concatenate(groups).astype(np.int64) if groups else np.zeros(0, np.int64)
     member = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
     out = np.zeros((len(tokens.token_ids), len(groups)), np.float32)
@@ -108,8 +123,7 @@ def group_counts(
             (np.ones(int(mine.sum()), np.float32), (ids[mine] % run.d_ff, member[mine])),
             shape=(run.d_ff, len(groups)),
         )
-        bits = store.firing_bits(run.run_id, int(layer))
-        per_type = firing_by_type(bits, tokens.kind, len(tokens.token_ids), run.d_ff, rows)
+        per_type = layer_counts(firing, int(layer), tokens, rows)
         out += np.asarray(membership.T @ per_type.T).T
     return out
 

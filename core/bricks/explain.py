@@ -18,6 +18,7 @@ import numpy as np
 from scipy import sparse
 
 from core.bricks import distinctive, scores, vocab
+from core.bricks.firing import RunFiring
 from core.bricks.neurons import check_neuron, display_token
 from core.models import LoadedModel, mismatch
 from core.progress import Progress
@@ -71,7 +72,7 @@ def describe(tokens, promoted, category: str | None) -> str:
 
 
 def _halves(store: Store, run: Run, tokens: distinctive.RunTokens) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows: bool per firing row, held-out prompts: bool per prompt)."""
+    """(fit rows: bool per token of the run, held-out prompts: bool per prompt)."""
     fit = scores.prompt_halves(store, run.run_id)
     return fit[tokens.prompt], ~fit
 
@@ -114,8 +115,7 @@ def layer_explanations(store: Store, run_id: str | None, layer: int) -> tuple[di
     tokens = distinctive.run_tokens(store, run)
     fit_rows, held_out = _halves(store, run, tokens)
     fit_tokens = distinctive.run_tokens(store, run, fit_rows)
-    bits = store.firing_bits(run.run_id, int(layer))
-    counts = distinctive.firing_by_type(bits, tokens.kind, len(tokens.token_ids), run.d_ff, fit_rows)
+    counts = distinctive.layer_counts(RunFiring(store, run), int(layer), tokens, fit_rows)
     chosen = distinctive.top_types(distinctive.log_odds_z(counts, fit_tokens.counts), N_TOKENS)
     shares, real = _prompt_shares(run, tokens), store.prompt_activations(run.run_id, int(layer))
     real = real.astype(np.float32)[held_out]

@@ -14,18 +14,7 @@ import numpy as np
 import torch
 
 from core.live import interventions
-
-PARTIAL_NAMES = (
-    "sum_act",
-    "sum_abs",
-    "fire_count",
-    "hist_abs",
-    "hist_out",
-    "top_val",
-    "top_prompt",
-    "top_pos",
-)
-
+from core.store.schema import TOP_ARRAYS  # float32, int32, int32 (k, d_ff) per layer
 
 # CUDA: the fused reductions run on a stream beside the forward pass's, taking what it leaves of the
 # device; in line they cost the same within noise (benchmarks/gpu_capture.py --inline compares them)
@@ -327,18 +316,54 @@ class ChunkReducer:
         return rows
 
 
-def merge_partials(store, run_id: str, n_layers: int, top_k: int, n_tokens: int):
-    """Sum chunk partials per layer; merge the chunks' top examples (stable, chunk order)."""
+Top = tuple[np.ndarray, np.ndarray, np.ndarray]  # value, prompt, position: (..., k, d_ff) each
+
+
+def split_top(rows: list[tuple[int, str, np.ndarray]]) -> tuple[list, Top]:
+    """A chunk's partial rows without its top examples, and those as (L, k, d_ff) arrays."""
+    top = {name: [a for _, n, a in rows if n == name] for name in TOP_ARRAYS}
+    return [r for r in rows if r[1] not in TOP_ARRAYS], tuple(np.stack(top[name]) for name in TOP_ARRAYS)
+
+
+def top_rows(top: Top) -> list[tuple[int, str, np.ndarray]]:
+    """(layer, name, (k, d_ff) array) rows of (L, k, d_ff) top examples, for the store."""
+    names = list(zip(TOP_ARRAYS, top, strict=True))
+    return [(layer, name, a[layer]) for layer in range(top[0].shape[0]) for name, a in names]
+
+
+def read_top(parts: dict[str, list[bytes]], d_ff: int) -> list[Top]:
+    """Top examples stored as one layer's payloads (name -> list of bytes) as (k, d_ff) arrays."""
+    dtypes = (np.float32, np.int32, np.int32)
+    columns = [[np.frombuffer(b, t).reshape(-1, d_ff) for b in parts.get(name, [])]
+               for name, t in zip(TOP_ARRAYS, dtypes, strict=True)]  # fmt: skip
+    return list(zip(*columns, strict=True))
+
+
+def merge_top(pieces: list[Top], top_k: int, chunk_prompts: int) -> Top:
+    """Each neuron's `top_k` strongest prompts among `pieces` (per-chunk lists or merged states).
+
+    The order is total: value descending, then the prompt's chunk ascending, then the order within the
+    piece (a chunk's own list is in torch.topk's order). Every entry of one chunk comes from one piece,
+    so the merge is associative and independent of the pieces' order, and a chunk-by-chunk merge gives
+    exactly the stable sort of all chunks' lists in chunk order that a single merge at the end gave.
+    """
+    vals, prompt, pos = (np.concatenate([p[i] for p in pieces], axis=-2) for i in range(3))
+    order = np.lexsort((prompt // chunk_prompts, -vals), axis=-2)[..., :top_k, :]
+    return tuple(np.take_along_axis(a, order, -2) for a in (vals, prompt, pos))
+
+
+def merge_partials(store, run_id: str, n_layers: int, top_k: int, n_tokens: int, chunk_prompts: int):
+    """Sum chunk partials per layer in chunk order; merge the running top examples (`top_state`) with
+    any per-chunk ones (from shards: merge_top's order makes it the same in any order)."""
     dtypes = {"sum_act": np.float64, "sum_abs": np.float64, "fire_count": np.float64,
-              "hist_abs": np.int64, "hist_out": np.int64, "top_val": np.float32,
-              "top_prompt": np.int32, "top_pos": np.int32}  # fmt: skip
+              "hist_abs": np.int64, "hist_out": np.int64}  # fmt: skip
     layer_rows, top = [], {"layer": [], "neuron": [], "rank": [], "prompt_idx": [], "pos": [], "value": []}
     denom = max(n_tokens, 1)
     for layer in range(n_layers):
         # One layer's partials at a time: all of them at once would grow with the number of chunks
-        # (about 10 MB per chunk on the default model), and capture memory with the prompt set.
+        # (about 1 MB per chunk on the default model), and capture memory with the prompt set.
         parts = store.chunk_partials(run_id, layer)
-        arr = {name: [np.frombuffer(b, dtypes[name]) for b in parts[name]] for name in PARTIAL_NAMES}
+        arr = {name: [np.frombuffer(b, dtype) for b in parts[name]] for name, dtype in dtypes.items()}
         if routes := parts.get("expert_routes"):  # MoE (core.capture.experts): chunks' prompts, in order
             counts = np.concatenate([np.frombuffer(b, np.int32) for b in routes])
             layer_rows.append((layer, "expert_routes", counts))
@@ -350,15 +375,13 @@ def merge_partials(store, run_id: str, n_layers: int, top_k: int, n_tokens: int)
             (layer, "hist_out", sum(arr["hist_out"]).astype(np.int64)),
         ]
         d_ff = layer_rows[-3][2].shape[0]
-        vals = np.concatenate([v.reshape(-1, d_ff) for v in arr["top_val"]])
-        prompt = np.concatenate([v.reshape(-1, d_ff) for v in arr["top_prompt"]])
-        pos = np.concatenate([v.reshape(-1, d_ff) for v in arr["top_pos"]])
-        order = np.argsort(-vals, axis=0, kind="stable")[:top_k]  # (k, d_ff)
-        k = order.shape[0]
+        pieces = read_top(store.top_state(run_id, layer), d_ff) + read_top(parts, d_ff)
+        vals, prompt, pos = merge_top(pieces, top_k, chunk_prompts)  # (k, d_ff) each
+        k = vals.shape[0]
         top["layer"].append(np.full(k * d_ff, layer, np.int32))
         top["neuron"].append(np.repeat(np.arange(d_ff, dtype=np.int32), k))
         top["rank"].append(np.tile(np.arange(k, dtype=np.int32), d_ff))
         for name, source in (("prompt_idx", prompt), ("pos", pos), ("value", vals)):
-            top[name].append(np.take_along_axis(source, order, 0).T.reshape(-1))
+            top[name].append(source.T.reshape(-1))
     top = {name: np.concatenate(chunks) for name, chunks in top.items()}
     return layer_rows, top

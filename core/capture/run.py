@@ -17,11 +17,12 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from core import models
 from core.capture import experts as expert_routes
-from core.capture.reduce import ChunkReducer
+from core.capture.reduce import ChunkReducer, merge_top, read_top, split_top, top_rows
 from core.models import LoadedModel
 from core.progress import Progress
 from core.prompts import PromptSet, as_prompt_set, encode, token_limit
@@ -138,6 +139,9 @@ def capture(
             progress(reported, total, "resuming" if done else "capturing")
         norms = [models.down_column_norms(lm.model, layer) for layer in range(info.n_layers)]
         budget = token_budget(lm, encoded, config)
+        # one running merge of the committed chunks' top examples, replaced with each chunk: per-chunk
+        # lists deleted when finalised left their blocks free in the file (a shard keeps its lists)
+        state = None if shard is not None else load_top(store, run_id, info.n_layers, info.d_ff)
         new_tokens = 0
         for chunk in mine:
             if chunk in done:
@@ -148,7 +152,8 @@ def capture(
             reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms, device=lm.info.device)
             routes = _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total, budget)
             seconds = time.perf_counter() - t0
-            _write_chunk(store, run_id, chunk, lo, encoded[lo:hi], lm.tokenizer, reducer, seconds, routes)
+            own = encoded[lo:hi]
+            state = _write_chunk(store, run_id, chunk, lo, own, lm.tokenizer, reducer, seconds, routes, state)
             reported += hi - lo
             new_tokens += reducer.n_tokens
         if shard is not None:
@@ -312,8 +317,23 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, 
     return counts
 
 
-def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds, routes=None) -> None:
-    """Everything a chunk produced, committed by the store in one transaction."""
+def load_top(store: Store, run_id: str, n_layers: int, d_ff: int) -> list:
+    """The run's running top examples as one (L, k, d_ff) piece for merge_top; none before a chunk."""
+    layers = [read_top(store.top_state(run_id, layer), d_ff) for layer in range(n_layers)]
+    if not all(layers):
+        return []
+    return [tuple(np.stack([layer[0][i] for layer in layers]) for i in range(3))]
+
+
+def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds, routes=None, state=()):
+    """Everything a chunk produced, committed by the store in one transaction, with the run's top
+    examples merged over every committed chunk: `state` before this chunk, returned after it (a
+    shard, state None, keeps the chunk's own instead)."""
+    rows, top = split_top(reducer.partials(lo))
+    if state is None:
+        rows += top_rows(top)
+    else:
+        state = [merge_top([*state, top], reducer.config.top_k, reducer.config.chunk_prompts)]
     n = len(encoded)
     tokens = {"prompt_idx": [], "pos": [], "token_id": [], "token": [], "truncated": []}
     for i, e in enumerate(encoded):
@@ -330,10 +350,12 @@ def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds,
         acts=[reducer.prompt_means[i] for i in range(n)],
         bits=[reducer.prompt_bits[i] for i in range(n)],
         tokens=tokens,
-        partials=reducer.partials(lo) + expert_routes.partials(routes),  # MoE: the router's choices
+        partials=rows + expert_routes.partials(routes),  # MoE: the router's choices
+        top_state=None if state is None else top_rows(state[0]),
         n_tokens=reducer.n_tokens,
         seconds=seconds,
     )
+    return state
 
 
 def finalise(store: Store, run_id: str, n_layers: int, config: CaptureConfig) -> int:
@@ -341,6 +363,6 @@ def finalise(store: Store, run_id: str, n_layers: int, config: CaptureConfig) ->
     from core.capture.reduce import merge_partials
 
     n_tokens, seconds = store.chunk_totals(run_id)
-    layer_rows, top_rows = merge_partials(store, run_id, n_layers, config.top_k, n_tokens)
-    store.finish_run(run_id, layer_rows, top_rows, n_tokens, seconds)
+    layer_rows, top = merge_partials(store, run_id, n_layers, config.top_k, n_tokens, config.chunk_prompts)
+    store.finish_run(run_id, layer_rows, top, n_tokens, seconds)
     return n_tokens

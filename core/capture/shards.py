@@ -2,7 +2,9 @@
 
 A shard is a capture of every N-th chunk of a run into its own DuckDB file with the same tables.
 Merging copies the shards' chunk rows into the cache and finalises the run exactly as an
-unsharded capture would (chunk partials are merged in chunk order, whoever computed them).
+unsharded capture would (chunk partials are summed in chunk order, whoever computed them; the
+chunks' top examples are merged into the run's running top examples as they arrive, in an order
+that makes the result the same whatever the order of the shards).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from core import settings
 from core.capture import run as capture
+from core.capture.reduce import merge_top, read_top
 from core.errors import BricklabError
 from core.progress import Progress
 from core.prompts import Prompt, PromptSet
 from core.store import Store
+from core.store.schema import TOP_ARRAYS
 
 
 def export_shard(path: str | Path) -> dict[str, pa.Table]:
@@ -45,9 +50,66 @@ def merge_tables(store: Store, tables: dict[str, pa.Table]) -> list[str]:
             row.update(status="incomplete", n_tokens=None, seconds=None)
             prompts = [r for r in tables["prompts"].to_pylist() if r["run_id"] == run_id]
             new_run = (row, [(p["prompt_idx"], p["prompt_id"], p["category"], p["text"]) for p in prompts])
-        new_chunks = [c for c in _chunks_of(tables["chunks"], run_id) if c not in done]
-        store.add_shard_chunks(run_id, tables, new_chunks, int(captured_with["chunk_prompts"]), new_run)
+        shard_chunks = _chunks_of(tables["chunks"], run_id)
+        new_chunks = [c for c in shard_chunks if c not in done]
+        top = _merged_top(store, run, tables, shard_chunks, new_chunks)
+        chunk_prompts = int(captured_with["chunk_prompts"])
+        store.add_shard_chunks(run_id, tables, new_chunks, chunk_prompts, new_run, top)
     return run_ids
+
+
+def _merged_top(store, run, tables, shard_chunks, new_chunks) -> list | None:
+    """The run's top examples with those of the shard's new chunks merged in, as `top_state` rows.
+
+    A shard holds each chunk's own top examples (`chunk_arrays`, from every bricklab version); a file
+    of a capture without --shard holds their running merge (`top_state`) as well, which cannot be
+    split by chunk, so it merges only when every chunk of it is new.
+    """
+    run_id, settings_ = run["run_id"], json.loads(run["settings"])
+    if not new_chunks:
+        return None
+    if run["status"] == "complete":
+        raise BricklabError(
+            f"The file holds the finished run {run_id}, not a shard of it.",
+            "Give shard files written by capture --shard.",
+        )
+    per_chunk = _rows_of(tables["chunk_arrays"], run_id)
+    per_chunk = per_chunk.filter(pc.is_in(per_chunk["chunk"], pa.array(new_chunks, per_chunk["chunk"].type)))
+    tops = [per_chunk.filter(pc.is_in(per_chunk["name"], pa.array(TOP_ARRAYS)))]
+    state = _rows_of(tables.get("top_state"), run_id)
+    if state is not None and state.num_rows:
+        if sorted(new_chunks) != sorted(shard_chunks):
+            raise BricklabError(
+                f"Run {run_id}: the file overlaps chunks already merged, and its top examples are merged "
+                "over all its chunks, so they cannot be taken for its new chunks alone.",
+                "Capture the missing chunks with capture --shard, or merge the file into a fresh cache.",
+            )
+        tops.append(state)
+    elif set(new_chunks) - set(tops[0]["chunk"].to_pylist()):
+        what = f"Run {run_id}: some of the shard's chunks hold no top examples."
+        raise BricklabError(what, "Capture the shard again.")
+    rows = []
+    for layer in range(run["n_layers"]):
+        pieces = read_top(store.top_state(run_id, layer), run["d_ff"])
+        for table in tops:
+            pieces += read_top(_payloads(table.filter(pc.equal(table["layer"], layer))), run["d_ff"])
+        merged = merge_top(pieces, int(settings_["top_k"]), int(settings_["chunk_prompts"]))
+        rows += [(layer, name, a) for name, a in zip(TOP_ARRAYS, merged, strict=True)]
+    return rows
+
+
+def _rows_of(table: pa.Table | None, run_id: str) -> pa.Table | None:
+    return None if table is None else table.filter(pc.equal(table["run_id"], run_id))
+
+
+def _payloads(table: pa.Table) -> dict[str, list[bytes]]:
+    """name -> payloads, in chunk order where the table has chunks."""
+    if "chunk" in table.column_names:
+        table = table.sort_by("chunk")
+    out: dict[str, list[bytes]] = {}
+    for name, data in zip(table["name"].to_pylist(), table["data"].to_pylist(), strict=True):
+        out.setdefault(name, []).append(data)
+    return out
 
 
 def _chunks_of(chunks: pa.Table, run_id: str) -> list[int]:

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from core.errors import BricklabError
 from core.store import codec, faults
-from core.store.schema import CHUNK_TABLES
+from core.store.schema import CHUNK_TABLES, TOP_ARRAYS
 
 
 class ChunkTables:
@@ -33,12 +33,15 @@ class ChunkTables:
         partials: list[tuple[int, str, np.ndarray]],
         n_tokens: int,
         seconds: float,
+        top_state: list[tuple[int, str, np.ndarray]] | None = None,
     ) -> None:
         """Everything a chunk produced, in one transaction: it lands whole or not at all.
 
         acts and bits: per prompt of the chunk (from `first_prompt` on), per layer, the mean |a| and
         the packed firing bits. tokens: the columns prompt_idx, pos, token_id, token, truncated of
         the prompts' own tokens. partials: (layer, name, array) rows that `finish_run` sums.
+        top_state: (layer, name, array) rows that replace the run's `top_state`, in the same transaction
+        (its old rows' blocks are free for the next chunk once committed).
         """
         n_layers = len(acts[0]) if acts else 0
         prompt_idx = np.repeat(np.arange(first_prompt, first_prompt + len(acts), dtype=np.int32), n_layers)
@@ -62,12 +65,15 @@ class ChunkTables:
         }
         # the arrays' bytes, plus ~16 bytes a token row (ids, positions, short strings)
         needs = means.nbytes + packed.nbytes + partial_columns["data"].nbytes + 16 * len(tokens["token_id"])
+        needs += sum(r[2].nbytes for r in top_state or ())
         with self.write(needs=needs) as cur:
             base = {"run_id": [run_id] * len(means), "prompt_idx": prompt_idx, "layer": layer_idx}
             self.insert(cur, "prompt_acts", {**base, "mean_abs": means})
             self.insert(cur, "firing", {**base, "bits": packed})
             self.insert(cur, "tokens", token_columns)
             self.insert(cur, "chunk_arrays", partial_columns)
+            if top_state is not None:
+                _replace_top_state(self, cur, run_id, top_state)
             cur.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", [run_id, chunk, n_tokens, seconds])
 
     @faults.guarded
@@ -92,6 +98,20 @@ class ChunkTables:
         return parts
 
     @faults.guarded
+    def file_blocks(self) -> tuple[int, int, int]:
+        """(used, free, bytes per block) of the cache file: deleted rows leave free blocks that DuckDB
+        reuses for later writes but never gives back to the disk."""
+        sql = "SELECT used_blocks, free_blocks, block_size FROM pragma_database_size()"
+        used, free, size = self.cursor().execute(sql).fetchall()[0]
+        return int(used), int(free), int(size)
+
+    @faults.guarded
+    def top_state(self, run_id: str, layer: int) -> dict[str, list[bytes]]:
+        """One layer's running top examples: name -> [payload] ({} before the first chunk)."""
+        sql = "SELECT name, data FROM top_state WHERE run_id = ? AND layer = ?"
+        return {name: [bytes(data)] for name, data in self.cursor().execute(sql, [run_id, layer]).fetchall()}
+
+    @faults.guarded
     def finish_run(
         self,
         run_id: str,
@@ -101,7 +121,7 @@ class ChunkTables:
         seconds: float,
     ) -> None:
         """In one transaction: the final per-layer arrays and top examples replace any earlier ones,
-        the chunk partials go, and the run is marked complete."""
+        the chunk partials and running top examples go, and the run is marked complete."""
         layer_columns = {
             "run_id": [run_id] * len(layer_rows),
             "layer": pa.array([r[0] for r in layer_rows], pa.int32()),
@@ -116,6 +136,7 @@ class ChunkTables:
             self.insert(cur, "layer_arrays", layer_columns)
             self.insert(cur, "top_examples", {"run_id": pa.repeat(pa.scalar(run_id), n_top), **top_rows})
             cur.execute("DELETE FROM chunk_arrays WHERE run_id = ?", [run_id])
+            cur.execute("DELETE FROM top_state WHERE run_id = ?", [run_id])
             cur.execute(
                 "UPDATE runs SET status = 'complete', n_tokens = ?, seconds = ?, "
                 "finished = current_timestamp WHERE run_id = ?",
@@ -124,7 +145,8 @@ class ChunkTables:
 
     @staticmethod
     def read_shard(path: str | Path) -> dict[str, pa.Table]:
-        """Every run row and chunk row of a shard file, as Arrow tables (cheap to ship between machines)."""
+        """Every run row and chunk row of a shard file, as Arrow tables (cheap to ship between machines),
+        with its running top examples (`top_state`, empty in a shard or a file of an older bricklab)."""
         path = Path(path)
         if not path.is_file():
             raise BricklabError(f"The shard '{path}' does not exist.", "Check the path.")
@@ -134,10 +156,11 @@ class ChunkTables:
             raise _not_a_shard(path, exc) from exc
         try:
             # the names come from the schema's own constants, never from the caller
-            return {
-                name: con.sql(f"SELECT * FROM {name}").to_arrow_table()
-                for name in ("runs", "prompts", *CHUNK_TABLES)
-            }
+            names = ["runs", "prompts", *CHUNK_TABLES]
+            sql = "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'top_state'"
+            if con.execute(sql).fetchall()[0][0]:
+                names.append("top_state")
+            return {name: con.sql(f"SELECT * FROM {name}").to_arrow_table() for name in names}
         except duckdb.Error as exc:
             raise _not_a_shard(path, exc) from exc
         finally:
@@ -151,14 +174,29 @@ class ChunkTables:
         chunks: list[int],
         chunk_prompts: int,
         new_run: tuple[dict, list[tuple]] | None = None,
+        top_state: list[tuple[int, str, np.ndarray]] | None = None,
     ) -> None:
         """Copy the rows of a shard's `chunks` of one run into the cache in one transaction; with
-        `new_run` = (runs row, prompt rows) the run is created in that same transaction."""
+        `new_run` = (runs row, prompt rows) the run is created in that same transaction. The chunks'
+        top examples are not copied: `top_state` (the run's, with theirs merged in) replaces the run's."""
         with self.write() as cur:
             if new_run is not None:
                 self.create_run(cur, *new_run)
             for name in CHUNK_TABLES:
                 _insert_chunk_rows(cur, name, tables[name], run_id, chunks, chunk_prompts)
+            if top_state is not None:
+                _replace_top_state(self, cur, run_id, top_state)
+
+
+def _replace_top_state(store, cur, run_id: str, rows: list[tuple[int, str, np.ndarray]]) -> None:
+    cur.execute("DELETE FROM top_state WHERE run_id = ?", [run_id])
+    columns = {
+        "run_id": [run_id] * len(rows),
+        "layer": pa.array([r[0] for r in rows], pa.int32()),
+        "name": [r[1] for r in rows],
+        "data": codec.blob_column([r[2] for r in rows]),
+    }
+    store.insert(cur, "top_state", columns)
 
 
 def _not_a_shard(path: Path, exc: Exception) -> BricklabError:
@@ -173,7 +211,10 @@ def _insert_chunk_rows(cur, name, table, run_id, chunks, chunk_prompts) -> None:
         return
     cur.register("_shard_rows", table)
     try:
-        if "chunk" in table.column_names:
+        if name == "chunk_arrays":  # top examples: merged into top_state instead
+            where = "chunk IN (SELECT unnest(?)) AND name NOT IN (SELECT unnest(?))"
+            params = [run_id, chunks, list(TOP_ARRAYS)]
+        elif "chunk" in table.column_names:
             where, params = "chunk IN (SELECT unnest(?))", [run_id, chunks]
         else:
             where, params = "prompt_idx // ? IN (SELECT unnest(?))", [run_id, chunk_prompts, chunks]

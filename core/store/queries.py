@@ -1,6 +1,6 @@
 """The store's queries about single neurons and tokens: a neuron's statistics and top examples with
 their prompts, prompts' tokens, the neurons whose top examples read a given token, every token of a
-run in firing order, and where a token occurs.
+run in firing order, where a token occurs, and the token sample whose firing bits bricks read.
 """
 
 from __future__ import annotations
@@ -98,3 +98,24 @@ class NeuronQueries:
         for idx, pos in self.cursor().execute(sql, [run_id, needle, int(max_prompts)]).fetchall():
             out.setdefault(idx, []).append(pos)
         return out
+
+    # the token sample: the tokens whose firing bits are kept (issue #16). A format-2 run keeps every
+    # token's, so its sample is the whole run; core.bricks.firing is the one reader.
+
+    @faults.guarded
+    def sample_complete(self, run_id: str) -> bool:
+        """Whether the run's token sample holds every token (True: this format stores every token's bits)."""
+        self.require_run(run_id)
+        return True
+
+    @faults.guarded
+    def sample_rows(self, run_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_idx int32, pos int32) of each token in the sample, in the order of `firing_sample` rows."""
+        sql = "SELECT prompt_idx, pos FROM tokens WHERE run_id = ? ORDER BY prompt_idx, pos"
+        got = self.cursor().execute(sql, [run_id]).fetchnumpy()
+        return np.asarray(got["prompt_idx"], np.int32), np.asarray(got["pos"], np.int32)
+
+    def firing_sample(self, run_id: str, layer: int) -> np.ndarray:
+        """Packed firing bits of one layer over the sample's tokens: uint64 (n_sample, words), rows in
+        `sample_rows` order (every token of the run, as `firing_bits`)."""
+        return self.firing_bits(run_id, layer)

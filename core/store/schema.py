@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS firing (       -- uint64 (n_tokens, ceil(d_ff/64)): n
 CREATE TABLE IF NOT EXISTS chunk_arrays ( -- per-chunk partial reductions, summed when finalised
     run_id VARCHAR, chunk INTEGER, layer INTEGER, name VARCHAR, data BLOB
 );
+CREATE TABLE IF NOT EXISTS top_state (    -- top examples merged over the committed chunks, replaced with
+    run_id VARCHAR, layer INTEGER, name VARCHAR, data BLOB  -- each chunk; gone when finalised
+);
 CREATE TABLE IF NOT EXISTS layer_arrays ( -- final per-layer arrays: histograms, neuron means
     run_id VARCHAR, layer INTEGER, name VARCHAR, data BLOB
 );
@@ -52,6 +55,7 @@ RUN_TABLES = (
     "prompt_acts",
     "firing",
     "chunk_arrays",
+    "top_state",
     "layer_arrays",
     "top_examples",
     "results",
@@ -59,6 +63,8 @@ RUN_TABLES = (
 
 # The tables a committed chunk writes rows to: what a shard hands over to be merged.
 CHUNK_TABLES = ("chunks", "prompt_acts", "firing", "tokens", "chunk_arrays")
+# The `chunk_arrays` and `top_state` names of top examples: (k, d_ff) value, prompt and position.
+TOP_ARRAYS = ("top_val", "top_prompt", "top_pos")
 
 
 @dataclass(frozen=True)

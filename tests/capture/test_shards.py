@@ -5,6 +5,7 @@ import pytest
 
 from core.capture import run as capture
 from core.capture import shards
+from core.errors import BricklabError
 from core.store import Store
 
 CONFIG = capture.CaptureConfig(chunk_prompts=4, batch_size=3)
@@ -90,3 +91,43 @@ def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, re
     finally:
         store.close()
         ray.shutdown()
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_file_of_a_stopped_capture_merges_only_whole(tiny_lm, small_prompts, tmp_path, reference):
+    """Without --shard a file holds its chunks' top examples merged into one: it merges into a cache
+    without any of its chunks, and is refused, saying what to do, by one that has some of them."""
+
+    def stop(done, total, what):
+        if what == "capturing" and done > 2 * CONFIG.chunk_prompts:
+            raise Stop
+
+    stopped = Store(tmp_path / "stopped.duckdb")
+    with pytest.raises(Stop):
+        capture.capture(tiny_lm, small_prompts, stopped, CONFIG, progress=stop)
+    assert stopped.done_chunks(reference[0]) == {0, 1}
+    stopped.close()
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"shard{i}.duckdb")
+        store = Store(paths[-1])
+        capture.capture(tiny_lm, small_prompts, store, CONFIG, shard=(i, 2))
+        store.close()
+    overlapping = Store(tmp_path / "overlapping.duckdb")
+    shards.merge(overlapping, paths[:1])  # chunks 0, 2, 4
+    with pytest.raises(BricklabError, match="overlaps chunks already merged"):
+        shards.merge(overlapping, [tmp_path / "stopped.duckdb"])
+    overlapping.close()
+    store = Store(tmp_path / "merged.duckdb")
+    shards.merge(store, [tmp_path / "stopped.duckdb"])
+    merged, missing = shards.merge(store, paths)  # chunks 0 and 1 are there already
+    assert merged == [reference[0]] and missing == []
+    assert_same(snapshot(store, merged[0]), reference[1])
+    store.close()
+    other = Store(tmp_path / "other.duckdb")
+    with pytest.raises(BricklabError, match="finished run"):
+        shards.merge(other, [tmp_path / "merged.duckdb"])
+    other.close()

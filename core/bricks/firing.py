@@ -1,0 +1,81 @@
+"""The one reader of a run's per-token firing (issue #16): exact co-activation counts per layer, over
+all tokens or the tokens of some prompts, and the firing bits of the run's token sample with the
+tokens they belong to. Candidates, coherence, distinctive tokens and explanations read only this.
+
+Today every token's bits are stored (the sample is the whole run), so counts come from the bits. A
+run that keeps a bounded sample plus stored counts changes this module, not its readers: counts then
+come from the store, and the sample stays what the readers that need single tokens see.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from core.errors import BricklabError
+from core.kernels import coact as kernels
+from core.store import Run, Store
+
+
+class RunFiring:
+    """A run's per-token firing as bricks read it; reads lazily, each query once.
+
+    Counting stays here, not in the store: core/store does SQL and bytes, core/bricks computes."""
+
+    def __init__(self, store: Store, run: Run):
+        self.store, self.run = store, run
+
+    @functools.cached_property
+    def complete(self) -> bool:
+        """Whether the sample holds every token of the run (then its bits give exact counts)."""
+        return self.store.sample_complete(self.run.run_id)
+
+    @functools.cached_property
+    def token_prompts(self) -> np.ndarray:
+        """int32 (n_tokens,): the prompt of every token of the run, in (prompt, position) order."""
+        return self.store.token_prompts(self.run.run_id)
+
+    @functools.cached_property
+    def sample_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_idx int32, pos int32) of each sample row: the rows of `sample`."""
+        return self.store.sample_rows(self.run.run_id)
+
+    @functools.cached_property
+    def sample_index(self) -> np.ndarray:
+        """int64 (n_sample,): each sample row's index among the run's tokens (`token_prompts` order);
+        positions number a prompt's own tokens from 0, as the capture writes them."""
+        prompt, pos = self.sample_rows
+        starts = np.concatenate(
+            [[0], np.cumsum(np.bincount(self.token_prompts, minlength=self.run.n_prompts))]
+        )
+        return starts[prompt].astype(np.int64) + pos
+
+    def sample(self, layer: int) -> np.ndarray:
+        """uint64 (n_sample, words): one layer's packed firing bits over the sample's tokens."""
+        return self.store.firing_sample(self.run.run_id, int(layer))
+
+    def n_tokens(self, prompts: np.ndarray | None = None) -> int:
+        """How many of the run's tokens belong to the prompts where `prompts` (bool) is True (all)."""
+        return len(self.token_prompts) if prompts is None else int(prompts[self.token_prompts].sum())
+
+    def counts(self, layer: int) -> np.ndarray:
+        """int32 (d_ff, d_ff): co-activation counts of one layer over every token of the run."""
+        return kernels.coactivation_counts(self._exact(layer), self.run.d_ff)
+
+    def split_counts(self, layer: int, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int32 (d_ff, d_ff) twice: one layer's co-activation counts over the tokens of the prompts
+        where `prompts` (bool, per prompt) is True, and over the rest; they sum to `counts`."""
+        bits = self._exact(layer)
+        rows = prompts[self.sample_rows[0]]
+        return tuple(kernels.coactivation_counts(bits[r], self.run.d_ff) for r in (rows, ~rows))
+
+    def _exact(self, layer: int) -> np.ndarray:
+        """The sample's bits, where they cover every token (counts of a partial sample are not exact)."""
+        if not self.complete:
+            raise BricklabError(
+                f"Run '{self.run.run_id}' keeps the firing of only a sample of its tokens, and this version "
+                "of bricklab cannot count co-activations from it.",
+                "Capture the run again with this version, or upgrade bricklab.",
+            )
+        return self.sample(layer)
