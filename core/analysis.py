@@ -1,6 +1,5 @@
 """The paper's analysis of a captured run: sparsity, functionality scores, the ablation and overlap
-matrices of the categories' top neurons, and recombination; each section cached in the store. The
-ablation matrix without resident neurons (a control) is computed only on demand (ON_DEMAND).
+matrices of the categories' top neurons, and recombination; each section cached in the store.
 """
 
 from __future__ import annotations
@@ -116,7 +115,6 @@ class Analysis:
         # mask key -> {prompt text: loss}: a prompt is measured once per mask (the unmasked one's key is
         # "base"), so equal sets, the shared baseline and subsets of measured prompts cost nothing
         self._known: dict = {}
-        self._baselines: set = set()  # the unmasked evaluations asked for: each is one step of the plan
         # numba's OpenMP kernels (the scores) reset the process-wide thread count that torch shares
         self.threads = torch.get_num_threads()
 
@@ -146,10 +144,6 @@ class Analysis:
     def _losses(self, key, mask: Callable[[], dict | None], per_category: int | None, texts) -> np.ndarray:
         """Per category, the mean loss of its prompts under `mask()`; prompts already measured under
         `key` (None: never memoised) are not measured again."""
-        # the plan (`planned`) counts each masked call and each baseline once, measured or not
-        baseline = (per_category, texts is None)
-        step = key != "base" or baseline not in self._baselines
-        self._baselines.add(baseline)
         texts = [t[:per_category] for t in (self.eval_texts if texts is None else texts)]
         known = self._known.setdefault(key, {}) if key is not None else {}
         todo = list(dict.fromkeys(t for group in texts for t in group if t not in known))
@@ -160,7 +154,7 @@ class Analysis:
                 self.lm, todo, c.batch_size, mask(), max_tokens=c.max_tokens, counts=self.counts
             )
             known.update(zip(todo, loss, strict=True))
-        if step:
+        if todo or key != "base":  # the plan counts each masked call, and each baseline measured
             self.done += 1
             if self.progress:
                 self.progress(self.done, self.planned, "evaluating")
@@ -338,10 +332,6 @@ SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[ReportConfig, int], int], s
     "recombination": (("seed", "eval_per_category", "recombine", "recombine_percents", "max_tokens", "rule"),
                       lambda c, n: 2 * len(c.recombine_percents), "full"),
 }  # fmt: skip
-# Computed only when asked for (`extra=`): the ablation matrix again without resident neurons is a
-# control that costs as much as the matrix itself, so a preparation and a first report leave it out
-ON_DEMAND = ("ablation_matrix_no_resident",)
-ALWAYS = tuple(name for name in SECTIONS if name not in ON_DEMAND)
 
 
 def _params(config: ReportConfig) -> dict[str, dict]:
@@ -358,44 +348,12 @@ def default_run(store: Store) -> Run:
     return max(done, key=lambda r: r.n_prompts)
 
 
-def _wanted(extra: tuple[str, ...]) -> list[str]:
-    unknown = set(extra) - set(ON_DEMAND)
-    if unknown:
-        raise ValueError(f"extra sections must be among {ON_DEMAND}, got {sorted(unknown)}")
-    return [name for name in SECTIONS if name in ALWAYS or name in extra]
-
-
 def missing_sections(
-    store: Store,
-    run_id: str | None = None,
-    config: ReportConfig = ReportConfig(),
-    extra: tuple[str, ...] = (),
+    store: Store, run_id: str | None = None, config: ReportConfig = ReportConfig()
 ) -> list[str]:
-    """Sections not cached yet for this run and configuration (those need the model): the ALWAYS
-    sections, and the ON_DEMAND ones named in `extra`."""
+    """Sections not cached yet for this run and configuration (those need the model)."""
     run = store.require_run(run_id)
-    params = _params(config)
-    return [n for n in _wanted(extra) if store.get_result(run.run_id, f"analysis.{n}", params[n]) is None]
-
-
-def planned(config: ReportConfig, n_categories: int, sections) -> int:
-    """Progress steps (evaluations counted by Analysis.done) that computing `sections` takes."""
-    baselines = {SECTIONS[name][2] for name in sections} - {None}
-    steps = len(baselines) + sum(SECTIONS[name][1](config, n_categories) for name in sections)
-    if config.rule == "validated":  # a selection-half baseline, and the bands of each top set selected
-        plain = bool({"ablation_matrix", "overlap"} & set(sections))
-        variants = plain + ("ablation_matrix_no_resident" in sections)  # with and without resident neurons
-        steps += bool(variants) + variants * n_categories * VALIDATE_BANDS
-    return steps
-
-
-def prompt_evaluations(config: ReportConfig, n_categories: int, sections) -> int:
-    """Held-out prompts run through the model (masked or not) to compute `sections`: what their
-    time grows with, e.g. to estimate one section's share of a measured analysis."""
-    per = {"sparsity": config.sparsity_per_category, "full": config.eval_per_category}
-    baselines = {SECTIONS[name][2] for name in sections} - {None}
-    masked = sum(SECTIONS[name][1](config, n_categories) * per.get(SECTIONS[name][2], 0) for name in sections)
-    return n_categories * (masked + sum(per[b] for b in baselines))
+    return [n for n, p in _params(config).items() if store.get_result(run.run_id, f"analysis.{n}", p) is None]
 
 
 def report(
@@ -405,19 +363,16 @@ def report(
     config: ReportConfig = ReportConfig(),
     progress: Progress | None = None,
     counts: dict | None = None,
-    extra: tuple[str, ...] = (),
 ) -> dict:
     """Every section of the analysis as one JSON-ready dict; cached sections compute nothing.
 
-    The ALWAYS sections are computed when missing, the ON_DEMAND ones only when named in `extra`
-    (e.g. `extra=ON_DEMAND`); an ON_DEMAND section neither cached nor asked for is None.
     `lm` is needed only for sections that are not cached yet (it may be None when all are). `counts`,
     when given, receives what the evaluations cost (core.live.evaluate.loss_per_prompt's counts).
     """
     run = store.require_run(run_id)
     params = _params(config)
     out = {name: store.get_json(run.run_id, f"analysis.{name}", params[name]) for name in SECTIONS}
-    missing = [name for name in _wanted(extra) if out[name] is None]
+    missing = [name for name, cached in out.items() if cached is None]
     if missing:
         if lm is None:
             raise BricklabError(
@@ -426,7 +381,11 @@ def report(
         analysis = Analysis(store, lm, run.run_id, config, progress)
         if counts is not None:
             analysis.counts = counts
-        analysis.planned = planned(config, len(analysis.categories), missing)
+        n_cat = len(analysis.categories)
+        baselines = {SECTIONS[name][2] for name in missing} - {None}
+        analysis.planned = len(baselines) + sum(SECTIONS[name][1](config, n_cat) for name in missing)
+        if config.rule == "validated" and set(missing) - {"sparsity", "functionality", "recombination"}:
+            analysis.planned += 1 + n_cat * VALIDATE_BANDS * 2  # with and without resident neurons
         for name in missing:
             result = _compute(analysis, name)
             result = _finite(result)

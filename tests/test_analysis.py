@@ -15,16 +15,14 @@ QUICK = analysis.ReportConfig().quick()
 
 @pytest.fixture(scope="module")
 def reported(small_run, tiny_lm, tmp_path_factory):
-    """(store path, run id, report, its evaluation counts, its progress calls (done, total)) of a cold
-    quick report on a private copy of the tiny run."""
+    """(store path, run id, report) of a quick report on a private copy of the tiny run."""
     path, run_id = small_run
     copy = tmp_path_factory.mktemp("analysis") / "copy.duckdb"
     shutil.copy(path, copy)
     store = Store(copy)
-    counts, steps = {}, []
-    result = analysis.report(store, tiny_lm, run_id, QUICK, lambda d, t, m: steps.append((d, t)), counts)
+    result = analysis.report(store, tiny_lm, run_id, QUICK)
     store.close()
-    return copy, run_id, result, counts, steps
+    return copy, run_id, result
 
 
 @pytest.fixture
@@ -55,9 +53,10 @@ def test_report_shapes(reported):
     r = reported[2]
     n = len(r["ablation_matrix"]["categories"])
     assert n == 7
-    m = r["ablation_matrix"]
-    assert np.array(m["increase_pct"]).shape == (n, n) and len(m["random"]) == n
-    assert np.isfinite(m["increase_pct"]).all() and len(m["diagonal_dominant"]) == n
+    for name in ("ablation_matrix", "ablation_matrix_no_resident"):
+        m = r[name]
+        assert np.array(m["increase_pct"]).shape == (n, n) and len(m["random"]) == n
+        assert np.isfinite(m["increase_pct"]).all() and len(m["diagonal_dominant"]) == n
     assert r["ablation_matrix"]["neurons_per_category"] == round(0.05 * 2 * 96)
     assert np.array(r["sparsity"]["indicators"]["abs"]["cdf"]).shape == (2, 100)
     assert r["sparsity"]["indicators"]["output"]["cdf"][1][-1] == pytest.approx(1.0)
@@ -68,65 +67,6 @@ def test_report_shapes(reported):
     assert r["overlap"]["random_expectation"] == pytest.approx(10 / 192, abs=1e-4)
     row = r["recombination"]["rows"][0]
     assert len(row["loss"]) == n and 10 / 192 - 1e-4 <= row["share_kept"] <= 20 / 192 + 1e-4  # two sets of 10
-
-
-def test_a_report_leaves_the_on_demand_control_out_and_its_progress_reaches_the_plan(reported, copy_store):
-    store, run_id = copy_store
-    _, _, r, counts, steps = reported
-    assert analysis.ON_DEMAND == ("ablation_matrix_no_resident",)
-    assert r["ablation_matrix_no_resident"] is None
-    assert analysis.missing_sections(store, run_id, QUICK) == []
-    assert analysis.missing_sections(store, run_id, QUICK, analysis.ON_DEMAND) == list(analysis.ON_DEMAND)
-    always = analysis.planned(QUICK, 7, analysis.ALWAYS)
-    # 2 baselines + 8 lowest-k masks + 7 rows and random + 6 keep-only: the control's 8 are not among them
-    assert always == 2 + 8 + 8 + 6 == analysis.planned(QUICK, 7, analysis.SECTIONS) - 8
-    assert steps[-1] == (always, always)  # the bar reaches its end
-    assert always - 2 <= counts["evaluations"] <= always  # a baseline's prompts may be measured already
-    with pytest.raises(ValueError, match="extra sections"):
-        analysis.missing_sections(store, run_id, QUICK, ("overlap",))
-
-
-def test_the_control_is_computed_when_asked_and_cached_under_its_old_key(
-    reported, tiny_lm, tmp_path, monkeypatch
-):
-    copy = tmp_path / "control.duckdb"
-    shutil.copy(reported[0], copy)
-    store, run_id = Store(copy), reported[1]
-    counts, steps = {}, []
-    progress = lambda d, t, m: steps.append((d, t))  # noqa: E731
-    r = analysis.report(store, tiny_lm, run_id, QUICK, progress, counts, extra=analysis.ON_DEMAND)
-    m = r["ablation_matrix_no_resident"]
-    assert np.array(m["increase_pct"]).shape == (7, 7) and len(m["random"]) == 7
-    assert m["excluded_resident"] == len(scores.resident_neurons(store, run_id))
-    assert {k: r[k] for k in analysis.ALWAYS} == {k: reported[2][k] for k in analysis.ALWAYS}
-    assert steps[-1] == (9, 9) and counts["evaluations"] == 9  # the baseline, 7 rows and random only
-    # the key it had when every report computed it: results cached before the split are still found
-    key = {"percent": 5.0, "seed": 0, "eval_per_category": 3, "max_tokens": 128, "rule": "ap"}
-    assert analysis._params(QUICK)["ablation_matrix_no_resident"] == key
-    assert store.get_json(run_id, "analysis.ablation_matrix_no_resident", key) == m
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a cached section evaluated the model")
-
-    monkeypatch.setattr(evaluate, "loss_per_prompt", forbidden)
-    assert (
-        analysis.report(store, None, run_id, QUICK)["ablation_matrix_no_resident"] == m
-    )  # shown once cached
-    assert analysis.report(store, None, run_id, QUICK, extra=analysis.ON_DEMAND) == r
-    store.close()
-
-
-@pytest.mark.parametrize("extra", [(), analysis.ON_DEMAND])
-def test_a_validated_report_reaches_its_plan(small_run, tiny_lm, tmp_path, extra):
-    copy = tmp_path / "validated.duckdb"
-    shutil.copy(small_run[0], copy)
-    store, steps = Store(copy), []
-    config = analysis.ReportConfig(rule="validated").quick()
-    analysis.report(store, tiny_lm, small_run[1], config, lambda d, t, m: steps.append((d, t)), extra=extra)
-    store.close()
-    sections = [*analysis.ALWAYS, *extra]
-    assert steps[-1] == (analysis.planned(config, 7, sections),) * 2
-    assert steps[-1][0] == 1 + 2 + 8 + 8 + 6 + 7 * analysis.VALIDATE_BANDS * (1 + len(extra)) + 8 * len(extra)
 
 
 def test_nothing_masked_gives_a_zero_row(copy_store, tiny_lm, monkeypatch):
@@ -276,7 +216,6 @@ def test_verdicts_say_holds_or_not_with_the_numbers():
 
 
 def test_verdicts_of_a_whole_report(reported):
-    assert reported[2]["ablation_matrix_no_resident"] is None  # the control is not needed for them
     v = analysis.verdicts(reported[2])
     assert set(v) == {"sparsity", "functionality", "ablation_matrix", "overlap", "recombination"}
     assert all(x["holds"] in (True, False, None) and "on this run" in x["text"] for x in v.values())

@@ -31,7 +31,6 @@ SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
         {
             "analysis_cold_s",
             "analysis_counts",
-            "resident_control_counts",
             "eval_ratio",
             "max_abs_loss_diff",
             "rules",
