@@ -1,10 +1,14 @@
 """The Paper analysis: its wall time cold (empty results cache) with batched evaluations and the
-tokens its evaluations ran (analysis_counts: core.live.evaluate.loss_per_prompt's counts), one
+tokens its evaluations ran (analysis_counts: core.live.evaluate.loss_per_prompt's counts); with
+--resident-control, then the on-demand ablation matrix without resident neurons alone (what the
+analysis computed before it was on demand: both, less one shared baseline evaluation); one
 evaluation (the held-out prompts, nothing masked) batched vs one prompt at a time with the losses
-compared, and with --rules the ablation matrix and selectivity of each selection rule.
+compared, and with --rules the ablation matrix and selectivity of each selection rule. With --compare,
+the cold analysis again as before masks shared their forward passes (one loss_per_prompt call per mask:
+the baseline, in the same run) and the ratio.
 Last line: one JSON object. One torch thread per core given by --threads (default 2).
-Run: python benchmarks/analysis.py [--db FILE] [--run ID] [--reps N] [--full-baseline]
-     [--rules ap,contrastive,no_resident,per_layer,validated] [--skip-timing] [--smoke]
+Run: python benchmarks/analysis.py [--db FILE] [--run ID] [--reps N] [--full-baseline] [--compare]
+     [--resident-control] [--rules ap,contrastive,no_resident,per_layer,validated] [--skip-timing] [--smoke]
 """
 
 import argparse
@@ -53,6 +57,54 @@ def one_evaluation(lm, a: analysis.Analysis, reps: int) -> dict:
     }
 
 
+def one_call_per_mask(lm, texts, masks, *args, **kwargs) -> np.ndarray:
+    """core.live.evaluate.losses_under as it ran before masks shared passes: a call per mask."""
+    kwargs.pop("on_pass", None)
+    return np.array([LOSSES_UNDER(lm, texts, [m], *args, **kwargs)[0] for m in masks]).reshape(len(masks), -1)
+
+
+LOSSES_UNDER = evaluate.losses_under
+
+
+def apart(store: Store, lm, run_id: str, config: analysis.ReportConfig, shared_s: float) -> dict:
+    """The cold analysis again with a loss_per_prompt call per mask (the baseline), and the ratio."""
+    store.clear_results()
+    counts: dict = {}
+    evaluate.losses_under = one_call_per_mask
+    try:
+        seconds = timed(lambda: analysis.report(store, lm, run_id, config, counts=counts))[0]
+    finally:
+        evaluate.losses_under = LOSSES_UNDER
+    out = {"analysis_cold_apart_s": round(seconds, 1), "analysis_apart_counts": counts,
+           "analysis_apart_ratio": round(seconds / shared_s, 2)}  # fmt: skip
+    print(
+        f"Paper analysis cold, a call per mask (before): {out['analysis_cold_apart_s']} s; "
+        f"{counts.get('tokens', 0)} tokens ({counts.get('padded_tokens', 0)} padded), "
+        f"{counts.get('passes', 0)} passes; before / now = {out['analysis_apart_ratio']}x"
+    )
+    return out
+
+
+def resident_control(store: Store, lm, run_id: str, config: analysis.ReportConfig) -> dict:
+    """The on-demand section alone, after the report: its wall and CPU time and its counts."""
+    counts: dict = {}
+    started = time.process_time()
+    seconds = timed(
+        lambda: analysis.report(store, lm, run_id, config, counts=counts, extra=analysis.ON_DEMAND)
+    )[0]
+    out = {
+        "resident_control_s": round(seconds, 1),
+        "resident_control_cpu_s": round(time.process_time() - started, 1),
+        "resident_control_counts": counts,
+    }
+    print(
+        f"then the matrix without resident neurons: {out['resident_control_s']} s "
+        f"(process CPU {out['resident_control_cpu_s']} s); {counts.get('evaluations', 0)} evaluations, "
+        f"{counts.get('tokens', 0)} tokens"
+    )
+    return out
+
+
 def rule_matrices(store: Store, lm, run_id: str, rules: list[str], config: analysis.ReportConfig) -> dict:
     """Per rule: the ablation matrix on the held-out half (7 rows + random), its selectivity and
     diagonal; the unmasked and repeated evaluations are shared between rules."""
@@ -93,7 +145,13 @@ def main() -> None:
         "--full-baseline", action="store_true", help="also time the whole analysis one prompt at a time"
     )
     parser.add_argument(
+        "--compare", action="store_true", help="also the analysis with a call per mask (before), same run"
+    )
+    parser.add_argument(
         "--rules", default="", help="comma-separated selection rules to measure (see core report --rule)"
+    )
+    parser.add_argument(
+        "--resident-control", action="store_true", help="also the on-demand matrix without resident neurons"
     )
     parser.add_argument("--skip-timing", action="store_true", help="only the rules")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -109,6 +167,7 @@ def main() -> None:
             copy, args.run = _tiny.run(lm, tmp)
             config, args.reps = config.quick(), 1
             args.rules = args.rules or ",".join(scores.RULES)
+            args.resident_control = args.compare = True
         else:
             copy = Path(tmp) / "bench.duckdb"
             shutil.copy(args.db, copy)
@@ -136,6 +195,10 @@ def main() -> None:
                     f"{counts.get('evaluations', 0)} evaluations, {counts.get('tokens', 0)} tokens "
                     f"({counts.get('padded_tokens', 0)} padded), {counts.get('targets', 0)} predicted"
                 )
+                if args.resident_control:
+                    out |= resident_control(store, lm, run.run_id, config)
+                if args.compare:
+                    out |= apart(store, lm, run.run_id, config, out["analysis_cold_s"])
                 if args.full_baseline:
                     store.clear_results()
                     one = replace(config, batch_size=1)

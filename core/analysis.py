@@ -1,5 +1,6 @@
 """The paper's analysis of a captured run: sparsity, functionality scores, the ablation and overlap
-matrices of the categories' top neurons, and recombination; each section cached in the store.
+matrices of the categories' top neurons, and recombination; each section cached in the store. The
+ablation matrix without resident neurons (a control) is computed only on demand (ON_DEMAND).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class Analysis:
         # mask key -> {prompt text: loss}: a prompt is measured once per mask (the unmasked one's key is
         # "base"), so equal sets, the shared baseline and subsets of measured prompts cost nothing
         self._known: dict = {}
+        self._baselines: set = set()  # the unmasked evaluations asked for: each is one step of the plan
         # numba's OpenMP kernels (the scores) reset the process-wide thread count that torch shares
         self.threads = torch.get_num_threads()
 
@@ -127,38 +129,87 @@ class Analysis:
             return self._losses("base", lambda: None, per_category, texts)
         return self._losses(None, lambda: per_layer, per_category, texts)
 
+    def masked(self, per_layers: list[dict], per_category: int | None = None) -> np.ndarray:
+        """`losses` under each of several masks (never memoised) in shared forward passes:
+        (len(per_layers), categories)."""
+        masks = [lambda m=m: m for m in per_layers]
+        return self._losses_many([None] * len(per_layers), masks, per_category, None)
+
     def zeroed(self, ids, per_category: int | None = None, texts=None) -> np.ndarray:
         """`losses` with the given neurons zeroed; a set measured before is not measured again."""
-        return self._memoised("zero", ids, per_category, texts)
+        return self.zeroed_sets([ids], per_category, texts)[0]
+
+    def zeroed_sets(self, sets: list, per_category: int | None = None, texts=None) -> np.ndarray:
+        """`zeroed` of several sets in shared forward passes: (len(sets), categories)."""
+        return self._memoised("zero", sets, per_category, texts)
 
     def kept(self, ids) -> np.ndarray:
-        """`losses` with every neuron but the given ones zeroed (keep-only)."""
-        return self._memoised("keep", ids, None, None)
+        """`losses` with every neuron but the given ones zeroed (keep-only, run sparsely)."""
+        return self.kept_sets([ids])[0]
 
-    def _memoised(self, how: str, ids, per_category, texts) -> np.ndarray:
-        ids = np.unique(np.asarray(ids, dtype=np.int64))
+    def kept_sets(self, sets: list) -> np.ndarray:
+        """`kept` of several sets in shared forward passes: (len(sets), categories)."""
+        return self._memoised("keep", sets, None, None)
+
+    def _memoised(self, how: str, sets: list, per_category, texts) -> np.ndarray:
         n, d = self.run.n_layers, self.run.d_ff
         make = evaluate.masked_neurons if how == "zero" else evaluate.kept_neurons
-        return self._losses((how, ids.tobytes()), lambda: make(n, d, ids), per_category, texts)
+        unique = [np.unique(np.asarray(ids, dtype=np.int64)) for ids in sets]
+        keys = [(how, ids.tobytes()) for ids in unique]
+        return self._losses_many(
+            keys, [lambda ids=ids: make(n, d, ids) for ids in unique], per_category, texts
+        )
 
     def _losses(self, key, mask: Callable[[], dict | None], per_category: int | None, texts) -> np.ndarray:
         """Per category, the mean loss of its prompts under `mask()`; prompts already measured under
         `key` (None: never memoised) are not measured again."""
+        return self._losses_many([key], [mask], per_category, texts)[0]
+
+    def measure_baseline(self) -> None:
+        """Memoise the unmasked losses of every held-out prompt, outside the plan's steps: a section that
+        needs only some of them first (the sparsity curve) then finds them, instead of running its own
+        passes before the whole set's."""
+        self._losses_many(["base"], [lambda: None], None, None, counted=False)
+
+    def _losses_many(
+        self, keys: list, masks: list[Callable[[], dict | None]], per_category, texts, counted: bool = True
+    ) -> np.ndarray:
+        """`_losses` of several masks, (len(keys), categories): the masks with prompts to measure share
+        their forward passes (core.live.evaluate.losses_under)."""
+        # the plan (`planned`) counts each masked call and each baseline once, measured or not
+        baseline = (per_category, texts is None)
+        steps = sum(key != "base" or baseline not in self._baselines for key in keys) if counted else 0
+        if counted:
+            self._baselines.add(baseline)
         texts = [t[:per_category] for t in (self.eval_texts if texts is None else texts)]
-        known = self._known.setdefault(key, {}) if key is not None else {}
-        todo = list(dict.fromkeys(t for group in texts for t in group if t not in known))
+        flat = list(dict.fromkeys(t for group in texts for t in group))
+        known = [self._known.setdefault(key, {}) if key is not None else {} for key in keys]
+        todo: dict[int, dict] = {}  # memo (by identity: equal keys share one) -> the mask measuring it
+        for memo, mask in zip(known, masks, strict=True):
+            if any(t not in memo for t in flat):
+                todo.setdefault(id(memo), (memo, mask))
         if todo:
             torch.set_num_threads(self.threads)
             c = self.config
-            loss = evaluate.loss_per_prompt(
-                self.lm, todo, c.batch_size, mask(), max_tokens=c.max_tokens, counts=self.counts
-            )
-            known.update(zip(todo, loss, strict=True))
-        if todo or key != "base":  # the plan counts each masked call, and each baseline measured
-            self.done += 1
+            wanted = [t for t in flat if any(t not in memo for memo, _ in todo.values())]
+
+            def on_pass(done: int, total: int) -> None:
+                if self.progress and steps:
+                    self.progress(self.done + steps * done // total, self.planned, "evaluating")
+
+            loss = evaluate.losses_under(
+                self.lm, wanted, [mask() for _, mask in todo.values()], c.batch_size,
+                max_tokens=c.max_tokens, counts=self.counts, on_pass=on_pass,
+            )  # fmt: skip
+            for (memo, _), row in zip(todo.values(), loss, strict=True):
+                memo.update({t: v for t, v in zip(wanted, row, strict=True) if t not in memo})
+        if steps:
+            self.done += steps
             if self.progress:
                 self.progress(self.done, self.planned, "evaluating")
-        return np.array([np.nanmean([known[t] for t in group]) if group else np.nan for group in texts])
+        return np.array([
+            [np.nanmean([memo[t] for t in group]) if group else np.nan for group in texts] for memo in known
+        ])  # fmt: skip
 
     def top_sets(self, percent: float, exclude_resident: bool = False, rule: str | None = None) -> list:
         """Per category, the sorted global ids of its top `percent`% neurons under the rule."""
@@ -193,10 +244,8 @@ class Analysis:
         out, validated = [], []
         for c, ids in enumerate(wide):
             bands = [b for b in np.array_split(ids, VALIDATE_BANDS) if b.size]
-            margins = []
-            for band in bands:
-                increase = np.expm1(self.zeroed(band, texts=self.selection_texts) - base)
-                margins.append(increase[c] - np.nanmean(np.delete(increase, c)))
+            increases = np.expm1(self.zeroed_sets(bands, texts=self.selection_texts) - base)
+            margins = [increase[c] - np.nanmean(np.delete(increase, c)) for increase in increases]
             picked, passed = [], 0
             for g in np.argsort(-np.nan_to_num(margins, nan=-np.inf), kind="stable"):
                 band = bands[g][np.argsort(-ap[c, bands[g]], kind="stable")][: k - len(picked)]
@@ -225,10 +274,11 @@ class Analysis:
         per = self.config.sparsity_per_category
         norms = [models.down_column_norms(self.lm.model, layer) for layer in range(self.run.n_layers)]
         base = float(np.nanmean(self.losses(None, per)))
-        for name in ("abs", "output"):
-            masks = [evaluate.lowest_k_mask(k / 100, name, norms) if k else None for k in self.config.ks]
-            curve = [base if m is None else float(np.nanmean(self.losses(m, per))) for m in masks]
-            out["indicators"][name]["loss"] = curve
+        names, ks = ("abs", "output"), [k for k in self.config.ks if k]
+        masks = [evaluate.lowest_k_mask(k / 100, name, norms) for name in names for k in ks]
+        measured = iter(np.nanmean(self.masked(masks, per), axis=1).tolist())  # every mask in shared passes
+        for name in names:
+            out["indicators"][name]["loss"] = [next(measured) if k else base for k in self.config.ks]
         out.update(ks=list(self.config.ks), prompts_per_category=per)
         return out
 
@@ -249,8 +299,7 @@ class Analysis:
     def ablation(self, exclude_resident: bool) -> dict:
         sets = self.top_sets(self.config.percent, exclude_resident)
         base = self.losses(None)
-        rows = [self.zeroed(ids) for ids in sets]
-        control = self.zeroed(self.random_set(len(sets[0]), 1))
+        *rows, control = self.zeroed_sets([*sets, self.random_set(len(sets[0]), 1)])
         increase = lambda loss: (100 * np.expm1(loss - base)).round(2).tolist()  # noqa: E731
         matrix, random_row = increase(np.array(rows)), increase(control)
         excluded = exclude_resident or self.config.rule == "no_resident"
@@ -290,16 +339,19 @@ class Analysis:
         # "validated" measures bands per share; at the larger shares that would cost more than the rest
         rule = "ap" if self.config.rule == "validated" else self.config.rule
         base = self.losses(None)
-        rows = []
+        unions = []
         for percent in self.config.recombine_percents:
             sets = self.top_sets(percent, rule=rule)
-            union = np.unique(np.concatenate([sets[self.categories.index(c)] for c in chosen]))
-            rows.append({
-                "percent": percent,
-                "share_kept": round(len(union) / self.n_neurons, 4),
-                "loss": self.kept(union).round(4).tolist(),
-                "random_loss": self.kept(self.random_set(len(union), 2)).round(4).tolist(),
-            })  # fmt: skip
+            unions.append(np.unique(np.concatenate([sets[self.categories.index(c)] for c in chosen])))
+        kept = list(self.kept_sets([*unions, *(self.random_set(len(union), 2) for union in unions)]))
+        rows = [{
+            "percent": percent,
+            "share_kept": round(len(union) / self.n_neurons, 4),
+            "loss": loss.round(4).tolist(),
+            "random_loss": random.round(4).tolist(),
+        } for percent, union, loss, random in zip(
+            self.config.recombine_percents, unions, kept[: len(unions)], kept[len(unions) :], strict=True
+        )]  # fmt: skip
         return {
             "kept": chosen,
             "rule": rule,
@@ -332,6 +384,10 @@ SECTIONS: dict[str, tuple[tuple[str, ...], Callable[[ReportConfig, int], int], s
     "recombination": (("seed", "eval_per_category", "recombine", "recombine_percents", "max_tokens", "rule"),
                       lambda c, n: 2 * len(c.recombine_percents), "full"),
 }  # fmt: skip
+# Computed only when asked for (`extra=`): the ablation matrix again without resident neurons is a
+# control that costs as much as the matrix itself, so a preparation and a first report leave it out
+ON_DEMAND = ("ablation_matrix_no_resident",)
+ALWAYS = tuple(name for name in SECTIONS if name not in ON_DEMAND)
 
 
 def _params(config: ReportConfig) -> dict[str, dict]:
@@ -348,12 +404,44 @@ def default_run(store: Store) -> Run:
     return max(done, key=lambda r: r.n_prompts)
 
 
+def _wanted(extra: tuple[str, ...]) -> list[str]:
+    unknown = set(extra) - set(ON_DEMAND)
+    if unknown:
+        raise ValueError(f"extra sections must be among {ON_DEMAND}, got {sorted(unknown)}")
+    return [name for name in SECTIONS if name in ALWAYS or name in extra]
+
+
 def missing_sections(
-    store: Store, run_id: str | None = None, config: ReportConfig = ReportConfig()
+    store: Store,
+    run_id: str | None = None,
+    config: ReportConfig = ReportConfig(),
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
-    """Sections not cached yet for this run and configuration (those need the model)."""
+    """Sections not cached yet for this run and configuration (those need the model): the ALWAYS
+    sections, and the ON_DEMAND ones named in `extra`."""
     run = store.require_run(run_id)
-    return [n for n, p in _params(config).items() if store.get_result(run.run_id, f"analysis.{n}", p) is None]
+    params = _params(config)
+    return [n for n in _wanted(extra) if store.get_result(run.run_id, f"analysis.{n}", params[n]) is None]
+
+
+def planned(config: ReportConfig, n_categories: int, sections) -> int:
+    """Progress steps (evaluations counted by Analysis.done) that computing `sections` takes."""
+    baselines = {SECTIONS[name][2] for name in sections} - {None}
+    steps = len(baselines) + sum(SECTIONS[name][1](config, n_categories) for name in sections)
+    if config.rule == "validated":  # a selection-half baseline, and the bands of each top set selected
+        plain = bool({"ablation_matrix", "overlap"} & set(sections))
+        variants = plain + ("ablation_matrix_no_resident" in sections)  # with and without resident neurons
+        steps += bool(variants) + variants * n_categories * VALIDATE_BANDS
+    return steps
+
+
+def prompt_evaluations(config: ReportConfig, n_categories: int, sections) -> int:
+    """Held-out prompts run through the model (masked or not) to compute `sections`: what their
+    time grows with, e.g. to estimate one section's share of a measured analysis."""
+    per = {"sparsity": config.sparsity_per_category, "full": config.eval_per_category}
+    baselines = {SECTIONS[name][2] for name in sections} - {None}
+    masked = sum(SECTIONS[name][1](config, n_categories) * per.get(SECTIONS[name][2], 0) for name in sections)
+    return n_categories * (masked + sum(per[b] for b in baselines))
 
 
 def report(
@@ -363,16 +451,19 @@ def report(
     config: ReportConfig = ReportConfig(),
     progress: Progress | None = None,
     counts: dict | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     """Every section of the analysis as one JSON-ready dict; cached sections compute nothing.
 
+    The ALWAYS sections are computed when missing, the ON_DEMAND ones only when named in `extra`
+    (e.g. `extra=ON_DEMAND`); an ON_DEMAND section neither cached nor asked for is None.
     `lm` is needed only for sections that are not cached yet (it may be None when all are). `counts`,
     when given, receives what the evaluations cost (core.live.evaluate.loss_per_prompt's counts).
     """
     run = store.require_run(run_id)
     params = _params(config)
     out = {name: store.get_json(run.run_id, f"analysis.{name}", params[name]) for name in SECTIONS}
-    missing = [name for name, cached in out.items() if cached is None]
+    missing = [name for name in _wanted(extra) if out[name] is None]
     if missing:
         if lm is None:
             raise BricklabError(
@@ -381,11 +472,9 @@ def report(
         analysis = Analysis(store, lm, run.run_id, config, progress)
         if counts is not None:
             analysis.counts = counts
-        n_cat = len(analysis.categories)
-        baselines = {SECTIONS[name][2] for name in missing} - {None}
-        analysis.planned = len(baselines) + sum(SECTIONS[name][1](config, n_cat) for name in missing)
-        if config.rule == "validated" and set(missing) - {"sparsity", "functionality", "recombination"}:
-            analysis.planned += 1 + n_cat * VALIDATE_BANDS * 2  # with and without resident neurons
+        analysis.planned = planned(config, len(analysis.categories), missing)
+        if "sparsity" in missing and any(SECTIONS[name][2] == "full" for name in missing):
+            analysis.measure_baseline()  # the sparsity curve's baseline prompts join the full set's passes
         for name in missing:
             result = _compute(analysis, name)
             result = _finite(result)

@@ -12,19 +12,13 @@ run = layout.require_run()
 quick = st.toggle("Quick (3 held-out prompts per category instead of 4: rougher numbers)", value=False)
 config = analysis.ReportConfig().quick() if quick else analysis.ReportConfig()
 missing = analysis.missing_sections(resources.store(), run.run_id, config)
-if missing and jobs_view.follow_running("analysis", jobs_view.analysis_key(run, config)):
-    st.rerun()  # the analysis started before a reload (or in another tab) ended
-took = jobs_view.analysis_estimate(run, layout.run_model(run), config) if missing else ""
-if missing and not st.button(
-    f"Compute the analysis ({len(missing)} sections need the model; {took})", type="primary"
-):
-    st.info("The analysis runs the model over held-out prompts with neurons masked, in the background "
-            "(leaving the page does not stop it); it is cached afterwards.")  # fmt: skip
+lm = layout.run_model(run) if missing else None
+if missing and jobs_view.analysis_button(run, lm, config, paper_text.compute_label(len(missing), quick)):
+    st.rerun()  # redraw from the cache, without the button and the progress bar
+if missing:
+    st.info(paper_text.COMPUTE_NOTE)
     st.stop()
 try:
-    if missing:
-        jobs_view.follow(jobs_view.start_analysis(run, layout.run_model(run), config))
-        st.rerun()  # redraw from the cache, without the button and the progress bar
     r = analysis.report(resources.store(), None, run.run_id, config)
 except BricklabError as exc:
     resources.show_error(exc)
@@ -65,18 +59,24 @@ st.markdown(paper_text.verdict(verdicts["functionality"]))
 
 st.header("3 · Ablation: removing a category's neurons hurts that category")
 st.markdown(paper_text.ABLATION)
-resident = st.toggle("Exclude neurons active for every category (resident neurons)")
+resident = st.toggle(paper_text.RESIDENT_TOGGLE)
 a = r["ablation_matrix_no_resident" if resident else "ablation_matrix"]
-matrix = np.array([*a["increase_pct"], a["random"]], dtype=float)
-title = "Perplexity increase (%): row zeroed, column measured"
-st.plotly_chart(
-    figures.heatmap(matrix, a["categories"], [*a["categories"], "random"], title, "RdBu_r", ".1f", zmid=0)
-)
-dominant = sum(a["diagonal_dominant"])
-st.caption(f"The diagonal dominates for {dominant} of {len(a['categories'])} categories. {a['split']}")
-st.table(paper_text.selectivity_table(a))
-st.caption(paper_text.selectivity_caption(a))
-st.markdown(paper_text.verdict(analysis.verdicts({**r, "ablation_matrix": a})["ablation_matrix"]))
+if a is None:  # an on-demand section, not computed yet
+    extra = analysis.ON_DEMAND
+    if jobs_view.analysis_button(run, layout.run_model(run), config, paper_text.RESIDENT_BUTTON, extra):
+        st.rerun()
+    st.info(paper_text.RESIDENT_NOTE)
+else:
+    matrix = np.array([*a["increase_pct"], a["random"]], dtype=float)
+    title = "Perplexity increase (%): row zeroed, column measured"
+    st.plotly_chart(
+        figures.heatmap(matrix, a["categories"], [*a["categories"], "random"], title, "RdBu_r", ".1f", zmid=0)
+    )
+    dominant = sum(a["diagonal_dominant"])
+    st.caption(f"The diagonal dominates for {dominant} of {len(a['categories'])} categories. {a['split']}")
+    st.table(paper_text.selectivity_table(a))
+    st.caption(paper_text.selectivity_caption(a))
+    st.markdown(paper_text.verdict(analysis.verdicts({**r, "ablation_matrix": a})["ablation_matrix"]))
 
 st.header("4 · The categories' neurons barely overlap")
 st.markdown(paper_text.OVERLAP)

@@ -15,14 +15,16 @@ QUICK = analysis.ReportConfig().quick()
 
 @pytest.fixture(scope="module")
 def reported(small_run, tiny_lm, tmp_path_factory):
-    """(store path, run id, report) of a quick report on a private copy of the tiny run."""
+    """(store path, run id, report, its evaluation counts, its progress calls (done, total)) of a cold
+    quick report on a private copy of the tiny run."""
     path, run_id = small_run
     copy = tmp_path_factory.mktemp("analysis") / "copy.duckdb"
     shutil.copy(path, copy)
     store = Store(copy)
-    result = analysis.report(store, tiny_lm, run_id, QUICK)
+    counts, steps = {}, []
+    result = analysis.report(store, tiny_lm, run_id, QUICK, lambda d, t, m: steps.append((d, t)), counts)
     store.close()
-    return copy, run_id, result
+    return copy, run_id, result, counts, steps
 
 
 @pytest.fixture
@@ -53,10 +55,9 @@ def test_report_shapes(reported):
     r = reported[2]
     n = len(r["ablation_matrix"]["categories"])
     assert n == 7
-    for name in ("ablation_matrix", "ablation_matrix_no_resident"):
-        m = r[name]
-        assert np.array(m["increase_pct"]).shape == (n, n) and len(m["random"]) == n
-        assert np.isfinite(m["increase_pct"]).all() and len(m["diagonal_dominant"]) == n
+    m = r["ablation_matrix"]
+    assert np.array(m["increase_pct"]).shape == (n, n) and len(m["random"]) == n
+    assert np.isfinite(m["increase_pct"]).all() and len(m["diagonal_dominant"]) == n
     assert r["ablation_matrix"]["neurons_per_category"] == round(0.05 * 2 * 96)
     assert np.array(r["sparsity"]["indicators"]["abs"]["cdf"]).shape == (2, 100)
     assert r["sparsity"]["indicators"]["output"]["cdf"][1][-1] == pytest.approx(1.0)
@@ -67,6 +68,65 @@ def test_report_shapes(reported):
     assert r["overlap"]["random_expectation"] == pytest.approx(10 / 192, abs=1e-4)
     row = r["recombination"]["rows"][0]
     assert len(row["loss"]) == n and 10 / 192 - 1e-4 <= row["share_kept"] <= 20 / 192 + 1e-4  # two sets of 10
+
+
+def test_a_report_leaves_the_on_demand_control_out_and_its_progress_reaches_the_plan(reported, copy_store):
+    store, run_id = copy_store
+    _, _, r, counts, steps = reported
+    assert analysis.ON_DEMAND == ("ablation_matrix_no_resident",)
+    assert r["ablation_matrix_no_resident"] is None
+    assert analysis.missing_sections(store, run_id, QUICK) == []
+    assert analysis.missing_sections(store, run_id, QUICK, analysis.ON_DEMAND) == list(analysis.ON_DEMAND)
+    always = analysis.planned(QUICK, 7, analysis.ALWAYS)
+    # 2 baselines + 8 lowest-k masks + 7 rows and random + 6 keep-only: the control's 8 are not among them
+    assert always == 2 + 8 + 8 + 6 == analysis.planned(QUICK, 7, analysis.SECTIONS) - 8
+    assert steps[-1] == (always, always)  # the bar reaches its end
+    assert always - 2 <= counts["evaluations"] <= always  # a baseline's prompts may be measured already
+    with pytest.raises(ValueError, match="extra sections"):
+        analysis.missing_sections(store, run_id, QUICK, ("overlap",))
+
+
+def test_the_control_is_computed_when_asked_and_cached_under_its_old_key(
+    reported, tiny_lm, tmp_path, monkeypatch
+):
+    copy = tmp_path / "control.duckdb"
+    shutil.copy(reported[0], copy)
+    store, run_id = Store(copy), reported[1]
+    counts, steps = {}, []
+    progress = lambda d, t, m: steps.append((d, t))  # noqa: E731
+    r = analysis.report(store, tiny_lm, run_id, QUICK, progress, counts, extra=analysis.ON_DEMAND)
+    m = r["ablation_matrix_no_resident"]
+    assert np.array(m["increase_pct"]).shape == (7, 7) and len(m["random"]) == 7
+    assert m["excluded_resident"] == len(scores.resident_neurons(store, run_id))
+    assert {k: r[k] for k in analysis.ALWAYS} == {k: reported[2][k] for k in analysis.ALWAYS}
+    assert steps[-1] == (9, 9) and counts["evaluations"] == 9  # the baseline, 7 rows and random only
+    # the key it had when every report computed it: results cached before the split are still found
+    key = {"percent": 5.0, "seed": 0, "eval_per_category": 3, "max_tokens": 128, "rule": "ap"}
+    assert analysis._params(QUICK)["ablation_matrix_no_resident"] == key
+    assert store.get_json(run_id, "analysis.ablation_matrix_no_resident", key) == m
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached section evaluated the model")
+
+    monkeypatch.setattr(evaluate, "losses_under", forbidden)
+    assert (
+        analysis.report(store, None, run_id, QUICK)["ablation_matrix_no_resident"] == m
+    )  # shown once cached
+    assert analysis.report(store, None, run_id, QUICK, extra=analysis.ON_DEMAND) == r
+    store.close()
+
+
+@pytest.mark.parametrize("extra", [(), analysis.ON_DEMAND])
+def test_a_validated_report_reaches_its_plan(small_run, tiny_lm, tmp_path, extra):
+    copy = tmp_path / "validated.duckdb"
+    shutil.copy(small_run[0], copy)
+    store, steps = Store(copy), []
+    config = analysis.ReportConfig(rule="validated").quick()
+    analysis.report(store, tiny_lm, small_run[1], config, lambda d, t, m: steps.append((d, t)), extra=extra)
+    store.close()
+    sections = [*analysis.ALWAYS, *extra]
+    assert steps[-1] == (analysis.planned(config, 7, sections),) * 2
+    assert steps[-1][0] == 1 + 2 + 8 + 8 + 6 + 7 * analysis.VALIDATE_BANDS * (1 + len(extra)) + 8 * len(extra)
 
 
 def test_nothing_masked_gives_a_zero_row(copy_store, tiny_lm, monkeypatch):
@@ -89,7 +149,7 @@ def test_second_call_computes_nothing(copy_store, reported, tiny_lm, monkeypatch
     def forbidden(*args, **kwargs):
         raise AssertionError("a cached report evaluated the model")
 
-    monkeypatch.setattr(evaluate, "loss_per_prompt", forbidden)
+    monkeypatch.setattr(evaluate, "losses_under", forbidden)
     assert analysis.report(store, None, run_id, QUICK) == reported[2]
     with pytest.raises(AssertionError, match="cached report"):  # other parameters are no hit
         analysis.report(store, tiny_lm, run_id, analysis.ReportConfig(eval_per_category=1, seed=1))
@@ -172,8 +232,8 @@ def test_model_free_rules_are_deterministic_and_pick_different_sets(copy_store, 
 def test_validated_sets_come_from_the_candidates_and_equal_sets_run_once(copy_store, tiny_lm, monkeypatch):
     store, run_id = copy_store
     calls = []
-    real = evaluate.loss_per_prompt
-    monkeypatch.setattr(evaluate, "loss_per_prompt", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = evaluate.losses_under
+    monkeypatch.setattr(evaluate, "losses_under", lambda *a, **k: calls.extend(a[2]) or real(*a, **k))
     a = analysis.Analysis(store, tiny_lm, run_id, analysis.ReportConfig(rule="validated").quick(), None)
     sets = a.top_sets(5)
     candidates = scores.top_neurons(a._scores("ap"), 10)
@@ -216,6 +276,7 @@ def test_verdicts_say_holds_or_not_with_the_numbers():
 
 
 def test_verdicts_of_a_whole_report(reported):
+    assert reported[2]["ablation_matrix_no_resident"] is None  # the control is not needed for them
     v = analysis.verdicts(reported[2])
     assert set(v) == {"sparsity", "functionality", "ablation_matrix", "overlap", "recombination"}
     assert all(x["holds"] in (True, False, None) and "on this run" in x["text"] for x in v.values())
@@ -248,8 +309,8 @@ def test_recombination_equals_plain_evaluations(copy_store, reported, tiny_lm, m
 def test_a_baseline_over_measured_prompts_runs_nothing(copy_store, tiny_lm, monkeypatch):
     store, run_id = copy_store
     calls = []
-    real = evaluate.loss_per_prompt
-    monkeypatch.setattr(evaluate, "loss_per_prompt", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real = evaluate.losses_under
+    monkeypatch.setattr(evaluate, "losses_under", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     a = analysis.Analysis(store, tiny_lm, run_id, QUICK, None)
     groups = a.selection_texts  # two prompts per category on the tiny run
     assert [len(g) for g in groups] == [2] * 7
@@ -260,7 +321,30 @@ def test_a_baseline_over_measured_prompts_runs_nothing(copy_store, tiny_lm, monk
         a.losses(None, texts=groups), full
     )
     assert len(calls) == 2
-    monkeypatch.setattr(evaluate, "loss_per_prompt", real)
+    monkeypatch.setattr(evaluate, "losses_under", real)
     np.testing.assert_allclose(part, _plain(tiny_lm, [g[:1] for g in groups]), atol=1e-4)
     np.testing.assert_allclose(full, _plain(tiny_lm, groups), atol=1e-4)
     assert a.counts["evaluations"] == 2 and a.counts["texts"] == 14
+
+
+def test_ablation_and_sparsity_equal_plain_evaluations(copy_store, reported, tiny_lm):
+    """Their masks share forward passes (core.live.evaluate.losses_under): each still equals its own
+    model run one prompt at a time."""
+    from core import models
+
+    store, run_id = copy_store
+    a = analysis.Analysis(store, tiny_lm, run_id, QUICK, None)
+    base = np.array(_plain(tiny_lm, a.eval_texts))
+    m = reported[2]["ablation_matrix"]
+    sets = [*a.top_sets(QUICK.percent), a.random_set(len(a.top_sets(QUICK.percent)[0]), 1)]
+    want = [100 * np.expm1(np.array(_plain(tiny_lm, a.eval_texts, evaluate.masked_neurons(2, 96, s))) - base)
+            for s in sets]  # fmt: skip
+    np.testing.assert_allclose([*m["increase_pct"], m["random"]], want, atol=0.05)
+    assert len({tuple(row) for row in m["increase_pct"]}) == 7
+    s = reported[2]["sparsity"]
+    norms = [models.down_column_norms(tiny_lm.model, layer) for layer in range(2)]
+    first = [g[:1] for g in a.eval_texts]
+    for name in ("abs", "output"):
+        masks = [evaluate.lowest_k_mask(k / 100, name, norms) if k else None for k in QUICK.ks]
+        curve = [np.nanmean(_plain(tiny_lm, first, mask)) for mask in masks]
+        np.testing.assert_allclose(s["indicators"][name]["loss"], curve, atol=2e-4)

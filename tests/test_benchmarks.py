@@ -31,6 +31,8 @@ SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
         {
             "analysis_cold_s",
             "analysis_counts",
+            "resident_control_counts",
+            "analysis_apart_ratio",
             "eval_ratio",
             "max_abs_loss_diff",
             "rules",

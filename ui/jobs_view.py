@@ -51,6 +51,11 @@ def follow_running(kind: str, key: str) -> jobs.Snapshot | None:
     return follow(job) if job is not None and job.snapshot().running else None
 
 
+def ended_well(snap: jobs.Snapshot | None) -> bool:
+    """A followed job ended without an error (its error, if any, is on the page)."""
+    return snap is not None and snap.error is None
+
+
 def capture_key(lm: models.LoadedModel, prompt_set: prompts.PromptSet, config: capture.CaptureConfig) -> str:
     return capture.run_id_for(lm.info.fingerprint, prompt_set.hash, config)
 
@@ -103,28 +108,57 @@ def start_prepare(lm: models.LoadedModel, prompt_set: prompts.PromptSet) -> jobs
     )
 
 
-def analysis_key(run: Run, config: analysis.ReportConfig) -> str:
-    return f"{run.run_id}:{'quick' if config == analysis.ReportConfig().quick() else 'full'}"
+def analysis_key(run: Run, config: analysis.ReportConfig, extra: tuple[str, ...] = ()) -> str:
+    kind = "quick" if config == analysis.ReportConfig().quick() else "full"
+    return ":".join([run.run_id, kind, *extra])
 
 
-def start_analysis(run: Run, lm: models.LoadedModel, config: analysis.ReportConfig) -> jobs.Job:
+def start_analysis(
+    run: Run, lm: models.LoadedModel, config: analysis.ReportConfig, extra: tuple[str, ...] = ()
+) -> jobs.Job:
+    """The analysis's missing sections (with the on-demand ones in `extra`) as a background job."""
     store = resources.store()
+    only_extra = bool(extra) and not analysis.missing_sections(store, run.run_id, config)
 
     def work(job: jobs.Job) -> dict:
         started = time.perf_counter()
-        result = analysis.report(store, lm, run.run_id, config, job.progress)
-        if config == analysis.ReportConfig():  # the configuration a preparation computes
+        result = analysis.report(store, lm, run.run_id, config, job.progress, extra=extra)
+        if config == analysis.ReportConfig() and not extra:  # what a preparation computes
             prepare.record(store, run.run_id, {"analysis": time.perf_counter() - started})
         return result
 
-    return registry().start("analysis", analysis_key(run, config), "paper analysis", work)
+    title = "ablation matrix without resident neurons" if only_extra else "paper analysis"
+    return registry().start("analysis", analysis_key(run, config, extra), title, work)
 
 
-def analysis_estimate(run: Run, lm: models.LoadedModel, config: analysis.ReportConfig) -> str:
+def analysis_estimate(
+    run: Run, lm: models.LoadedModel, config: analysis.ReportConfig, extra: tuple[str, ...] = ()
+) -> str:
+    """How long the missing sections should take: the last measured analysis (a preparation's, the
+    default configuration) scaled by the held-out prompts each evaluates."""
     guess = estimate(lm, run.n_prompts)
-    if guess["analysis"] is not None and config != analysis.ReportConfig():
-        guess["analysis"] /= 4  # the quick configuration evaluates about a quarter as much
+    if guess["analysis"] is not None:
+        n = len(run.categories)
+        todo = analysis.missing_sections(resources.store(), run.run_id, config, extra)
+        whole = analysis.prompt_evaluations(analysis.ReportConfig(), n, analysis.ALWAYS)
+        guess["analysis"] *= analysis.prompt_evaluations(config, n, todo) / max(whole, 1)
     return estimate_text(guess, ("analysis",))
+
+
+def analysis_button(
+    run: Run, lm: models.LoadedModel, config: analysis.ReportConfig, label: str, extra: tuple[str, ...] = ()
+) -> bool:
+    """The analysis's missing sections (the on-demand ones in `extra` too) as a background job: follows
+    it if one is running (a reload, another tab), else a button that states how long they should take
+    and starts it. True once a job ended here: the page reruns to draw the sections from the cache."""
+    key = analysis_key(run, config, extra)
+    running = follow_running("analysis", key)
+    if running is not None:
+        return ended_well(running)
+    took = analysis_estimate(run, lm, config, extra)
+    if not st.button(f"{md(label)} ({took})", type="primary", key=f"compute-{key}"):
+        return False
+    return ended_well(follow(start_analysis(run, lm, config, extra)))
 
 
 @st.cache_data(max_entries=8, show_spinner="Measuring this machine's speed on a few prompts…")

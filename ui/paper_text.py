@@ -48,6 +48,26 @@ RECOMBINATION = (
     "row under it, column by column."
 )
 
+COMPUTE_NOTE = (
+    "The analysis runs the model over held-out prompts with neurons masked, in the background "
+    "(leaving the page does not stop it); it is cached afterwards."
+)
+
+RESIDENT_TOGGLE = "Exclude neurons active for every category (resident neurons)"
+RESIDENT_BUTTON = "Compute the matrix without resident neurons"
+RESIDENT_NOTE = (
+    "Resident neurons are strongly active on most prompts of every category. Leaving them out of each "
+    "category's top neurons is a control: if the diagonal stays, the categories' own neurons cause it. "
+    "It measures as many masked models as the matrix itself, so it is computed only when asked for, "
+    "in the background (leaving the page does not stop it), and cached."
+)
+
+
+def compute_label(n_missing: int, quick: bool) -> str:
+    """The Compute button's label; it names the quick variant, so the label changes with the toggle."""
+    return f"Compute the {'quick ' if quick else ''}analysis: {n_missing} sections need the model"
+
+
 ROUTING = (
     "**The promise.** If a model's knowledge sits in bricks, it need not run all of them for every input: "
     "a *router* picks the bricks an input needs, and the skipped neurons are not computed at all, which "

@@ -29,7 +29,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--thorough", action="store_true",
-        help="8 held-out prompts per category and every 10%% of the lowest-k curve (about 3x slower)",
+        help="8 held-out prompts per category and every 10%% of the lowest-k curve, with the "
+        "--resident-control matrix (about 4x slower)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resident-control", action="store_true",
+        help="also the ablation matrix without resident neurons (active for every category): as many "
+        "evaluations again as the ablation matrix; shown whenever it is cached",
     )  # fmt: skip
     p.add_argument(
         "--rule",
@@ -58,8 +64,9 @@ def cmd_report(args) -> int:
             )
         config = analysis.ReportConfig(rule=args.rule)
         config = config.quick() if args.quick else config.thorough() if args.thorough else config
+        extra = analysis.ON_DEMAND if args.resident_control or args.thorough else ()
         lm = None
-        if analysis.missing_sections(store, run.run_id, config):
+        if analysis.missing_sections(store, run.run_id, config, extra):
             default = None if run.model_id == models.DEFAULT_MODEL else run.model_id
             lm = models.load_model(args.model or default, device=args.device)
         bar = tqdm(unit="eval", desc="report", disable=args.quiet)  # on stderr: stdout may be JSON
@@ -69,7 +76,7 @@ def cmd_report(args) -> int:
             bar.update(done - bar.n)
 
         try:
-            result = analysis.report(store, lm, run.run_id, config, progress)
+            result = analysis.report(store, lm, run.run_id, config, progress, extra=extra)
         finally:
             bar.close()
     finally:
@@ -95,8 +102,11 @@ def print_report(r: dict, n_prompts: int) -> None:
     print(f"run {r['run_id']} ({r['model_id']})")
     _print_sparsity(r["sparsity"], n_prompts)
     _print_functionality(r["functionality"])
-    for name in ("ablation_matrix", "ablation_matrix_no_resident"):
-        _print_ablation(r[name], n_prompts)
+    _print_ablation(r["ablation_matrix"], n_prompts)
+    if r["ablation_matrix_no_resident"] is None:
+        print("\nAblation matrix without resident neurons: not computed (add --resident-control)")
+    else:
+        _print_ablation(r["ablation_matrix_no_resident"], n_prompts)
     o = r["overlap"]
     pct = r["config"]["percent"]
     print(f"\nOverlap of the top-{pct:g}% sets ({o['measure']}; random {o['random_expectation']})")

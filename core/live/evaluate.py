@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -37,29 +38,57 @@ def loss_per_prompt(
     adds up what the call cost: "evaluations", "texts", "passes", "tokens" (run after the shared
     prefix), "padded_tokens" and "targets" (tokens whose log-probability is read).
     """
+    return losses_under(lm, texts, [per_layer], batch_size, chat_template, max_tokens, counts)[0]
+
+
+@torch.inference_mode()
+def losses_under(
+    lm: LoadedModel,
+    texts: list[str],
+    masks: list[dict | None],
+    batch_size: int = 64,
+    chat_template: bool = True,
+    max_tokens: int = 256,
+    counts: dict | None = None,
+    on_pass: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """float64 (len(masks), len(texts)): `loss_per_prompt` of the texts under each of `masks`.
+
+    One mask runs as `loss_per_prompt` describes (a static zero-mask keeping at most SPARSE_SHARE of a
+    layer sparsely). Several share their forward passes: every (mask, text) pair is a row, each row's
+    FFN activations go through its own mask's transforms (Rows), and the passes group rows of equal
+    width across masks, so they pad less than one call per mask would. `on_pass(done, total)` is
+    called after each pass.
+    """
     limit = token_limit(lm.model, max_tokens)
     encoded = [encode(lm.tokenizer, t, limit, chat_template) for t in texts]
-    out = np.full(len(texts), np.nan)
-    if not encoded:
+    out = np.full((len(masks), len(texts)), np.nan)
+    if not encoded or not masks:
         return out
     shared = _shared_prefix(encoded)
-    with _applied(lm.model, per_layer or {}):
-        prefix = _prefix_cache(lm.model, encoded[0].ids[:shared])
-        cost = PASS_COST.get(next(lm.model.parameters()).device.type, PASS_COST["cuda"])
-        widths = [_stop(e) - shared for e in encoded]
-        groups = passes(widths, batch_size, cost)
-        if counts is not None:
-            _count(counts, widths, groups, encoded)
-        for group in groups:
-            batch = [encoded[i] for i in group]
-            for i, loss in zip(group, _batch_losses(lm, batch, shared, prefix), strict=True):
-                out[i] = loss
+    pairs = [(m, i) for m in range(len(masks)) for i in range(len(texts))]
+    widths = [_stop(encoded[i]) - shared for _, i in pairs]
+    cost = PASS_COST.get(next(lm.model.parameters()).device.type, PASS_COST["cuda"])
+    groups = passes(widths, batch_size, cost)
+    if counts is not None:
+        _count(counts, len(masks), widths, groups, [encoded[i] for _, i in pairs])
+    with _applied(lm.model, masks[0] or {}) if len(masks) == 1 else _rows(lm.model, masks) as select:
+        select(list(range(len(masks))))  # the prefix once per mask, under that mask
+        prefix = _prefix_cache(lm.model, encoded[0].ids[:shared], len(masks))
+        for n, group in enumerate(groups):
+            batch = [pairs[g] for g in group]
+            select([m for m, _ in batch])
+            losses = _batch_losses(lm, [encoded[i] for _, i in batch], shared, prefix, [m for m, _ in batch])
+            for (m, i), loss in zip(batch, losses, strict=True):
+                out[m, i] = loss
+            if on_pass:
+                on_pass(n + 1, len(groups))
     return out
 
 
-def _count(counts: dict, widths: list[int], groups: list[list[int]], encoded: list) -> None:
+def _count(counts: dict, n_masks: int, widths: list[int], groups: list[list[int]], encoded: list) -> None:
     added = {
-        "evaluations": 1,
+        "evaluations": n_masks,
         "texts": len(widths),
         "passes": len(groups),
         "tokens": sum(widths),
@@ -68,6 +97,83 @@ def _count(counts: dict, widths: list[int], groups: list[list[int]], encoded: li
     }
     for name, value in added.items():
         counts[name] = counts.get(name, 0) + value
+
+
+class Rows:
+    """One layer's activation transform when a pass's rows carry different masks: row r goes through
+    `fns[masks[r]]` (None: unchanged). `select` sets the rows' masks before each pass."""
+
+    def __init__(self, fns: list):
+        self.fns, self._groups, self._n = fns, [], 0
+
+    def select(self, masks: list[int]) -> None:
+        rows: dict[int, list[int]] = {}
+        for r, m in enumerate(masks):
+            if self.fns[m] is not None:
+                rows.setdefault(m, []).append(r)
+        self._n, self._groups = len(masks), [(self.fns[m], r) for m, r in rows.items()]
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        if not self._groups:
+            return a
+        if len(self._groups) == 1 and len(self._groups[0][1]) == self._n:
+            return self._groups[0][0](a)  # every row under one transform
+        out = a.clone()
+        for fn, rows in self._groups:
+            index = torch.tensor(rows, device=a.device)
+            out[index] = fn(a[index])
+        return out
+
+
+class FfnRows:
+    """One gated FFN (a core.live.sparse.LayerFn) when a pass's rows carry different masks: the rows
+    of a static zero-mask keeping at most SPARSE_SHARE run sparsely (KeepOnly) as one mask alone
+    would; the other rows run together, densely, each with its own activation transform (Rows)."""
+
+    def __init__(self, transforms: list):
+        self.keep = [
+            sparse.KeepOnly(t.keep.numpy()) if isinstance(t, Zeroed) and t.share <= SPARSE_SHARE else None
+            for t in transforms
+        ]
+        self.dense = Rows([t if k is None else None for t, k in zip(transforms, self.keep, strict=True)])
+
+    def select(self, masks: list[int]) -> None:
+        keep: dict[int, list[int]] = {}
+        for r, m in enumerate(masks):
+            if self.keep[m] is not None:
+                keep.setdefault(m, []).append(r)
+        self._dense = [r for r, m in enumerate(masks) if self.keep[m] is None]
+        self._keep = [(self.keep[m], rows) for m, rows in keep.items()]
+        self.dense.select([masks[r] for r in self._dense])
+
+    def __call__(self, f: sparse.Ffn, x: torch.Tensor) -> torch.Tensor:
+        if not self._keep:
+            return f.down(self.dense(f.activations(x)))
+        parts = [(fn, rows) for fn, rows in self._keep]
+        if self._dense:
+            parts.append((lambda f, x: f.down(self.dense(f.activations(x))), self._dense))
+        if len(parts) == 1:
+            return parts[0][0](f, x)
+        out = torch.empty_like(x)
+        for fn, rows in parts:
+            index = torch.tensor(rows, device=x.device)
+            out[index] = fn(f, x[index])
+        return out
+
+
+@contextlib.contextmanager
+def _rows(model, masks: list[dict | None]):
+    """Per-row masks on every layer some mask changes, for this context; yields the function that
+    sets the masks of a pass's rows: a FfnRows per layer of a gated MLP, else a Rows transform."""
+    layers = sorted({layer for m in masks for layer in (m or {})})
+    if sparse.supported(model):
+        per_layer = {layer: FfnRows([(m or {}).get(layer) for m in masks]) for layer in layers}
+        context = sparse.sparse(model, per_layer)
+    else:
+        per_layer = {layer: Rows([(m or {}).get(layer) for m in masks]) for layer in layers}
+        context = interventions.transforms(model, per_layer)
+    with context:
+        yield lambda rows: [layer.select(rows) for layer in per_layer.values()]
 
 
 @contextlib.contextmanager
@@ -88,7 +194,7 @@ def _applied(model, per_layer: dict):
             stack.enter_context(interventions.transforms(model, rest))
         if quick:
             stack.enter_context(sparse.sparse(model, quick))
-        yield
+        yield lambda rows: None  # one mask on every row: nothing to select per pass
 
 
 # A zero-mask runs sparsely when it keeps at most this share of its layer's neurons (keep-only sets, the
@@ -146,11 +252,14 @@ def _shared_prefix(encoded: list) -> int:
     return n
 
 
-def _prefix_cache(model, ids: list[int]):
+def _prefix_cache(model, ids: list[int], rows: int = 1):
+    """The shared prefix's key/value cache, `rows` copies in one pass (one per mask, each under it)."""
     if not ids:
         return None
     device = next(model.parameters()).device
-    return model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+    return model.base_model(
+        input_ids=torch.tensor([ids] * rows, device=device), use_cache=True
+    ).past_key_values
 
 
 def _heads(model) -> list:
@@ -167,9 +276,10 @@ def _stop(e) -> int:
     return max(e.end - 1, max(e.start, 1))
 
 
-def _batch_losses(lm: LoadedModel, batch: list, shared: int, prefix) -> list[float]:
-    """One forward pass over the texts' tokens after the shared prefix, up to the one before their
-    last own token; logits only where a text's own token is predicted."""
+def _batch_losses(lm: LoadedModel, batch: list, shared: int, prefix, prefix_rows: list[int]) -> list[float]:
+    """One forward pass over the texts' tokens after the shared prefix (row r continues the prefix's
+    row prefix_rows[r]), up to the one before their last own token; logits only where a text's own
+    token is predicted."""
     device = next(lm.model.parameters()).device
     width = max(_stop(e) for e in batch) - shared
     ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id or 0, dtype=torch.long)
@@ -190,7 +300,7 @@ def _batch_losses(lm: LoadedModel, batch: list, shared: int, prefix) -> list[flo
     cache = None
     if prefix is not None:
         cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(len(batch))
+        cache.batch_select_indices(torch.tensor(prefix_rows, device=device))
     ids = ids.to(device)
     pick = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
     with _targets_only.using(lm.model, [(lm.model.get_output_embeddings(), lambda h: h[pick][None])]):

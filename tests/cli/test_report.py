@@ -24,13 +24,14 @@ def small(tiny_dir, tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def text_report(small) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `report --quick` with no --run on the cache of `small`."""
+    """(exit code, stdout, stderr) of `report --quick --resident-control` with no --run on the cache of
+    `small`."""
     import contextlib
     import io
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(["report", "--db", small[0], "--quick", "--quiet"])
+        code = cli.main(["report", "--db", small[0], "--quick", "--resident-control", "--quiet"])
     return code, out.getvalue(), err.getvalue()
 
 
@@ -98,3 +99,16 @@ def test_json_carries_the_rule_and_selectivity_per_category(small, capsys):
     assert result["rule"] == result["ablation_matrix"]["rule"] == "per_layer"
     assert list(result["selectivity"]) == result["ablation_matrix"]["categories"]
     assert result["config"]["rule"] == "per_layer"
+    assert result["ablation_matrix_no_resident"] is None  # computed only with --resident-control
+
+
+def test_without_resident_control_the_text_says_how_to_get_that_matrix(small, capsys):
+    assert (
+        cli.main(
+            ["report", "--db", small[0], "--run", small[1], "--quick", "--quiet", "--rule", "contrastive"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "Ablation matrix without resident neurons: not computed (add --resident-control)" in out
+    assert out.count("Selectivity is a category's own perplexity increase") == 1 and "\nVerdicts" in out

@@ -171,3 +171,55 @@ def test_counts_add_up_the_tokens_run(tiny_lm):
     # the last own token is only a target: each text runs its tokens after the prefix but that one
     assert counts["tokens"] == sum(e.end - 1 - shared for e in encoded + encoded[:2])
     assert counts["padded_tokens"] >= counts["tokens"] and counts["passes"] >= 2
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_masks_sharing_passes_equal_one_call_per_mask(tiny_lm, gated, monkeypatch):
+    """Each row of a shared pass runs its own mask: as a whole FFN per row on a gated MLP (sparsely for
+    the keep-only mask), as activation transforms per row otherwise."""
+    from core.live import sparse
+
+    if not gated:
+        monkeypatch.setattr(sparse, "supported", lambda model: False)
+    calls = []
+    real = sparse.KeepOnly.__call__
+    monkeypatch.setattr(sparse.KeepOnly, "__call__", lambda self, f, x: calls.append(1) or real(self, f, x))
+    norms = [torch.rand(96) + 0.5 for _ in range(2)]
+    masks = [
+        None,
+        evaluate.masked_neurons(2, 96, range(0, 96, 2)),  # one layer only: the other's rows pass unchanged
+        evaluate.kept_neurons(2, 96, range(0, 192, 5)),  # 20% kept: sparse on its rows of a gated MLP
+        evaluate.lowest_k_mask(0.5, "abs", norms),
+        evaluate.lowest_k_mask(0.8, "output", norms),
+    ]
+    counts, steps = {}, []
+    together = evaluate.losses_under(
+        tiny_lm, MIXED, masks, 8, counts=counts, on_pass=lambda d, t: steps.append((d, t))
+    )  # rows of several masks in one pass: each row under its own mask
+    assert bool(calls) == gated
+    apart: dict = {}
+    alone = np.array([evaluate.loss_per_prompt(tiny_lm, MIXED, 8, m, counts=apart) for m in masks])
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+    assert len({tuple(np.round(row, 3)) for row in alone}) == len(masks)  # five different models
+    assert counts["evaluations"] == 5 and counts["texts"] == 5 * len(MIXED)
+    assert steps[-1][0] == steps[-1][1] == counts["passes"] and len(steps) == counts["passes"]
+    # equal widths of different masks share a pass: fewer passes, less padding than a call per mask
+    cost = lambda c: c["padded_tokens"] + evaluate.PASS_COST["cpu"] * c["passes"]  # noqa: E731 - what passes minimise
+    assert counts["tokens"] == apart["tokens"] and cost(counts) < cost(apart)
+    assert interventions.hook_count(tiny_lm.model) == 0 and sparse.patched_count(tiny_lm.model) == 0
+    assert evaluate.losses_under(tiny_lm, MIXED, []).shape == (0, len(MIXED))
+
+
+def test_rows_apply_each_rows_transform():
+    double, negate = (lambda a: 2 * a), (lambda a: -a)
+    rows = evaluate.Rows([double, None, negate])
+    a = torch.randn(4, 3, 5)
+    rows.select([0, 1, 2, 0])
+    got = rows(a)
+    assert (
+        torch.equal(got[[0, 3]], 2 * a[[0, 3]]) and torch.equal(got[1], a[1]) and torch.equal(got[2], -a[2])
+    )
+    rows.select([2, 2, 2, 2])
+    assert torch.equal(rows(a), -a)
+    rows.select([1, 1])
+    assert rows(a[:2]) is not None and torch.equal(rows(a[:2]), a[:2])

@@ -192,5 +192,5 @@ def test_custom_bricks_and_paper(on_hostile_run):
     assert_text_only(at, expect=[shown_name])
     at = app("5_Paper.py").run()
     at.toggle[0].set_value(True).run()  # quick
-    next(b for b in at.button if b.label.startswith("Compute the analysis")).click().run()
+    next(b for b in at.button if b.label.startswith("Compute the")).click().run()
     assert_text_only(at, expect_in_figures=HOSTILE)  # the ablation and overlap matrices

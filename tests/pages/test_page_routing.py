@@ -145,7 +145,7 @@ def test_paper_draws_the_quality_compute_curve(run_copy, tiny_lm):
     path, run_id = run_copy
     at = app("5_Paper.py").run()
     at.toggle[0].set_value(True).run()  # quick analysis first: the curve is the page's last section
-    next(b for b in at.button if b.label.startswith("Compute the analysis")).click().run()
+    next(b for b in at.button if b.label.startswith("Compute the")).click().run()
     assert "6 · Routing: run only the neurons an input needs" in [h.value for h in at.header]
     assert len(at.get("plotly_chart")) == 5  # the curve waits for its button
     next(b for b in at.button if b.label.startswith("Measure the quality–compute curve")).click().run()

@@ -25,7 +25,7 @@ def test_paper_measures_thresholds_on_request_and_shows_the_loss_per_share(run_c
     path, run_id = run_copy
     at = app("5_Paper.py").run()
     at.toggle[0].set_value(True).run()  # quick analysis first: the curves are the page's last section
-    next(b for b in at.button if b.label.startswith("Compute the analysis")).click().run()
+    next(b for b in at.button if b.label.startswith("Compute the")).click().run()
     button = next(b for b in at.button if b.label.startswith("Measure the loss with thresholds"))
     assert "needs a GPU" in button.label  # the CPU: no speed
     assert not at.dataframe or "loss / dense" not in at.dataframe[-1].value.columns

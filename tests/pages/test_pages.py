@@ -348,7 +348,7 @@ def test_paper_computes_on_request_then_shows_every_section(on_small_run):
     at = app("5_Paper.py").run()
     assert not at.exception
     at.toggle[0].set_value(True).run()  # quick
-    compute = [b for b in at.button if b.label.startswith("Compute the analysis")]
+    compute = [b for b in at.button if b.label.startswith("Compute the quick analysis")]
     assert compute and not at.header  # nothing is computed before the click
     compute[0].click().run()
     assert not at.exception and not at.error
