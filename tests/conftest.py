@@ -83,6 +83,15 @@ def small_run(tmp_path_factory, tiny_lm, small_prompts):
     return path, result.run_id
 
 
+@pytest.fixture
+def small_store(small_run):
+    """(open Store, Run) of the tiny capture, closed after the test."""
+    path, run_id = small_run
+    store = Store(path)
+    yield store, store.require_run(run_id)
+    store.close()
+
+
 def app(name: str):
     """Streamlit's AppTest of app.py or of a page in pages/ ("3_Bricks.py"); call .run() on it."""
     from streamlit.testing.v1 import AppTest  # only the tests that drive pages import streamlit

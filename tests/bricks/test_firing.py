@@ -14,16 +14,8 @@ from tests.bricks.test_candidates import run_copy  # noqa: F401 - a fixture
 from tests.bricks.test_distinctive import planted_run
 
 
-@pytest.fixture
-def small(small_run):
-    path, run_id = small_run
-    store = Store(path)
-    yield store, store.require_run(run_id)
-    store.close()
-
-
-def test_counts_are_the_coactivations_of_the_stored_bits(small):
-    store, run = small
+def test_counts_are_the_coactivations_of_the_stored_bits(small_store):
+    store, run = small_store
     firing = RunFiring(store, run)
     half = scores.prompt_halves(store, run.run_id, seed=3)
     token_half = half[store.token_prompts(run.run_id)]
@@ -77,8 +69,8 @@ def test_coact_bricks_equal_those_of_the_path_before_the_seam(run_copy, graph, s
     assert [list(b.top_tokens) for b in got] == want_tokens and any(want_tokens)
 
 
-def test_layer_counts_on_the_fit_half_are_those_of_the_bits(small):
-    store, run = small
+def test_layer_counts_on_the_fit_half_are_those_of_the_bits(small_store):
+    store, run = small_store
     tokens = distinctive.run_tokens(store, run)
     rows = scores.prompt_halves(store, run.run_id)[tokens.prompt]
     bits = store.firing_bits(run.run_id, 1)

@@ -55,16 +55,8 @@ def slow_reference(tiny_lm, small_prompts):
     return out
 
 
-@pytest.fixture
-def small(small_run):
-    path, run_id = small_run
-    s = Store(path)
-    yield s, s.require_run(run_id)
-    s.close()
-
-
-def test_prompt_activations_match_a_slow_recomputation(small, slow_reference, tiny_lm, small_prompts):
-    s, run = small
+def test_prompt_activations_match_a_slow_recomputation(small_store, slow_reference, tiny_lm, small_prompts):
+    s, run = small_store
     acts = s.prompt_activations(run.run_id)
     d_ff = tiny_lm.info.d_ff
     assert acts.dtype == np.float16 and acts.shape == (len(small_prompts), tiny_lm.info.n_layers * d_ff)
@@ -73,8 +65,8 @@ def test_prompt_activations_match_a_slow_recomputation(small, slow_reference, ti
     np.testing.assert_array_equal(s.prompt_activations(run.run_id, layer=1), acts[:, d_ff:])
 
 
-def test_tokens_are_the_prompts_own_tokens(small, slow_reference, tiny_lm, small_prompts):
-    s, run = small
+def test_tokens_are_the_prompts_own_tokens(small_store, slow_reference, tiny_lm, small_prompts):
+    s, run = small_store
     tokenizer = tiny_lm.tokenizer
     for i, p in enumerate(small_prompts.prompts):
         rows = s.tokens(run.run_id, i)
@@ -83,8 +75,8 @@ def test_tokens_are_the_prompts_own_tokens(small, slow_reference, tiny_lm, small
     assert s.token_prompts(run.run_id).shape[0] == run.n_tokens == sum(len(r[0]) for r in slow_reference)
 
 
-def test_firing_bits_are_the_top_tenth_by_output_magnitude(small, slow_reference, tiny_lm):
-    s, run = small
+def test_firing_bits_are_the_top_tenth_by_output_magnitude(small_store, slow_reference, tiny_lm):
+    s, run = small_store
     d_ff = tiny_lm.info.d_ff
     k = math.ceil(0.1 * d_ff)
     for layer in range(run.n_layers):
@@ -107,9 +99,11 @@ TOP_SQL = (
 )
 
 
-def test_top_examples_are_the_strongest_prompts_and_point_at_their_tokens(small, slow_reference, tiny_lm):
+def test_top_examples_are_the_strongest_prompts_and_point_at_their_tokens(
+    small_store, slow_reference, tiny_lm
+):
     """Per neuron: the top_k prompts by their strongest own token's |a|, one example per prompt."""
-    s, run = small
+    s, run = small_store
     k, d_ff = SMALL.top_k, tiny_lm.info.d_ff
     for layer in range(run.n_layers):
         absx = [np.abs(r[layer]) for r in slow_reference]
@@ -126,8 +120,8 @@ def test_top_examples_are_the_strongest_prompts_and_point_at_their_tokens(small,
         assert s.top_examples(run.run_id, layer, 3) == [tuple(r[1:]) for r in rows if r[0] == 3]
 
 
-def test_layer_means(small, slow_reference):
-    s, run = small
+def test_layer_means(small_store, slow_reference):
+    s, run = small_store
     for layer in range(run.n_layers):
         a = np.concatenate([r[layer] for r in slow_reference])
         np.testing.assert_allclose(s.layer_array(run.run_id, "mean_abs")[layer], np.abs(a).mean(0), rtol=2e-3)
