@@ -184,7 +184,7 @@ class Analysis:
         texts = [t[:per_category] for t in (self.eval_texts if texts is None else texts)]
         flat = list(dict.fromkeys(t for group in texts for t in group))
         known = [self._known.setdefault(key, {}) if key is not None else {} for key in keys]
-        todo: dict[int, dict] = {}  # memo (by identity: equal keys share one) -> the mask measuring it
+        todo: dict[int, tuple] = {}  # id of a memo (equal keys share one) -> (memo, the mask measuring it)
         for memo, mask in zip(known, masks, strict=True):
             if any(t not in memo for t in flat):
                 todo.setdefault(id(memo), (memo, mask))

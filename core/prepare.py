@@ -27,7 +27,7 @@ STEPS = {  # name -> what a person reads
 # Seconds per step on the default model on a 2-core machine (benchmarks/first_use.py, 2026-12-03; the
 # analysis 2026-12-04): they only weigh the steps in one progress bar until this machine has prepared a
 # run of its own.
-FALLBACK_SECONDS = {"capture": 87, "coact": 30, "functional": 8, "map": 40, "analysis": 53}
+FALLBACK_SECONDS = {"capture": 87, "coact": 30, "functional": 8, "map": 40, "analysis": 58}
 TIMING = "prepare.seconds"  # the results kind that keeps a run's measured step times
 TIMING_KEY = {"version": 1}
 Step = Callable[[str, str], None]  # (step name, state): "running", "done", "cached", "skipped"

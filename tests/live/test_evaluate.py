@@ -223,3 +223,15 @@ def test_rows_apply_each_rows_transform():
     assert torch.equal(rows(a), -a)
     rows.select([1, 1])
     assert rows(a[:2]) is not None and torch.equal(rows(a[:2]), a[:2])
+
+
+def test_sparse_rows_keep_their_gathered_weights_within_the_budget():
+    """Masks sharing passes run sparsely the smallest first, while their kept shares add up to at most
+    the copies of a layer's weights allowed (SPARSE_BUDGET); the rest, and masks keeping most neurons,
+    run dense."""
+    kept = lambda n: evaluate.kept_neurons(1, 100, range(n))[0]  # noqa: E731 - keeps n of 100 neurons
+    rows = evaluate.FfnRows([kept(50), kept(10), kept(45), kept(30), kept(90), None])
+    assert evaluate.SPARSE_BUDGET == 1.0
+    assert [k is not None for k in rows.keep] == [False, True, True, True, False, False]  # 10 + 30 + 45
+    assert rows.dense.fns[0] is not None and rows.dense.fns[1] is None and rows.dense.fns[5] is None
+    assert all(k is not None for k in evaluate.FfnRows([kept(50), kept(60)], copies=1.2).keep)
