@@ -55,9 +55,9 @@ def losses_under(
     """float64 (len(masks), len(texts)): `loss_per_prompt` of the texts under each of `masks`.
 
     One mask runs as `loss_per_prompt` describes (a static zero-mask keeping at most SPARSE_SHARE of a
-    layer sparsely). Several share their forward passes: every (mask, text) pair is a row, each row's
-    FFN activations go through its own mask's transforms (Rows), and the passes group rows of equal
-    width across masks, so they pad less than one call per mask would. `on_pass(done, total)` is
+    layer sparsely). Several share their forward passes: every (mask, text) pair is a row that runs
+    under its own mask (FfnRows on a gated MLP, else Rows), and the passes group rows of equal width
+    across masks, so they pad less than one call per mask would. `on_pass(done, total)` is
     called after each pass.
     """
     limit = token_limit(lm.model, max_tokens)
