@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from core import settings
 from core.errors import BricklabError
 
@@ -70,6 +72,25 @@ class PromptSet:
         order = {p.id: i for i, p in enumerate(self.prompts)}
         picked.sort(key=lambda p: order[p.id])
         return PromptSet(f"{self.name}[:{n}]", tuple(picked), self.warnings)
+
+
+def halves(labels, seed: int = 0) -> np.ndarray:
+    """bool (n_prompts,) from each prompt's category label: True for half A, drawn per category so
+    each half keeps the category mix. Capture counts co-activations per half of seed 0 (issue #16);
+    stability compares results computed on the two halves."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    half = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        half[members[: (len(members) + 1) // 2]] = True
+    return half
+
+
+def category_labels(prompt_set: PromptSet) -> np.ndarray:
+    """int32 label per prompt: the index of its category in the set's categories (-1 without one)."""
+    index = {name: i for i, name in enumerate(prompt_set.categories)}
+    return np.asarray([index.get(p.category, -1) for p in prompt_set.prompts], dtype=np.int32)
 
 
 def default_prompt_set() -> PromptSet:

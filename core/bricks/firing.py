@@ -2,9 +2,10 @@
 all tokens or the tokens of some prompts, and the firing bits of the run's token sample with the
 tokens they belong to. Candidates, coherence, distinctive tokens and explanations read only this.
 
-Today every token's bits are stored (the sample is the whole run), so counts come from the bits. A
-run that keeps a bounded sample plus stored counts changes this module, not its readers: counts then
-come from the store, and the sample stays what the readers that need single tokens see.
+A run whose sample holds every token (every run that fits `CaptureConfig.sample_bytes`, and every
+run of format 2) gives its counts from the bits. A run that keeps a partial sample stored exact
+counts per layer over the two halves of its prompts (core.capture.counts); its counts come from
+those, and the sample is what the readers that need single tokens see.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import functools
 
 import numpy as np
 
+from core.bricks import scores
 from core.errors import BricklabError
 from core.kernels import coact as kernels
 from core.store import Run, Store
+from core.store.schema import COACT_ARRAYS, COACT_SEED
 
 
 class RunFiring:
@@ -61,21 +64,38 @@ class RunFiring:
 
     def counts(self, layer: int) -> np.ndarray:
         """int32 (d_ff, d_ff): co-activation counts of one layer over every token of the run."""
-        return kernels.coactivation_counts(self._exact(layer), self.run.d_ff)
+        if not self.complete:
+            a, b = self._stored(layer)
+            return a + b
+        return kernels.coactivation_counts(self.sample(layer), self.run.d_ff)
 
     def split_counts(self, layer: int, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """int32 (d_ff, d_ff) twice: one layer's co-activation counts over the tokens of the prompts
         where `prompts` (bool, per prompt) is True, and over the rest; they sum to `counts`."""
-        bits = self._exact(layer)
+        if not self.complete:
+            if np.array_equal(prompts, self.stored_halves):
+                return self._stored(layer)
+            raise BricklabError(
+                f"Run '{self.run.run_id}' keeps the firing of only a sample of its tokens, and its exact "
+                f"co-activation counts are split by the prompt halves of seed {COACT_SEED} only.",
+                f"Use seed {COACT_SEED} (or no stability), or capture with a larger sample_bytes.",
+            )
+        bits = self.sample(layer)
         rows = prompts[self.sample_rows[0]]
         return tuple(kernels.coactivation_counts(bits[r], self.run.d_ff) for r in (rows, ~rows))
 
-    def _exact(self, layer: int) -> np.ndarray:
-        """The sample's bits, where they cover every token (counts of a partial sample are not exact)."""
-        if not self.complete:
+    @functools.cached_property
+    def stored_halves(self) -> np.ndarray:
+        """bool per prompt: the half A whose counts the capture stored apart (seed COACT_SEED)."""
+        return scores.prompt_halves(self.store, self.run.run_id, COACT_SEED)
+
+    def _stored(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The counts the capture stored over half A and half B of the prompts."""
+        pair = [self.store.read_array(self.run.run_id, name, int(layer)) for name in COACT_ARRAYS]
+        if any(a is None for a in pair):
             raise BricklabError(
-                f"Run '{self.run.run_id}' keeps the firing of only a sample of its tokens, and this version "
-                "of bricklab cannot count co-activations from it.",
-                "Capture the run again with this version, or upgrade bricklab.",
+                f"Run '{self.run.run_id}' keeps the firing of only a sample of its tokens, and its "
+                f"co-activation counts of layer {layer} are missing from the cache.",
+                "Delete the run and capture it again.",
             )
-        return self.sample(layer)
+        return tuple(np.asarray(a, dtype=np.int32) for a in pair)

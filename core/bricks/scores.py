@@ -8,6 +8,7 @@ import numpy as np
 from scipy.special import gammaln
 from scipy.stats import hypergeom
 
+from core import prompts
 from core.errors import BricklabError
 from core.kernels import coact as kernels
 from core.store import Store
@@ -25,12 +26,7 @@ def prompt_halves(store: Store, run_id: str | None, seed: int = 0) -> np.ndarray
     """bool (n_prompts,): True for half A of the prompts, drawn per category so each half keeps
     the category mix (stability compares results computed on the two halves)."""
     labels, _ = category_labels(store, run_id)
-    rng = np.random.default_rng(seed)
-    half = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        half[members[: (len(members) + 1) // 2]] = True
-    return half
+    return prompts.halves(labels, seed)
 
 
 def functionality_scores(

@@ -28,8 +28,14 @@ class ChunkReducer:
     (one example per prompt, so a neuron's examples show different prompts).
     """
 
-    def __init__(self, n_layers: int, d_ff: int, config, norms: list, device="cpu", fused=None, overlap=None):
+    def __init__(
+        self, n_layers: int, d_ff: int, config, norms: list, device="cpu", fused=None, overlap=None,
+        counts=None, first_prompt: int = 0,
+    ):  # fmt: skip
+        """`counts`: a `core.capture.counts.CoactCounts` to add each batch's firing into (runs whose
+        firing sample is partial), `first_prompt` the run's index of the chunk's first prompt."""
         self.n_layers, self.d_ff, self.config = n_layers, d_ff, config
+        self.counts, self.first_prompt = counts, first_prompt
         self.device = torch.device(device)
         # bf16 on CUDA: Triton kernels (kernels.select_gpu, kernels.reduce_gpu); fused=False keeps torch's ops
         if fused is None:
@@ -87,6 +93,8 @@ class ChunkReducer:
         first = np.array([r * width + s for r, (s, _) in enumerate(spans)], dtype=np.int32)
         self.first_row = torch.from_numpy(first).to(dev)  # (B,) row of each prompt's first own token
         self.own_lengths = torch.from_numpy(lengths.astype(np.int32)).to(dev)
+        if self.counts is not None:  # the run's prompt of each own-token row
+            self.count_rows = self.counts.rows(self.first_prompt + np.asarray(batch)[owner])
 
     @contextlib.contextmanager
     def forward_stream(self):
@@ -128,6 +136,8 @@ class ChunkReducer:
         score = out if self.config.fire_indicator == "output" else absx
         fired = score.topk(self.k_fire, dim=1, sorted=False).indices  # (N, k_fire)
         self.pending[layer] = (self._means(absx), self._bits(fired))
+        if self.counts is not None:
+            self.counts.add(layer, self.pending[layer][1], self.count_rows)
         self.fire_count[layer].scatter_add_(0, fired.reshape(-1), torch.ones_like(fired).reshape(-1))
         self.sums[0, layer] += (self.ones.to(x.dtype) @ x).squeeze(0).double()
         self.sums[1, layer] += (self.lengths @ self.pending[layer][0].float()).squeeze(0).double()
@@ -166,6 +176,8 @@ class ChunkReducer:
             cfg.hist_stride, cfg.hist_bins, cfg.fire_indicator == "output", out=bits,
             count_after=self.batch_host is None,
         )  # fmt: skip
+        if self.counts is not None:
+            self.counts.add(layer, bits, self.count_rows)
         longest = self.padded_shape[1]
         mean, total, best, pos = reduce_gpu.prompt_reduce(a, self.first_row, self.own_lengths, longest)
         means.copy_(mean)

@@ -22,11 +22,13 @@ import torch
 
 from core import models
 from core.capture import experts as expert_routes
+from core.capture.counts import CoactCounts
 from core.capture.reduce import ChunkReducer, merge_top, read_top, split_top, top_rows
 from core.models import LoadedModel
 from core.progress import Progress
-from core.prompts import PromptSet, as_prompt_set, encode, token_limit
-from core.store import Store
+from core.prompts import PromptSet, as_prompt_set, category_labels, encode, halves, token_limit
+from core.store import Store, sample
+from core.store.schema import COACT_SEED
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,17 @@ class CaptureConfig:
     hist_stride: int = 8  # histograms sample every n-th token: a distribution needs no more
     batch_size: int = 0  # prompts per forward pass; 0: fit free GPU memory, 8 on CPU (speed only, not keyed)
     chunk_prompts: int = 64  # prompts per committed chunk (resume granularity; not in the key)
+    # bytes of per-token firing bits a run keeps (core.store.sample): a run whose bits fit keeps every
+    # token's; a larger one keeps a hashed sample of its tokens plus exact co-activation counts
+    sample_bytes: int = 1 << 30
 
     def __post_init__(self):
         if not 0 < self.fire_fraction <= 1:
             raise ValueError("fire_fraction must be in (0, 1]")
         if self.fire_indicator not in ("output", "abs"):
             raise ValueError("fire_indicator must be 'output' or 'abs'")
+        if self.sample_bytes < 0:
+            raise ValueError("sample_bytes must be >= 0")
         if (
             min(
                 self.top_k,
@@ -82,8 +89,10 @@ class CaptureResult:
         return self.new_tokens / max(self.seconds, 1e-9)
 
 
-# Bump when what a run stores changes meaning (2: one top example per prompt), so older runs miss the cache.
-FORMAT_VERSION = 2
+# Bump when what a run stores changes meaning, so older runs miss the cache (2: one top example per
+# prompt; 3: the firing of a byte-budgeted token sample, with exact co-activation counts beside it
+# when the sample is partial). A format-2 run is still read: its sample is every token.
+FORMAT_VERSION = 3
 
 
 def run_id_for(fingerprint: str, prompt_hash: str, config: CaptureConfig) -> str:
@@ -142,6 +151,14 @@ def capture(
         # one running merge of the committed chunks' top examples, replaced with each chunk: per-chunk
         # lists deleted when finalised left their blocks free in the file (a shard keeps its lists)
         state = None if shard is not None else load_top(store, run_id, info.n_layers, info.d_ff)
+        n_own = sum(e.end - e.start for e in encoded)
+        rate = sample.sample_rate(config.sample_bytes, n_own, info.n_layers, info.d_ff)
+        counts = None
+        if rate < 1.0:  # the sample leaves tokens out: count co-activations over all of them
+            store.prune_arrays(run_id)  # files of a chunk whose transaction never committed
+            half = halves(category_labels(prompt_set), COACT_SEED)
+            counts = CoactCounts(info.n_layers, info.d_ff, half, device=info.device)
+            counts.load(store, run_id)
         new_tokens = 0
         for chunk in mine:
             if chunk in done:
@@ -149,11 +166,15 @@ def capture(
             lo = chunk * config.chunk_prompts
             hi = min(lo + config.chunk_prompts, len(encoded))
             t0 = time.perf_counter()
-            reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms, device=lm.info.device)
+            reducer = ChunkReducer(
+                info.n_layers, info.d_ff, config, norms, device=lm.info.device, counts=counts, first_prompt=lo
+            )
             routes = _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total, budget)
             seconds = time.perf_counter() - t0
             own = encoded[lo:hi]
-            state = _write_chunk(store, run_id, chunk, lo, own, lm.tokenizer, reducer, seconds, routes, state)
+            state = _write_chunk(
+                store, run_id, chunk, lo, own, lm.tokenizer, reducer, seconds, routes, state, rate, counts
+            )
             reported += hi - lo
             new_tokens += reducer.n_tokens
         if shard is not None:
@@ -325,10 +346,24 @@ def load_top(store: Store, run_id: str, n_layers: int, d_ff: int) -> list:
     return [tuple(np.stack([layer[0][i] for layer in layers]) for i in range(3))]
 
 
-def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds, routes=None, state=()):
+def _write_chunk(
+    store,
+    run_id,
+    chunk,
+    lo,
+    encoded,
+    tokenizer,
+    reducer,
+    seconds,
+    routes=None,
+    state=(),
+    rate=1.0,
+    counts=None,
+):
     """Everything a chunk produced, committed by the store in one transaction, with the run's top
     examples merged over every committed chunk: `state` before this chunk, returned after it (a
-    shard, state None, keeps the chunk's own instead)."""
+    shard, state None, keeps the chunk's own instead). Firing bits are kept for the tokens of the
+    run's sample (`rate`, core.store.sample); `counts`, the run's co-activation counts so far."""
     rows, top = split_top(reducer.partials(lo))
     if state is None:
         rows += top_rows(top)
@@ -348,14 +383,23 @@ def _write_chunk(store, run_id, chunk, lo, encoded, tokenizer, reducer, seconds,
         chunk,
         lo,
         acts=[reducer.prompt_means[i] for i in range(n)],
-        bits=[reducer.prompt_bits[i] for i in range(n)],
+        bits=[_sampled(reducer.prompt_bits[i], lo + i, rate) for i in range(n)],
         tokens=tokens,
         partials=rows + expert_routes.partials(routes),  # MoE: the router's choices
         top_state=None if state is None else top_rows(state[0]),
         n_tokens=reducer.n_tokens,
         seconds=seconds,
+        arrays=None if counts is None else counts.arrays(),
     )
     return state
+
+
+def _sampled(bits: list[np.ndarray], prompt_idx: int, rate: float) -> list[np.ndarray]:
+    """One prompt's per-layer firing bits, only the rows of its tokens in the run's sample."""
+    if rate >= 1.0 or not bits:
+        return bits
+    kept = sample.in_sample(prompt_idx, np.arange(len(bits[0])), rate)
+    return [layer[kept] for layer in bits]
 
 
 def finalise(store: Store, run_id: str, n_layers: int, config: CaptureConfig) -> int:

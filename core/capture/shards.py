@@ -23,6 +23,7 @@ from core.errors import BricklabError
 from core.progress import Progress
 from core.prompts import Prompt, PromptSet
 from core.store import Store
+from core.store.arrays import decoded
 from core.store.schema import TOP_ARRAYS
 
 
@@ -53,8 +54,9 @@ def merge_tables(store: Store, tables: dict[str, pa.Table]) -> list[str]:
         shard_chunks = _chunks_of(tables["chunks"], run_id)
         new_chunks = [c for c in shard_chunks if c not in done]
         top = _merged_top(store, run, tables, shard_chunks, new_chunks)
+        counts = _merged_counts(store, run_id, tables, shard_chunks, new_chunks)
         chunk_prompts = int(captured_with["chunk_prompts"])
-        store.add_shard_chunks(run_id, tables, new_chunks, chunk_prompts, new_run, top)
+        store.add_shard_chunks(run_id, tables, new_chunks, chunk_prompts, new_run, top, counts)
     return run_ids
 
 
@@ -96,6 +98,26 @@ def _merged_top(store, run, tables, shard_chunks, new_chunks) -> list | None:
         merged = merge_top(pieces, int(settings_["top_k"]), int(settings_["chunk_prompts"]))
         rows += [(layer, name, a) for name, a in zip(TOP_ARRAYS, merged, strict=True)]
     return rows
+
+
+def _merged_counts(store, run_id, tables, shard_chunks, new_chunks) -> list | None:
+    """The run's co-activation counts (a partial token sample, core.capture.counts) with the shard's
+    added; None when the shard has none. A file's counts are summed over all its chunks, so they add
+    only when every chunk of it is new."""
+    rows = _rows_of(tables.get("arrays"), run_id)
+    if rows is None or not rows.num_rows or not new_chunks:
+        return None
+    if sorted(new_chunks) != sorted(shard_chunks):
+        raise BricklabError(
+            f"Run {run_id}: the file overlaps chunks already merged, and its co-activation counts are "
+            "summed over all its chunks, so they cannot be taken for its new chunks alone.",
+            "Capture the missing chunks with capture --shard, or merge the file into a fresh cache.",
+        )
+    merged = []
+    for row in rows.to_pylist():
+        theirs, mine = decoded(row), store.read_array(run_id, row["name"], row["layer"])
+        merged.append((row["layer"], row["name"], theirs if mine is None else mine + theirs))
+    return merged
 
 
 def _rows_of(table: pa.Table | None, run_id: str) -> pa.Table | None:

@@ -21,6 +21,11 @@ def register(sub) -> None:
         "--batch-size", type=non_negative, default=0,
         help="prompts per forward pass (default 0: as many as fit in free GPU memory; 8 on the CPU)",
     )  # fmt: skip
+    p.add_argument(
+        "--sample-mib", type=non_negative, default=capture.CaptureConfig().sample_bytes >> 20,
+        help="MiB of per-token firing bits to keep (default 1024); a larger run keeps a hashed sample "
+        "of its tokens and exact co-activation counts beside the cache",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="capture only shard I of N (chunks c with c %% N == I)")
     p.add_argument(
@@ -67,7 +72,7 @@ def cmd_capture(args) -> int:
     shard = _shard(args.shard) if args.shard else None
     lm = models.load_model(args.model, device=args.device)
     store = Store(args.db)
-    config = capture.CaptureConfig(batch_size=args.batch_size)
+    config = _config(args)
     bar = tqdm(total=len(prompt_set), unit="prompt", desc="capture", disable=args.quiet)
 
     def progress(done: int, total: int, message: str) -> None:
@@ -117,10 +122,14 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _config(args) -> capture.CaptureConfig:
+    return capture.CaptureConfig(batch_size=args.batch_size, sample_bytes=args.sample_mib << 20)
+
+
 def _capture_ray(args, prompt_set) -> int:
     store = Store(args.db)
     try:
-        config = capture.CaptureConfig(batch_size=args.batch_size)
+        config = _config(args)
         run_id = shards.capture_ray(
             args.model, prompt_set, store, config, args.shards, args.address, args.device
         )

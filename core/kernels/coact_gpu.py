@@ -69,7 +69,7 @@ def _gram(y: torch.Tensor, out: torch.Tensor) -> None:
             out[rows, cols] += torch._int_mm(y[rows], y[cols].t())
 
 
-def _symmetric(out: torch.Tensor, n_neurons: int) -> np.ndarray:
+def symmetric(out: torch.Tensor, n_neurons: int) -> np.ndarray:
     """The whole matrix from its upper triangle (the blocks below the diagonal were never computed)."""
     out = out[:n_neurons, :n_neurons]
     return (out.triu() + out.triu(1).t()).cpu().numpy()
@@ -99,13 +99,26 @@ def coactivation_counts(
         step = max(1, block_bytes // m // 64)  # token words per block
         for lo in range(0, words.shape[1], step):
             _gram(unpack(words[:m, lo : lo + step]), out)
-        return _symmetric(out, n_neurons)
+        return symmetric(out, n_neurons)
+    add_counts(words, out, block_bytes)
+    return symmetric(out, n_neurons)
+
+
+def counts_buffer(n_neurons: int, device=None) -> torch.Tensor:
+    """A zero int32 accumulator for `add_counts`: (m, m), m = n_neurons padded for torch._int_mm."""
+    m = _padded_rows(n_neurons)
+    return torch.zeros((m, m), dtype=torch.int32, device=device)
+
+
+def add_counts(words: torch.Tensor, out: torch.Tensor, block_bytes: int = _BLOCK_BYTES) -> None:
+    """out += the upper block triangle of the co-activation counts of token-major int64 words
+    (n_tokens, W), on their device; `symmetric(out, n_neurons)` reads the whole matrix back."""
     n_tokens, n_words = words.shape
+    m = out.shape[0]
     step = max(64, block_bytes // (64 * n_words) // 64 * 64)
     for lo in range(0, n_tokens, step):
         block = words[lo : lo + step]
         if len(block) % 8:  # _int_mm needs k % 8 == 0: zero tokens add nothing
             block = torch.cat([block, block.new_zeros((8 - len(block) % 8, n_words))])
-        # padding bits past the last neuron only reach rows and columns that _symmetric drops
+        # padding bits past the last neuron only reach rows and columns that symmetric drops
         _gram(unpack_by_neuron(block)[:m], out)  # m <= 64 W
-    return _symmetric(out, n_neurons)

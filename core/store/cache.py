@@ -20,16 +20,17 @@ import pyarrow as pa
 from core import settings
 from core.errors import BricklabError
 from core.store import codec, doctor, faults
+from core.store.arrays import ArrayFiles
 from core.store.chunks import ChunkTables
 from core.store.queries import NeuronQueries
 from core.store.schema import DAMAGED, RUN_COLUMNS, RUN_TABLES, SCHEMA, Run, to_run
 
 
-class Store(ChunkTables, NeuronQueries):
+class Store(ChunkTables, NeuronQueries, ArrayFiles):
     """One DuckDB file; safe to share between threads (each call uses its own cursor).
 
-    The capture's chunk writes and the neuron and token queries live in two mixins, so that each
-    module stays short.
+    The capture's chunk writes, the neuron and token queries and the bulk array files live in
+    mixins, so that each module stays short.
     """
 
     def __init__(self, path: str | Path | None = None, read_only: bool = False):
@@ -184,6 +185,7 @@ class Store(ChunkTables, NeuronQueries):
             for table in RUN_TABLES:
                 cur.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
             cur.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+        self.prune_arrays(run_id)
 
     # bulk inserts
 
@@ -218,7 +220,8 @@ class Store(ChunkTables, NeuronQueries):
 
     @faults.guarded
     def firing_bits(self, run_id: str, layer: int) -> np.ndarray:
-        """Packed firing bits of one layer over every token of the run: uint64 (n_tokens, words)."""
+        """Packed firing bits of one layer over the run's token sample (`sample_rows`; every token of a
+        run whose sample is complete): uint64 (n_sample, words)."""
         run = self.require_run(run_id)
         sql = "SELECT bits FROM firing WHERE run_id = ? AND layer = ? ORDER BY prompt_idx"
         flat = _blobs(self.cursor().sql(sql, params=[run_id, layer]), np.uint64)
@@ -226,7 +229,7 @@ class Store(ChunkTables, NeuronQueries):
 
     @faults.guarded
     def token_prompts(self, run_id: str) -> np.ndarray:
-        """Prompt index of every token, in the order of `firing_bits` rows."""
+        """Prompt index of every token of the run, in (prompt, position) order."""
         sql = "SELECT prompt_idx FROM tokens WHERE run_id = ? ORDER BY prompt_idx, pos"
         return self.cursor().execute(sql, [run_id]).fetchnumpy()["prompt_idx"].astype(np.int32)
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from core.errors import BricklabError
 from core.store import codec, faults
+from core.store.arrays import shard_arrays
 from core.store.schema import CHUNK_TABLES, TOP_ARRAYS
 
 
@@ -34,6 +35,7 @@ class ChunkTables:
         n_tokens: int,
         seconds: float,
         top_state: list[tuple[int, str, np.ndarray]] | None = None,
+        arrays: list[tuple[int, str, np.ndarray]] | None = None,
     ) -> None:
         """Everything a chunk produced, in one transaction: it lands whole or not at all.
 
@@ -42,6 +44,8 @@ class ChunkTables:
         the prompts' own tokens. partials: (layer, name, array) rows that `finish_run` sums.
         top_state: (layer, name, array) rows that replace the run's `top_state`, in the same transaction
         (its old rows' blocks are free for the next chunk once committed).
+        arrays: (layer, name, array) the run's bulk arrays after this chunk (co-activation counts),
+        written as files that replace the run's (store.arrays) when the transaction commits.
         """
         n_layers = len(acts[0]) if acts else 0
         prompt_idx = np.repeat(np.arange(first_prompt, first_prompt + len(acts), dtype=np.int32), n_layers)
@@ -74,7 +78,11 @@ class ChunkTables:
             self.insert(cur, "chunk_arrays", partial_columns)
             if top_state is not None:
                 _replace_top_state(self, cur, run_id, top_state)
+            if arrays is not None:
+                self._save_arrays(cur, run_id, arrays)
             cur.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", [run_id, chunk, n_tokens, seconds])
+        if arrays is not None:
+            self.prune_arrays(run_id)
 
     @faults.guarded
     def done_chunks(self, run_id: str) -> set[int]:
@@ -146,7 +154,8 @@ class ChunkTables:
     @staticmethod
     def read_shard(path: str | Path) -> dict[str, pa.Table]:
         """Every run row and chunk row of a shard file, as Arrow tables (cheap to ship between machines),
-        with its running top examples (`top_state`, empty in a shard or a file of an older bricklab)."""
+        with its running top examples (`top_state`, empty in a shard or a file of an older bricklab)
+        and its co-activation counts (`arrays`: the catalog with each file's bytes, where it has any)."""
         path = Path(path)
         if not path.is_file():
             raise BricklabError(f"The shard '{path}' does not exist.", "Check the path.")
@@ -157,14 +166,16 @@ class ChunkTables:
         try:
             # the names come from the schema's own constants, never from the caller
             names = ["runs", "prompts", *CHUNK_TABLES]
-            sql = "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'top_state'"
-            if con.execute(sql).fetchall()[0][0]:
-                names.append("top_state")
-            return {name: con.sql(f"SELECT * FROM {name}").to_arrow_table() for name in names}
+            sql = "SELECT table_name FROM duckdb_tables() WHERE table_name IN ('top_state', 'arrays')"
+            names += sorted(row[0] for row in con.execute(sql).fetchall())
+            tables = {name: con.sql(f"SELECT * FROM {name}").to_arrow_table() for name in names}
         except duckdb.Error as exc:
             raise _not_a_shard(path, exc) from exc
         finally:
             con.close()
+        if "arrays" in tables:  # co-activation counts over the shard's chunks, from beside the file
+            tables["arrays"] = shard_arrays(path, tables["arrays"])
+        return tables
 
     @faults.guarded
     def add_shard_chunks(
@@ -175,17 +186,23 @@ class ChunkTables:
         chunk_prompts: int,
         new_run: tuple[dict, list[tuple]] | None = None,
         top_state: list[tuple[int, str, np.ndarray]] | None = None,
+        arrays: list[tuple[int, str, np.ndarray]] | None = None,
     ) -> None:
         """Copy the rows of a shard's `chunks` of one run into the cache in one transaction; with
         `new_run` = (runs row, prompt rows) the run is created in that same transaction. The chunks'
-        top examples are not copied: `top_state` (the run's, with theirs merged in) replaces the run's."""
+        top examples are not copied: `top_state` (the run's, with theirs merged in) replaces the run's;
+        likewise `arrays` (the run's co-activation counts with theirs added) replace the run's."""
         with self.write() as cur:
             if new_run is not None:
                 self.create_run(cur, *new_run)
+            if arrays is not None:
+                self._save_arrays(cur, run_id, arrays)
             for name in CHUNK_TABLES:
                 _insert_chunk_rows(cur, name, tables[name], run_id, chunks, chunk_prompts)
             if top_state is not None:
                 _replace_top_state(self, cur, run_id, top_state)
+        if arrays is not None:
+            self.prune_arrays(run_id)
 
 
 def _replace_top_state(store, cur, run_id: str, rows: list[tuple[int, str, np.ndarray]]) -> None:

@@ -7,6 +7,7 @@ when a query that hashes every column of it succeeds.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import duckdb
 
 from core.errors import BricklabError
 from core.store import faults
+from core.store.arrays import folder_of
 from core.store.schema import RUN_TABLES, SCHEMA
 
 _ROW_TABLES = tuple(t for t in RUN_TABLES if t != "results")  # results are checked one by one
@@ -46,7 +48,10 @@ class Diagnosis:
 def unreadable_tables(cur, run_id: str) -> list[str]:
     """The run's tables (results aside) with a row that cannot be read back."""
     bad = []
+    present = {row[0] for row in cur.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     for table in _ROW_TABLES:  # names from the schema's own constants, never from the caller
+        if table not in present:  # a file of an older format (no `arrays`): the run has no rows there
+            continue
         try:
             cur.execute(f"SELECT count(*), max(hash(COLUMNS(*))) FROM {table} WHERE run_id = ?", [run_id])
             cur.fetchall()
@@ -116,7 +121,7 @@ def recover(diagnosis: Diagnosis, target: str | Path) -> int:
             con.execute("ATTACH ? AS damaged (READ_ONLY)", [str(diagnosis.path)])
             con.execute("BEGIN TRANSACTION")
             for health in keep:
-                _copy_run(con, health)
+                _copy_run(con, health, diagnosis.path, target)
             con.execute("COMMIT")
         finally:
             con.close()
@@ -126,11 +131,19 @@ def recover(diagnosis: Diagnosis, target: str | Path) -> int:
     return len(keep)
 
 
-def _copy_run(con, health: RunHealth) -> None:
+def _copy_run(con, health: RunHealth, damaged: Path, target: Path) -> None:
+    sql = "SELECT table_name FROM duckdb_tables() WHERE database_name = 'damaged'"
+    present = {row[0] for row in con.execute(sql).fetchall()}
     for table in ("runs", *_ROW_TABLES):
+        if table not in present:
+            continue
         con.execute(
             f"INSERT INTO {table} BY NAME SELECT * FROM damaged.{table} WHERE run_id = ?", [health.run_id]
         )
     for kind, params in health.results:
         sql = "SELECT * FROM damaged.results WHERE run_id = ? AND kind = ? AND params = ?"
         con.execute(f"INSERT INTO results BY NAME {sql}", [health.run_id, kind, params])
+    if folder_of(damaged, health.run_id).is_dir():  # the run's bulk arrays (store.arrays) go along
+        shutil.copytree(
+            folder_of(damaged, health.run_id), folder_of(target, health.run_id), dirs_exist_ok=True
+        )

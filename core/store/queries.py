@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.store import faults
+from core.store import faults, sample
 
 # A stored token as plain lower-case text: the byte-level BPE (Ġ, Ċ) and SentencePiece (▁) space
 # and newline markers read as spaces, then trimmed.
@@ -99,23 +99,29 @@ class NeuronQueries:
             out.setdefault(idx, []).append(pos)
         return out
 
-    # the token sample: the tokens whose firing bits are kept (issue #16). A format-2 run keeps every
-    # token's, so its sample is the whole run; core.bricks.firing is the one reader.
+    # the token sample: the tokens whose firing bits are kept (issue #16, core.store.sample). A run of
+    # format 2 kept every token's; core.bricks.firing is the one reader.
 
-    @faults.guarded
+    def sample_rate(self, run_id: str) -> float:
+        """The share of the run's tokens whose firing bits it keeps (1: every token)."""
+        run = self.require_run(run_id)
+        budget = run.settings.get("sample_bytes")  # absent in format 2: every token was kept
+        return sample.sample_rate(budget, run.n_tokens or 0, run.n_layers, run.d_ff)
+
     def sample_complete(self, run_id: str) -> bool:
-        """Whether the run's token sample holds every token (True: this format stores every token's bits)."""
-        self.require_run(run_id)
-        return True
+        """Whether the run's token sample holds every token."""
+        return self.sample_rate(run_id) >= 1.0
 
     @faults.guarded
     def sample_rows(self, run_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(prompt_idx int32, pos int32) of each token in the sample, in the order of `firing_sample` rows."""
         sql = "SELECT prompt_idx, pos FROM tokens WHERE run_id = ? ORDER BY prompt_idx, pos"
         got = self.cursor().execute(sql, [run_id]).fetchnumpy()
-        return np.asarray(got["prompt_idx"], np.int32), np.asarray(got["pos"], np.int32)
+        prompt, pos = np.asarray(got["prompt_idx"], np.int32), np.asarray(got["pos"], np.int32)
+        kept = sample.in_sample(prompt, pos, self.sample_rate(run_id))
+        return prompt[kept], pos[kept]
 
     def firing_sample(self, run_id: str, layer: int) -> np.ndarray:
         """Packed firing bits of one layer over the sample's tokens: uint64 (n_sample, words), rows in
-        `sample_rows` order (every token of the run, as `firing_bits`)."""
+        `sample_rows` order (the `firing` table holds the sampled tokens only)."""
         return self.firing_bits(run_id, layer)

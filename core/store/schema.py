@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS top_examples (
     run_id VARCHAR, layer INTEGER, neuron INTEGER, rank INTEGER,
     prompt_idx INTEGER, pos INTEGER, value REAL
 );
+CREATE TABLE IF NOT EXISTS arrays (      -- catalog of bulk arrays in files beside the cache (store.arrays)
+    run_id VARCHAR, name VARCHAR, layer INTEGER, file VARCHAR, dtype VARCHAR, shape VARCHAR, bytes BIGINT
+);
 CREATE TABLE IF NOT EXISTS results (      -- cached derived results (bricks, maps, reports)
     run_id VARCHAR, kind VARCHAR, params VARCHAR, created TIMESTAMP DEFAULT current_timestamp,
     payload BLOB
@@ -58,6 +61,7 @@ RUN_TABLES = (
     "top_state",
     "layer_arrays",
     "top_examples",
+    "arrays",
     "results",
 )
 
@@ -65,6 +69,10 @@ RUN_TABLES = (
 CHUNK_TABLES = ("chunks", "prompt_acts", "firing", "tokens", "chunk_arrays")
 # The `chunk_arrays` and `top_state` names of top examples: (k, d_ff) value, prompt and position.
 TOP_ARRAYS = ("top_val", "top_prompt", "top_pos")
+# The `arrays` names of a run whose token sample is partial: int32 (d_ff, d_ff) co-activation counts per
+# layer over half A and half B of the prompts (`prompts.halves` of COACT_SEED; core.capture.counts).
+COACT_ARRAYS = ("coact_a", "coact_b")
+COACT_SEED = 0
 
 
 @dataclass(frozen=True)

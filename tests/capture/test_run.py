@@ -168,7 +168,7 @@ def progress(done, total, message):
     if done >= int(sys.argv[3]):
         os.kill(os.getpid(), signal.SIGKILL)
 
-config = capture.CaptureConfig(chunk_prompts=4)
+config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=int(sys.argv[4]))
 capture.capture(lm, prompts.default_prompt_set().head(21), store, config, progress)
 """
 
@@ -184,17 +184,23 @@ def run_tables(s: Store, run_id: str) -> dict:
     run = s.require_run(run_id)
     tables["acts"] = s.prompt_activations(run_id).tobytes()
     tables["bits"] = [s.firing_bits(run_id, layer).tobytes() for layer in range(run.n_layers)]
+    files = s.array_files(run_id)  # a partial sample's co-activation counts, beside the file
+    tables["arrays"] = {key: s.read_array(run_id, *key).tobytes() for key in files}
+    folder = s.arrays_folder(run_id)
+    tables["files"] = sorted(p.name for p in folder.iterdir()) == sorted(files.values()) if files else True
     return tables
 
 
-def test_a_killed_capture_resumes_to_the_same_result(tiny_dir, tiny_lm, small_prompts, tmp_path):
+@pytest.mark.parametrize("sample_bytes", [1 << 30, 3000], ids=["every-token", "partial-sample"])
+def test_a_killed_capture_resumes_to_the_same_result(
+    tiny_dir, tiny_lm, small_prompts, tmp_path, sample_bytes
+):
     killed_db = tmp_path / "killed.duckdb"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLER, tiny_dir, str(killed_db), "10"], cwd=ROOT, env=env, capture_output=True
-    )
+    command = [sys.executable, "-c", KILLER, tiny_dir, str(killed_db), "10", str(sample_bytes)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    config = capture.CaptureConfig(chunk_prompts=4)
+    config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=sample_bytes)
     run_id = capture.run_id_for(tiny_lm.info.fingerprint, small_prompts.hash, config)
 
     s = Store(killed_db)
@@ -217,6 +223,7 @@ def test_a_killed_capture_resumes_to_the_same_result(tiny_dir, tiny_lm, small_pr
         fresh.close()
     for name, value in expected.items():
         assert resumed[name] == value, name
+    assert bool(expected["arrays"]) == (sample_bytes < 1 << 30) and resumed["files"]
 
 
 def test_a_resumed_capture_reports_its_own_tokens_and_speed(tiny_lm, small_prompts, store):

@@ -1,0 +1,64 @@
+"""Exact co-activation counts accumulated during capture (issue #16), for runs whose firing sample
+does not hold every token: bricks partition these counts instead of counting the sample's bits.
+
+Per layer, two int32 (d_ff, d_ff) matrices: over the tokens of half A of the prompts and of half B
+(`prompts.halves` of COACT_SEED, 0: the default brick seed), so stability needs no other pass and the run's
+counts are their sum. They grow with the model's width, never with its tokens; they are summed where
+the capture runs (GPU or CPU, core.kernels.coact_gpu: exact int8 products into int32) and persisted
+with every committed chunk, so a killed capture resumes from them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from core.kernels import coact_gpu
+from core.store.schema import COACT_ARRAYS as NAMES
+
+MAX_TOKENS = 2**31 - 1  # int32 counts
+
+
+class CoactCounts:
+    """The run's counts so far, per layer and half, on the capture's device."""
+
+    def __init__(self, n_layers: int, d_ff: int, half: np.ndarray, device="cpu"):
+        self.n_layers, self.d_ff, self.half = n_layers, d_ff, np.asarray(half, bool)
+        self.device = torch.device(device)
+        self.out = [[coact_gpu.counts_buffer(d_ff, self.device) for _ in range(n_layers)] for _ in NAMES]
+        self.n_tokens = 0
+
+    def rows(self, batch_prompts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices, among a batch's own tokens, of half A and of half B, from each row's prompt."""
+        in_a = self.half[batch_prompts]
+        self.n_tokens += len(batch_prompts)
+        if self.n_tokens > MAX_TOKENS:
+            raise OverflowError("co-activation counts are int32: a run holds at most 2**31 - 1 tokens")
+        return tuple(
+            torch.from_numpy(np.flatnonzero(side)).to(self.device, non_blocking=True)
+            for side in (in_a, ~in_a)
+        )
+
+    def add(self, layer: int, bits: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Count one layer's batch: bits (N, 2W) int32 words (as the reducer packs them)."""
+        words = bits.view(torch.int64)
+        for out, picked in zip(self.out, rows, strict=True):
+            if len(picked):
+                coact_gpu.add_counts(words.index_select(0, picked), out[layer])
+
+    def arrays(self) -> list[tuple[int, str, np.ndarray]]:
+        """(layer, name, int32 (d_ff, d_ff)) rows for the store's `arrays`."""
+        return [
+            (layer, name, coact_gpu.symmetric(out[layer], self.d_ff))
+            for name, out in zip(NAMES, self.out, strict=True)
+            for layer in range(self.n_layers)
+        ]
+
+    def load(self, store, run_id: str) -> None:
+        """Continue from the counts the run committed (a resume); zeros when it committed none."""
+        for name, out in zip(NAMES, self.out, strict=True):
+            for layer in range(self.n_layers):
+                saved = store.read_array(run_id, name, layer)
+                if saved is not None:  # the upper triangle is what add_counts accumulates
+                    out[layer].zero_()
+                    out[layer][: self.d_ff, : self.d_ff] = torch.from_numpy(np.triu(saved)).to(self.device)

@@ -1,0 +1,149 @@
+"""Format 3 (issue #16): a run keeps the firing bits of a byte-budgeted token sample; when the sample
+leaves tokens out, exact co-activation counts are kept beside the cache instead, and every reader of
+firing gets from them what it got from every token's bits."""
+
+import json
+
+import numpy as np
+import pytest
+
+from core.bricks import candidates, coherence, distinctive, scores
+from core.bricks.candidates import BrickParams
+from core.bricks.firing import RunFiring
+from core.capture import run as capture
+from core.capture import shards
+from core.errors import BricklabError
+from core.kernels import coact as kernels
+from core.store import Store, sample
+
+PARTIAL = 3000  # bytes: about a quarter of the tiny run's 21 prompts (2 layers x 2 words x 8 B a token)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_lm, small_prompts):
+    """(store, run) of the same capture twice: every token's bits, and a partial sample."""
+    folder = tmp_path_factory.mktemp("sample")
+    out = []
+    for name, budget in (("every", 1 << 30), ("partial", PARTIAL)):
+        store = Store(folder / f"{name}.duckdb")
+        config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=budget)
+        result = capture.capture(tiny_lm, small_prompts, store, config)
+        out.append((store, store.require_run(result.run_id)))
+    yield out
+    for store, _ in out:
+        store.close()
+
+
+def test_the_sample_is_a_fixed_hash_of_the_tokens_place():
+    prompt, pos = np.repeat(np.arange(400), 50), np.tile(np.arange(50), 400)
+    for rate in (0.05, 0.25, 0.5):
+        kept = sample.in_sample(prompt, pos, rate)
+        assert abs(kept.mean() - rate) < 0.01
+        assert np.array_equal(kept[::7], sample.in_sample(prompt[::7], pos[::7], rate))  # any subset agrees
+    smaller, larger = sample.in_sample(prompt, pos, 0.2), sample.in_sample(prompt, pos, 0.4)
+    assert not (smaller & ~larger).any()  # a larger budget keeps a superset
+    assert sample.in_sample(prompt, pos, 1.0).all()
+    assert sample.sample_rate(None, 10**9, 32, 14336) == 1.0  # format 2: every token's bits
+    assert sample.sample_rate(1 << 30, 11341, 30, 1536) == 1.0  # the default run keeps every token
+    assert sample.sample_rate(1 << 30, 10**7, 32, 14336) == pytest.approx((1 << 30) / (10**7 * 32 * 224 * 8))
+
+
+def test_a_partial_sample_keeps_exact_counts_and_the_sampled_bits(two_runs):
+    (every, run_e), (part, run_p) = two_runs
+    full, partial = RunFiring(every, run_e), RunFiring(part, run_p)
+    assert full.complete and not partial.complete and run_e.n_tokens == run_p.n_tokens
+    rate = part.sample_rate(run_p.run_id)
+    assert 0.1 < rate < 0.5 and run_p.settings["sample_bytes"] == PARTIAL
+    prompt, pos = partial.sample_rows
+    assert np.array_equal(sample.in_sample(prompt, pos, rate), np.ones(len(prompt), bool))
+    assert 0 < len(prompt) < run_p.n_tokens and partial.n_tokens() == run_p.n_tokens
+    half = scores.prompt_halves(every, run_e.run_id, 0)
+    assert np.array_equal(partial.stored_halves, half)
+    for layer in range(run_e.n_layers):
+        bits = every.firing_bits(run_e.run_id, layer)
+        assert np.array_equal(partial.sample(layer), bits[partial.sample_index])
+        assert np.array_equal(partial.counts(layer), kernels.coactivation_counts_numpy(bits, run_e.d_ff))
+        for mine, want in zip(partial.split_counts(layer, half), full.split_counts(layer, half), strict=True):
+            assert np.array_equal(mine, want) and want.trace() > 0
+    with pytest.raises(BricklabError, match="seed 0"):
+        partial.split_counts(0, scores.prompt_halves(part, run_p.run_id, 5))
+    # the bits left out are not in the file: its firing rows hold the sample only
+    assert sum(len(part.firing_bits(run_p.run_id, layer)) for layer in range(2)) == 2 * len(prompt)
+    files = sorted(p.name for p in part.arrays_folder(run_p.run_id).iterdir())
+    assert files == sorted(part.array_files(run_p.run_id).values()) and len(files) == 4
+    assert not every.arrays_folder(run_e.run_id).exists() and not every.array_files(run_e.run_id)
+
+
+@pytest.mark.parametrize("graph", ["jaccard", "pmi"])
+def test_coactivation_bricks_from_stored_counts_equal_those_from_every_tokens_bits(two_runs, graph):
+    (every, run_e), (part, run_p) = two_runs
+    params = BrickParams(method="coact", size=12, graph=graph, stability=True, seed=0)
+    want = candidates.compute_bricks(every, run_e.run_id, params)
+    got = candidates.compute_bricks(part, run_p.run_id, params)
+    assert [b.brick_id for b in got] == [b.brick_id for b in want] and len(want) > 10
+    for mine, theirs in zip(got, want, strict=True):
+        assert np.array_equal(mine.neurons, theirs.neurons) and mine.stability == theirs.stability
+    with pytest.raises(BricklabError, match="seed 0"):  # other halves need every token's bits
+        candidates.compute_bricks(part, run_p.run_id, BrickParams(method="coact", size=12, seed=3))
+    assert candidates.compute_bricks(part, run_p.run_id, BrickParams(method="coact", size=12, seed=3,
+                                                                   stability=False))  # fmt: skip
+
+
+def test_readers_of_single_tokens_use_the_sample_within_a_stated_tolerance(two_runs):
+    """Coherence (cross-layer too) and distinctive tokens read the sample's tokens: on a quarter of the
+    tiny run's 328 tokens, coherence scores stay within 0.15 (absolute; 0.10 seen) of every token's, and every
+    distinctive type of the partial run is a type of the run."""
+    (every, run_e), (part, run_p) = two_runs
+    rng = np.random.default_rng(0)
+    bricks = [
+        {layer: rng.choice(run_e.d_ff, 12, replace=False).tolist() for layer in (0, 1)} for _ in range(4)
+    ]
+    bricks += [{0: list(range(24))}]
+    full, partial = coherence.Firing.of_run(every, run_e.run_id), coherence.Firing.of_run(part, run_p.run_id)
+    assert partial.n_tokens < full.n_tokens
+    for brick in bricks:
+        want, got = coherence.coherence(full, brick).score, coherence.coherence(partial, brick).score
+        assert np.isfinite(got) and abs(got - want) < 0.15, (brick, got, want)
+    tokens = distinctive.run_tokens(part, run_p)
+    assert len(tokens.sample) < run_p.n_tokens and tokens.counts.sum() == len(tokens.sample)
+
+
+def test_shards_of_a_partial_sample_merge_to_the_unsharded_counts(two_runs, tiny_lm, small_prompts, tmp_path):
+    (_, _), (part, run_p) = two_runs
+    config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=PARTIAL)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"shard{i}.duckdb")
+        shard = Store(paths[-1])
+        capture.capture(tiny_lm, small_prompts, shard, config, shard=(i, 2))
+        shard.close()
+    merged = Store(tmp_path / "merged.duckdb")
+    try:
+        run_ids, missing = shards.merge(merged, paths[::-1])
+        assert run_ids == [run_p.run_id] and not missing
+        for key in part.array_files(run_p.run_id):
+            assert np.array_equal(merged.read_array(run_p.run_id, *key), part.read_array(run_p.run_id, *key))
+        assert len(list(merged.arrays_folder(run_p.run_id).iterdir())) == 4
+    finally:
+        merged.close()
+    whole = Store(tmp_path / "whole.duckdb")  # one shard of one: every chunk, counts over all of them
+    capture.capture(tiny_lm, small_prompts, whole, config, shard=(0, 1))
+    whole.close()
+    again = Store(tmp_path / "again.duckdb")
+    try:
+        shards.merge(again, paths[:1])
+        with pytest.raises(BricklabError, match="overlaps chunks already merged"):
+            shards.merge(again, [tmp_path / "whole.duckdb"])
+    finally:
+        again.close()
+
+
+def test_a_run_of_format_2_reads_as_a_complete_sample(store):
+    """Format 2 kept every token's bits and has no sample_bytes: never read as a partial sample."""
+    settings = {k: v for k, v in json.loads(json.dumps(capture.CaptureConfig().__dict__)).items()}
+    settings.pop("sample_bytes")
+    row = {"run_id": "old", "settings": json.dumps(settings), "n_layers": 32, "d_ff": 14336, "n_prompts": 0,
+           "categories": "[]", "status": "complete", "n_tokens": 10**8}  # fmt: skip
+    with store.write() as cur:
+        store.create_run(cur, row, [])
+    assert store.sample_rate("old") == 1.0 and store.sample_complete("old")
