@@ -17,7 +17,7 @@ import numpy as np
 from core.bricks import scores
 from core.errors import BricklabError
 from core.kernels import coact as kernels
-from core.store import Run, Store
+from core.store import Run, Store, sample
 from core.store.schema import COACT_ARRAYS, COACT_SEED
 
 
@@ -58,9 +58,21 @@ class RunFiring:
         """uint64 (n_sample, words): one layer's packed firing bits over the sample's tokens."""
         return self.store.firing_sample(self.run.run_id, int(layer))
 
+    @functools.cached_property
+    def counted(self) -> np.ndarray:
+        """bool per token of the run (`token_prompts` order): the tokens its counts sum over. Every token,
+        unless the run stored counts over a hashed share of its tokens (CaptureConfig.count_rate)."""
+        rate = self.run.settings.get("count_rate", 1.0)
+        if self.complete or rate >= 1.0:
+            return np.ones(len(self.token_prompts), bool)
+        return sample.in_sample(*self.store.token_places(self.run.run_id), rate)
+
     def n_tokens(self, prompts: np.ndarray | None = None) -> int:
-        """How many of the run's tokens belong to the prompts where `prompts` (bool) is True (all)."""
-        return len(self.token_prompts) if prompts is None else int(prompts[self.token_prompts].sum())
+        """How many of the tokens `counts` sums over belong to the prompts where `prompts` (bool) is
+        True (all)."""
+        if prompts is None:
+            return int(self.counted.sum())
+        return int((prompts[self.token_prompts] & self.counted).sum())
 
     def counts(self, layer: int) -> np.ndarray:
         """int32 (d_ff, d_ff): co-activation counts of one layer over every token of the run."""

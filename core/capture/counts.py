@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from core.kernels import coact_gpu
+from core.store import sample
 from core.store.schema import COACT_ARRAYS as NAMES
 
 MAX_TOKENS = 2**31 - 1  # int32 counts
@@ -22,20 +23,24 @@ MAX_TOKENS = 2**31 - 1  # int32 counts
 class CoactCounts:
     """The run's counts so far, per layer and half, on the capture's device."""
 
-    def __init__(self, n_layers: int, d_ff: int, half: np.ndarray, device="cpu"):
-        self.n_layers, self.d_ff, self.half = n_layers, d_ff, np.asarray(half, bool)
+    def __init__(self, n_layers: int, d_ff: int, half: np.ndarray, rate: float = 1.0, device="cpu"):
+        """`half`: bool per prompt, True in half A; `rate`: the share of tokens counted (a hashed sample
+        of (prompt, position), core.store.sample; 1: every token)."""
+        self.n_layers, self.d_ff, self.half, self.rate = n_layers, d_ff, np.asarray(half, bool), rate
         self.device = torch.device(device)
         self.out = [[coact_gpu.counts_buffer(d_ff, self.device) for _ in range(n_layers)] for _ in NAMES]
         self.n_tokens = 0
 
-    def rows(self, batch_prompts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row indices, among a batch's own tokens, of half A and of half B, from each row's prompt."""
-        in_a = self.half[batch_prompts]
-        self.n_tokens += len(batch_prompts)
+    def rows(self, prompt: np.ndarray, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices, among a batch's own tokens (each row's prompt and position), of the counted
+        tokens of half A and of half B."""
+        counted = sample.in_sample(prompt, pos, self.rate)
+        in_a = self.half[prompt]
+        self.n_tokens += int(counted.sum())
         if self.n_tokens > MAX_TOKENS:
-            raise OverflowError("co-activation counts are int32: a run holds at most 2**31 - 1 tokens")
+            raise OverflowError("co-activation counts are int32: a run counts at most 2**31 - 1 tokens")
         return tuple(
-            torch.from_numpy(np.flatnonzero(side)).to(self.device, non_blocking=True)
+            torch.from_numpy(np.flatnonzero(counted & side)).to(self.device, non_blocking=True)
             for side in (in_a, ~in_a)
         )
 

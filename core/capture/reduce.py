@@ -93,8 +93,9 @@ class ChunkReducer:
         first = np.array([r * width + s for r, (s, _) in enumerate(spans)], dtype=np.int32)
         self.first_row = torch.from_numpy(first).to(dev)  # (B,) row of each prompt's first own token
         self.own_lengths = torch.from_numpy(lengths.astype(np.int32)).to(dev)
-        if self.counts is not None:  # the run's prompt of each own-token row
-            self.count_rows = self.counts.rows(self.first_prompt + np.asarray(batch)[owner])
+        if self.counts is not None:  # the run's prompt and the position of each own-token row
+            pos = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            self.count_rows = self.counts.rows(self.first_prompt + np.asarray(batch)[owner], pos)
 
     @contextlib.contextmanager
     def forward_stream(self):

@@ -23,7 +23,8 @@ import torch
 from core import models
 from core.capture import experts as expert_routes
 from core.capture.counts import CoactCounts
-from core.capture.reduce import ChunkReducer, merge_top, read_top, split_top, top_rows
+from core.capture.reduce import ChunkReducer, read_top
+from core.capture.writer import ChunkWriter
 from core.models import LoadedModel
 from core.progress import Progress
 from core.prompts import PromptSet, as_prompt_set, category_labels, encode, halves, token_limit
@@ -45,14 +46,21 @@ class CaptureConfig:
     # bytes of per-token firing bits a run keeps (core.store.sample): a run whose bits fit keeps every
     # token's; a larger one keeps a hashed sample of its tokens plus exact co-activation counts
     sample_bytes: int = 1 << 30
+    # the share of tokens (a hashed sample) whose co-activations such a run counts (1: every token)
+    count_rate: float = 1.0
+    # such a run's counts (and running top examples) are saved with a chunk at most this often, and with
+    # its last; a resume captures again the chunks committed after the last save (not in the key)
+    checkpoint_seconds: float = 300.0
 
     def __post_init__(self):
         if not 0 < self.fire_fraction <= 1:
             raise ValueError("fire_fraction must be in (0, 1]")
         if self.fire_indicator not in ("output", "abs"):
             raise ValueError("fire_indicator must be 'output' or 'abs'")
-        if self.sample_bytes < 0:
-            raise ValueError("sample_bytes must be >= 0")
+        if self.sample_bytes < 0 or self.checkpoint_seconds < 0:
+            raise ValueError("sample_bytes and checkpoint_seconds must be >= 0")
+        if not 0 < self.count_rate <= 1:
+            raise ValueError("count_rate must be in (0, 1]")
         if (
             min(
                 self.top_k,
@@ -68,7 +76,7 @@ class CaptureConfig:
 
     def key(self) -> dict:
         values = asdict(self)
-        for speed_only in ("batch_size", "chunk_prompts"):
+        for speed_only in ("batch_size", "chunk_prompts", "checkpoint_seconds"):
             values.pop(speed_only)
         return values
 
@@ -140,6 +148,11 @@ def capture(
         n_chunks = math.ceil(len(encoded) / config.chunk_prompts)
         if existing is None:
             _create_run(store, run_id, lm, prompt_set, config, n_chunks)
+        n_own = sum(e.end - e.start for e in encoded)
+        rate = sample.sample_rate(config.sample_bytes, n_own, info.n_layers, info.d_ff)
+        counts = None
+        if rate < 1.0:  # the sample leaves tokens out: count co-activations over all of them
+            counts = _resume_counts(store, run_id, prompt_set, config, info)
         done = store.done_chunks(run_id)
         mine = [c for c in range(n_chunks) if shard is None or c % shard[1] == shard[0]]
         size = {c: min(config.chunk_prompts, len(encoded) - c * config.chunk_prompts) for c in mine}
@@ -151,32 +164,40 @@ def capture(
         # one running merge of the committed chunks' top examples, replaced with each chunk: per-chunk
         # lists deleted when finalised left their blocks free in the file (a shard keeps its lists)
         state = None if shard is not None else load_top(store, run_id, info.n_layers, info.d_ff)
-        n_own = sum(e.end - e.start for e in encoded)
-        rate = sample.sample_rate(config.sample_bytes, n_own, info.n_layers, info.d_ff)
-        counts = None
-        if rate < 1.0:  # the sample leaves tokens out: count co-activations over all of them
-            store.prune_arrays(run_id)  # files of a chunk whose transaction never committed
-            half = halves(category_labels(prompt_set), COACT_SEED)
-            counts = CoactCounts(info.n_layers, info.d_ff, half, device=info.device)
-            counts.load(store, run_id)
+        writer = ChunkWriter(store, run_id, lm.tokenizer, rate, state, done, info.device)
+        todo = [c for c in mine if c not in done]
+        saved = time.perf_counter()
         new_tokens = 0
-        for chunk in mine:
-            if chunk in done:
-                continue
-            lo = chunk * config.chunk_prompts
-            hi = min(lo + config.chunk_prompts, len(encoded))
-            t0 = time.perf_counter()
-            reducer = ChunkReducer(
-                info.n_layers, info.d_ff, config, norms, device=lm.info.device, counts=counts, first_prompt=lo
-            )
-            routes = _run_chunk(lm, encoded[lo:hi], lo, reducer, config, progress, reported, total, budget)
-            seconds = time.perf_counter() - t0
-            own = encoded[lo:hi]
-            state = _write_chunk(
-                store, run_id, chunk, lo, own, lm.tokenizer, reducer, seconds, routes, state, rate, counts
-            )
-            reported += hi - lo
-            new_tokens += reducer.n_tokens
+        with writer:
+            for chunk in todo:
+                lo = chunk * config.chunk_prompts
+                hi = min(lo + config.chunk_prompts, len(encoded))
+                t0 = time.perf_counter()
+                reducer = ChunkReducer(
+                    info.n_layers,
+                    info.d_ff,
+                    config,
+                    norms,
+                    device=info.device,
+                    counts=counts,
+                    first_prompt=lo,
+                )
+                routes = _run_chunk(
+                    lm, encoded[lo:hi], lo, reducer, config, progress, reported, total, budget
+                )
+                # the state goes with each chunk of a run without counts (it is small), else now and then
+                save = (
+                    counts is None
+                    or chunk == todo[-1]
+                    or time.perf_counter() - saved >= config.checkpoint_seconds
+                )
+                arrays = counts.arrays() if counts is not None and save else None
+                saved = time.perf_counter() if save else saved
+                writer.submit(
+                    chunk, lo, encoded[lo:hi], reducer, time.perf_counter() - t0, routes, save, arrays
+                )
+                reported += hi - lo
+                new_tokens += reducer.n_tokens
         if shard is not None:
             n_tokens, _ = store.chunk_totals(run_id)
             seconds = time.perf_counter() - started
@@ -338,68 +359,25 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, 
     return counts
 
 
+def _resume_counts(store: Store, run_id: str, prompt_set, config: CaptureConfig, info) -> CoactCounts:
+    """The run's co-activation counts to continue from: those it saved last, with the chunks committed
+    after that save dropped, to be captured again (zeros and nothing dropped for a new run)."""
+    store.prune_arrays(run_id)  # files of a save whose transaction never committed
+    stale = store.done_chunks(run_id) - store.array_chunks(run_id)
+    if stale:
+        store.drop_chunks(run_id, sorted(stale), config.chunk_prompts)
+    half = halves(category_labels(prompt_set), COACT_SEED)
+    counts = CoactCounts(info.n_layers, info.d_ff, half, config.count_rate, device=info.device)
+    counts.load(store, run_id)
+    return counts
+
+
 def load_top(store: Store, run_id: str, n_layers: int, d_ff: int) -> list:
     """The run's running top examples as one (L, k, d_ff) piece for merge_top; none before a chunk."""
     layers = [read_top(store.top_state(run_id, layer), d_ff) for layer in range(n_layers)]
     if not all(layers):
         return []
     return [tuple(np.stack([layer[0][i] for layer in layers]) for i in range(3))]
-
-
-def _write_chunk(
-    store,
-    run_id,
-    chunk,
-    lo,
-    encoded,
-    tokenizer,
-    reducer,
-    seconds,
-    routes=None,
-    state=(),
-    rate=1.0,
-    counts=None,
-):
-    """Everything a chunk produced, committed by the store in one transaction, with the run's top
-    examples merged over every committed chunk: `state` before this chunk, returned after it (a
-    shard, state None, keeps the chunk's own instead). Firing bits are kept for the tokens of the
-    run's sample (`rate`, core.store.sample); `counts`, the run's co-activation counts so far."""
-    rows, top = split_top(reducer.partials(lo))
-    if state is None:
-        rows += top_rows(top)
-    else:
-        state = [merge_top([*state, top], reducer.config.top_k, reducer.config.chunk_prompts)]
-    n = len(encoded)
-    tokens = {"prompt_idx": [], "pos": [], "token_id": [], "token": [], "truncated": []}
-    for i, e in enumerate(encoded):
-        own = e.ids[e.start : e.end]
-        tokens["prompt_idx"] += [lo + i] * len(own)
-        tokens["pos"] += list(range(len(own)))
-        tokens["token_id"] += own
-        tokens["token"] += tokenizer.convert_ids_to_tokens(own)
-        tokens["truncated"] += [e.truncated] * len(own)
-    store.write_chunk(
-        run_id,
-        chunk,
-        lo,
-        acts=[reducer.prompt_means[i] for i in range(n)],
-        bits=[_sampled(reducer.prompt_bits[i], lo + i, rate) for i in range(n)],
-        tokens=tokens,
-        partials=rows + expert_routes.partials(routes),  # MoE: the router's choices
-        top_state=None if state is None else top_rows(state[0]),
-        n_tokens=reducer.n_tokens,
-        seconds=seconds,
-        arrays=None if counts is None else counts.arrays(),
-    )
-    return state
-
-
-def _sampled(bits: list[np.ndarray], prompt_idx: int, rate: float) -> list[np.ndarray]:
-    """One prompt's per-layer firing bits, only the rows of its tokens in the run's sample."""
-    if rate >= 1.0 or not bits:
-        return bits
-    kept = sample.in_sample(prompt_idx, np.arange(len(bits[0])), rate)
-    return [layer[kept] for layer in bits]
 
 
 def finalise(store: Store, run_id: str, n_layers: int, config: CaptureConfig) -> int:

@@ -100,10 +100,10 @@ def _merged_top(store, run, tables, shard_chunks, new_chunks) -> list | None:
     return rows
 
 
-def _merged_counts(store, run_id, tables, shard_chunks, new_chunks) -> list | None:
+def _merged_counts(store, run_id, tables, shard_chunks, new_chunks) -> tuple[list, list[int]] | None:
     """The run's co-activation counts (a partial token sample, core.capture.counts) with the shard's
-    added; None when the shard has none. A file's counts are summed over all its chunks, so they add
-    only when every chunk of it is new."""
+    added, and the chunks they then sum over; None when the shard has none. A file's counts are summed
+    over all its chunks, so they add only when every chunk of it is new."""
     rows = _rows_of(tables.get("arrays"), run_id)
     if rows is None or not rows.num_rows or not new_chunks:
         return None
@@ -113,11 +113,16 @@ def _merged_counts(store, run_id, tables, shard_chunks, new_chunks) -> list | No
             "summed over all its chunks, so they cannot be taken for its new chunks alone.",
             "Capture the missing chunks with capture --shard, or merge the file into a fresh cache.",
         )
+    if {c for chunks in rows["chunks"].to_pylist() for c in chunks} != set(shard_chunks):
+        raise BricklabError(
+            f"Run {run_id}: the shard's co-activation counts do not cover all its chunks (it was stopped).",
+            "Run the shard's capture again to finish it, then merge it.",
+        )
     merged = []
     for row in rows.to_pylist():
         theirs, mine = decoded(row), store.read_array(run_id, row["name"], row["layer"])
         merged.append((row["layer"], row["name"], theirs if mine is None else mine + theirs))
-    return merged
+    return merged, sorted(store.array_chunks(run_id) | set(shard_chunks))
 
 
 def _rows_of(table: pa.Table | None, run_id: str) -> pa.Table | None:

@@ -56,9 +56,10 @@ class ArrayFiles:
     def arrays_folder(self, run_id: str) -> Path:
         return folder_of(self.path, run_id)
 
-    def _save_arrays(self, cur, run_id: str, rows: list[ArrayRow]) -> None:
-        """Inside a write transaction, before its chunks are inserted: write `rows` as new files and make
-        them the run's catalog. The files they replace go only after the commit (`prune_arrays`)."""
+    def _save_arrays(self, cur, run_id: str, rows: list[ArrayRow], chunks: list[int]) -> None:
+        """Inside a write transaction, before its chunks are inserted: write `rows` (sums over the run's
+        `chunks`) as new files and make them the run's catalog. The files they replace go only after
+        the commit (`prune_arrays`)."""
         sql = "SELECT count(*) FROM chunks WHERE run_id = ?"
         tag = f"n{cur.execute(sql, [run_id]).fetchone()[0]:06d}"  # grows with every chunk committed
         folder = self.arrays_folder(run_id)
@@ -73,10 +74,11 @@ class ArrayFiles:
                 os.fsync(out.fileno())
             os.replace(partial, folder / file)
             shape = ",".join(map(str, array.shape))
-            catalog.append((run_id, name, layer, file, array.dtype.str, shape, array.nbytes))
+            catalog.append((run_id, name, layer, file, array.dtype.str, shape, array.nbytes, list(chunks)))
         cur.execute("DELETE FROM arrays WHERE run_id = ?", [run_id])
-        names = ("run_id", "name", "layer", "file", "dtype", "shape", "bytes")
-        types = (pa.string(), pa.string(), pa.int32(), pa.string(), pa.string(), pa.string(), pa.int64())
+        names = ("run_id", "name", "layer", "file", "dtype", "shape", "bytes", "chunks")
+        text, whole = pa.string(), pa.int64()
+        types = (text, text, pa.int32(), text, text, text, whole, pa.list_(pa.int32()))
         columns = {
             n: pa.array([r[i] for r in catalog], t) for i, (n, t) in enumerate(zip(names, types, strict=True))
         }
@@ -87,6 +89,12 @@ class ArrayFiles:
         """(name, layer) -> file name of each array the run's catalog names."""
         sql = "SELECT name, layer, file FROM arrays WHERE run_id = ?"
         return {(n, layer): f for n, layer, f in self.cursor().execute(sql, [run_id]).fetchall()}
+
+    @faults.guarded
+    def array_chunks(self, run_id: str) -> set[int]:
+        """The chunks the run's saved arrays sum over (none before its first save)."""
+        sql = "SELECT DISTINCT unnest(chunks) FROM arrays WHERE run_id = ?"
+        return {row[0] for row in self.cursor().execute(sql, [run_id]).fetchall()}
 
     def read_array(self, run_id: str, name: str, layer: int) -> np.ndarray | None:
         """One array of the run (memory-mapped, read-only); None when the catalog names none."""

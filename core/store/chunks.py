@@ -36,6 +36,7 @@ class ChunkTables:
         seconds: float,
         top_state: list[tuple[int, str, np.ndarray]] | None = None,
         arrays: list[tuple[int, str, np.ndarray]] | None = None,
+        covered: list[int] | None = None,
     ) -> None:
         """Everything a chunk produced, in one transaction: it lands whole or not at all.
 
@@ -44,8 +45,8 @@ class ChunkTables:
         the prompts' own tokens. partials: (layer, name, array) rows that `finish_run` sums.
         top_state: (layer, name, array) rows that replace the run's `top_state`, in the same transaction
         (its old rows' blocks are free for the next chunk once committed).
-        arrays: (layer, name, array) the run's bulk arrays after this chunk (co-activation counts),
-        written as files that replace the run's (store.arrays) when the transaction commits.
+        arrays: (layer, name, array) the run's bulk arrays (co-activation counts) summed over the
+        chunks `covered`, written as files that replace the run's (store.arrays) when it commits.
         """
         n_layers = len(acts[0]) if acts else 0
         prompt_idx = np.repeat(np.arange(first_prompt, first_prompt + len(acts), dtype=np.int32), n_layers)
@@ -79,10 +80,27 @@ class ChunkTables:
             if top_state is not None:
                 _replace_top_state(self, cur, run_id, top_state)
             if arrays is not None:
-                self._save_arrays(cur, run_id, arrays)
+                self._save_arrays(cur, run_id, arrays, covered)
             cur.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", [run_id, chunk, n_tokens, seconds])
         if arrays is not None:
             self.prune_arrays(run_id)
+
+    @faults.guarded
+    def drop_chunks(self, run_id: str, chunks: list[int], chunk_prompts: int) -> None:
+        """Delete the rows of committed `chunks` in one transaction, so they are captured again (a run
+        resumes from its last saved counts, core.capture.run)."""
+        with self.write() as cur:
+            for name in CHUNK_TABLES:  # names from the schema's own constants, never from the caller
+                if name in ("chunks", "chunk_arrays"):
+                    cur.execute(
+                        f"DELETE FROM {name} WHERE run_id = ? AND chunk IN (SELECT unnest(?))",
+                        [run_id, chunks],
+                    )
+                else:
+                    where = "prompt_idx // ? IN (SELECT unnest(?))"
+                    cur.execute(
+                        f"DELETE FROM {name} WHERE run_id = ? AND {where}", [run_id, chunk_prompts, chunks]
+                    )
 
     @faults.guarded
     def done_chunks(self, run_id: str) -> set[int]:
@@ -186,17 +204,18 @@ class ChunkTables:
         chunk_prompts: int,
         new_run: tuple[dict, list[tuple]] | None = None,
         top_state: list[tuple[int, str, np.ndarray]] | None = None,
-        arrays: list[tuple[int, str, np.ndarray]] | None = None,
+        arrays: tuple[list[tuple[int, str, np.ndarray]], list[int]] | None = None,
     ) -> None:
         """Copy the rows of a shard's `chunks` of one run into the cache in one transaction; with
         `new_run` = (runs row, prompt rows) the run is created in that same transaction. The chunks'
         top examples are not copied: `top_state` (the run's, with theirs merged in) replaces the run's;
-        likewise `arrays` (the run's co-activation counts with theirs added) replace the run's."""
+        likewise `arrays` (the run's co-activation counts with theirs added, and the chunks they sum
+        over) replace the run's."""
         with self.write() as cur:
             if new_run is not None:
                 self.create_run(cur, *new_run)
             if arrays is not None:
-                self._save_arrays(cur, run_id, arrays)
+                self._save_arrays(cur, run_id, *arrays)
             for name in CHUNK_TABLES:
                 _insert_chunk_rows(cur, name, tables[name], run_id, chunks, chunk_prompts)
             if top_state is not None:

@@ -113,11 +113,15 @@ class NeuronQueries:
         return self.sample_rate(run_id) >= 1.0
 
     @faults.guarded
-    def sample_rows(self, run_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """(prompt_idx int32, pos int32) of each token in the sample, in the order of `firing_sample` rows."""
+    def token_places(self, run_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_idx int32, pos int32) of every token of the run, in (prompt, position) order."""
         sql = "SELECT prompt_idx, pos FROM tokens WHERE run_id = ? ORDER BY prompt_idx, pos"
         got = self.cursor().execute(sql, [run_id]).fetchnumpy()
-        prompt, pos = np.asarray(got["prompt_idx"], np.int32), np.asarray(got["pos"], np.int32)
+        return np.asarray(got["prompt_idx"], np.int32), np.asarray(got["pos"], np.int32)
+
+    def sample_rows(self, run_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_idx int32, pos int32) of each token in the sample, in the order of `firing_sample` rows."""
+        prompt, pos = self.token_places(run_id)
         kept = sample.in_sample(prompt, pos, self.sample_rate(run_id))
         return prompt[kept], pos[kept]
 

@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS top_examples (
     prompt_idx INTEGER, pos INTEGER, value REAL
 );
 CREATE TABLE IF NOT EXISTS arrays (      -- catalog of bulk arrays in files beside the cache (store.arrays)
-    run_id VARCHAR, name VARCHAR, layer INTEGER, file VARCHAR, dtype VARCHAR, shape VARCHAR, bytes BIGINT
+    run_id VARCHAR, name VARCHAR, layer INTEGER, file VARCHAR, dtype VARCHAR, shape VARCHAR, bytes BIGINT,
+    chunks INTEGER[]                    -- the chunks whose tokens the arrays sum over
 );
 CREATE TABLE IF NOT EXISTS results (      -- cached derived results (bricks, maps, reports)
     run_id VARCHAR, kind VARCHAR, params VARCHAR, created TIMESTAMP DEFAULT current_timestamp,

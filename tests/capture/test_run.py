@@ -168,7 +168,8 @@ def progress(done, total, message):
     if done >= int(sys.argv[3]):
         os.kill(os.getpid(), signal.SIGKILL)
 
-config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=int(sys.argv[4]))
+budget, every = int(sys.argv[4]), float(sys.argv[5])
+config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=budget, checkpoint_seconds=every)
 capture.capture(lm, prompts.default_prompt_set().head(21), store, config, progress)
 """
 
@@ -191,16 +192,23 @@ def run_tables(s: Store, run_id: str) -> dict:
     return tables
 
 
-@pytest.mark.parametrize("sample_bytes", [1 << 30, 3000], ids=["every-token", "partial-sample"])
+@pytest.mark.parametrize(
+    "sample_bytes, every",
+    [(1 << 30, 300.0), (3000, 0.0), (3000, 300.0)],
+    ids=["every-token", "partial-sample-saved-each-chunk", "partial-sample-never-saved"],
+)
 def test_a_killed_capture_resumes_to_the_same_result(
-    tiny_dir, tiny_lm, small_prompts, tmp_path, sample_bytes
+    tiny_dir, tiny_lm, small_prompts, tmp_path, sample_bytes, every
 ):
+    """A run without counts saves its state with every chunk; one with counts every `checkpoint_seconds`
+    (0: every chunk), and a resume drops the chunks committed after the last save, then captures them."""
     killed_db = tmp_path / "killed.duckdb"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-c", KILLER, tiny_dir, str(killed_db), "10", str(sample_bytes)]
+    command = [sys.executable, "-c", KILLER, tiny_dir, str(killed_db), "10", str(sample_bytes), str(every)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=sample_bytes)
+    config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=sample_bytes, checkpoint_seconds=every)
+    saved = sample_bytes > 3000 or every == 0.0
     run_id = capture.run_id_for(tiny_lm.info.fingerprint, small_prompts.hash, config)
 
     s = Store(killed_db)
@@ -210,7 +218,8 @@ def test_a_killed_capture_resumes_to_the_same_result(
             s.prompt_activations(run_id)
         seen = []
         result = capture.capture(tiny_lm, small_prompts, s, config, lambda d, t, m: seen.append((d, m)))
-        assert result.resumed and not result.cache_hit and seen[0] == (8, "resuming")
+        assert result.resumed == saved and not result.cache_hit
+        assert seen[0] == ((8, "resuming") if saved else (0, "capturing"))
         assert interventions.hook_count(tiny_lm.model) == 0
         resumed = run_tables(s, run_id)
     finally:

@@ -147,3 +147,44 @@ def test_a_run_of_format_2_reads_as_a_complete_sample(store):
     with store.write() as cur:
         store.create_run(cur, row, [])
     assert store.sample_rate("old") == 1.0 and store.sample_complete("old")
+
+
+def test_counts_over_a_hashed_share_of_the_tokens(two_runs, tiny_lm, small_prompts, tmp_path):
+    """count_rate < 1: the counts sum over exactly the tokens the hash picks, and bricks partition them
+    with that many tokens."""
+    (every, run_e), _ = two_runs
+    store = Store(tmp_path / "quarter.duckdb")
+    try:
+        config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=PARTIAL, count_rate=0.25)
+        run = store.require_run(capture.capture(tiny_lm, small_prompts, store, config).run_id)
+        firing, places = RunFiring(store, run), every.token_places(run_e.run_id)
+        counted = sample.in_sample(*places, 0.25)
+        assert np.array_equal(firing.counted, counted) and firing.n_tokens() == counted.sum() < run.n_tokens
+        half = firing.stored_halves
+        assert firing.n_tokens(half) == (half[places[0]] & counted).sum()
+        for layer in range(run.n_layers):
+            bits = every.firing_bits(run_e.run_id, layer)
+            want = kernels.coactivation_counts_numpy(bits[counted], run.d_ff)
+            assert np.array_equal(firing.counts(layer), want) and want.trace() > 0
+    finally:
+        store.close()
+
+
+def test_chunks_written_in_the_background_equal_chunks_written_in_line(
+    two_runs, monkeypatch, tiny_lm, small_prompts, tmp_path
+):
+    """On a GPU the chunk transactions run in a thread beside the next chunk's forward pass (forced on
+    here): the run is the same, counts and all."""
+    from core.capture import writer
+    from tests.capture.test_run import run_tables
+
+    (_, _), (part, run_p) = two_runs
+    monkeypatch.setattr(writer, "BACKGROUND", True)
+    store = Store(tmp_path / "background.duckdb")
+    try:
+        config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=PARTIAL, checkpoint_seconds=0.0)
+        result = capture.capture(tiny_lm, small_prompts, store, config)
+        assert result.run_id == run_p.run_id  # checkpoint_seconds is not in the key
+        assert run_tables(store, result.run_id) == run_tables(part, run_p.run_id)
+    finally:
+        store.close()
