@@ -22,6 +22,7 @@ from core import models
 from core.capture import reduce
 from core.capture import run as capture
 from core.capture.reduce import ChunkReducer
+from core.capture.writer import ChunkWriter
 from core.prompts import Encoded
 
 SHAPES = {
@@ -105,8 +106,9 @@ def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=N
         )
         capture._run_chunk(lm, encoded, 0, reducer, config, None, 0, len(encoded), budget)
         forward = time.perf_counter() - t0  # the last batch's copy waited for: the device is idle
-        if store:
-            capture._write_chunk(store, "bench", 0, 0, encoded, lm.tokenizer, reducer, 0.0)
+        if store:  # every token's bits (format 2's writes), in line
+            with ChunkWriter(store, "bench", lm.tokenizer, 1.0, [], set(), "cpu") as writer:
+                writer.submit(0, 0, encoded, reducer, 0.0)
         else:
             reducer.partials(0)
         sync(device)
@@ -116,6 +118,71 @@ def time_capture(lm, encoded, batch_size: int, device: str, write: bool, fused=N
         if store:
             store.close()
     return elapsed
+
+
+def time_run(
+    lm, encoded, batch_size: int, device: str, n_chunks: int, run_tokens: int, count_rate: float,
+    count=True, write=True,
+) -> dict:  # fmt: skip
+    """`n_chunks` chunks of a format-3 run through capture's own writer, as the middle of a run of
+    `run_tokens` tokens: the firing bits of that run's token sample (CaptureConfig.sample_bytes), its
+    co-activation counts accumulated on the device (`count_rate` of the tokens), every chunk's rows
+    committed in the background writer. Returns seconds per chunk (the writes of the last chunk waited
+    for), the cache file's bytes and, apart, the seconds to take the counts off the device and to
+    save one layer of them as the final save does (`arrays`). `count`/`write` False leave the counts /
+    the writes out, to see what each costs (--diagnose)."""
+    from core.capture.counts import CoactCounts
+    from core.store import Store, sample
+
+    config = capture.CaptureConfig(
+        batch_size=batch_size, chunk_prompts=len(encoded), max_tokens=10**6, count_rate=count_rate
+    )
+    info, n = lm.info, len(encoded)
+    rate = sample.sample_rate(config.sample_bytes, run_tokens, info.n_layers, info.d_ff)
+    norms = [models.down_column_norms(lm.model, layer) for layer in range(info.n_layers)]
+    half = np.arange(n_chunks * n) % 2 == 0
+    counts = CoactCounts(info.n_layers, info.d_ff, half, count_rate, device=device) if count else None
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "bench.duckdb")
+        if THRESHOLD:  # DuckDB's WAL size before it checkpoints (default 16MB): --checkpoint-threshold
+            store.cursor().execute(f"SET checkpoint_threshold = '{THRESHOLD}'")
+        capture._create_run(store, "bench", lm, _FakeSet(n_chunks * n), config, n_chunks)
+        sync(device)
+        t0 = time.perf_counter()
+        with ChunkWriter(store, "bench", lm.tokenizer, rate, [], set(), device) as writer:
+            for chunk in range(n_chunks):
+                reducer = ChunkReducer(
+                    info.n_layers,
+                    info.d_ff,
+                    config,
+                    norms,
+                    device=device,
+                    counts=counts,
+                    first_prompt=chunk * n,
+                )
+                capture._run_chunk(lm, encoded, chunk * n, reducer, config, None, 0, n)
+                if write:
+                    writer.submit(chunk, chunk * n, encoded, reducer, 0.0, None, save=False)
+                else:
+                    reducer.partials(chunk * n)
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        if counts is None:
+            store.close()
+            return {"chunk_s": elapsed / n_chunks, "write_s": writer.write_seconds / n_chunks}
+        t1 = time.perf_counter()
+        arrays = counts.arrays()  # what a save takes off the device: every layer's two triangles
+        to_host = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        with store.write() as cur:  # the save itself, timed for one array (the disk may not hold them all)
+            store._save_arrays(cur, "bench", arrays[:1], list(range(n_chunks)))
+        save_one = time.perf_counter() - t1
+        store.close()
+        db_bytes = (Path(tmp) / "bench.duckdb").stat().st_size
+    return {"chunk_s": elapsed / n_chunks, "chunks": n_chunks, "run_tokens": run_tokens, "sample_rate": rate,
+            "count_rate": count_rate, "db_bytes": db_bytes, "counts_to_host_s": to_host,
+            "counts_one_array_save_s": save_one, "counts_array_bytes": int(arrays[0][2].nbytes),
+            "counts_arrays": len(arrays), "write_s": writer.write_seconds / n_chunks}  # fmt: skip
 
 
 def partials_breakdown(lm, encoded, batch_size: int, device: str) -> dict:
@@ -140,6 +207,7 @@ def partials_breakdown(lm, encoded, batch_size: int, device: str) -> dict:
     return steps
 
 
+THRESHOLD = ""  # --checkpoint-threshold
 SPLITS: list[dict] = []
 AUTO: list[int] = []  # each capture's time to its last batch's copy, and partials (or the write) after
 
@@ -352,6 +420,9 @@ def run(
     inline=False,
     write_reps=0,
     auto_reps=0,
+    run_chunks=4,
+    run_tokens=10_000_000,
+    count_rates=(1.0, 0.25),
 ) -> dict:
     """Bare vs capture; with `compare`, also capture through torch's ops instead of the fused kernels; with
     `kernels`, first time the kernels' configurations (kernel_sweep) and after, profile one capture."""
@@ -378,7 +449,13 @@ def run(
     n_tokens = n_prompts * seq
     best_bare, best_cap = min(bare), min(full)
     splits = [x for x in SPLITS if x["fused"] and x["overlap"] == reduce.OVERLAP][-reps:]
-    with_writes = [time_capture(lm, encoded, batch_size, device, True) for _ in range(write_reps)]
+    # format 3: a run's chunks with their cache writes, per count rate, interleaved with the bare pass
+    runs = {rate: [] for rate in count_rates} if write_reps else {}
+    for _ in range(write_reps):
+        bare.append(time_bare(lm, encoded, batch_size, device))
+        for rate in count_rates:
+            runs[rate].append(time_run(lm, encoded, batch_size, device, run_chunks, run_tokens, rate))
+    best_bare = min(bare)
     auto = [time_capture(lm, encoded, 0, device, False) for _ in range(auto_reps)]
     extra = {}
     if kernels:
@@ -407,10 +484,43 @@ def run(
         **({"batch_fit_to_memory": {"tokens_a_pass": AUTO[-1], "prompts_a_pass": AUTO[-1] // seq,
             "capture_s": min(auto), "ratio_to_bare_at_batch_size": min(auto) / best_bare, "all": auto,
             }} if auto_reps else {}),  # fmt: skip
-        **({"with_cache_writes": {"capture_s": min(with_writes), "ratio": min(with_writes) / best_bare,
-            "all": with_writes, "splits": SPLITS[-write_reps:]}} if write_reps else {}),
+        **({"with_cache_writes": {str(rate): with_writes(found, best_bare, n_tokens)
+                                  for rate, found in runs.items()}} if write_reps else {}),
         **extra,
     }  # fmt: skip
+
+
+def with_writes(found: list[dict], bare_s: float, chunk_tokens: int) -> dict:
+    """A count rate's format-3 runs: the best chunk time against the bare pass, and what it implies for
+    the whole run of `run_tokens` tokens, its final save of the counts included."""
+    best = min(found, key=lambda r: r["chunk_s"])
+    chunks = best["run_tokens"] / chunk_tokens
+    save = best["counts_to_host_s"] + best["counts_one_array_save_s"] * best["counts_arrays"]
+    counts_bytes = best["counts_array_bytes"] * best["counts_arrays"]
+    db_per_token = best["db_bytes"] / (best["chunks"] * chunk_tokens)
+    return {
+        "capture_s": best["chunk_s"], "ratio": best["chunk_s"] / bare_s, "all": [r["chunk_s"] for r in found],
+        "final_save_s": save, "ratio_with_final_save": (chunks * best["chunk_s"] + save) / (chunks * bare_s),
+        "cache_bytes_per_token": db_per_token + counts_bytes / best["run_tokens"],
+        "cache_bytes_10m_tokens": db_per_token * 10_000_000 + counts_bytes, "counts_bytes": counts_bytes,
+        "db_bytes_per_token": db_per_token, **{k: best[k] for k in best if k != "chunk_s"},
+    }  # fmt: skip
+
+
+def diagnose(shape: str, device: str, n_prompts: int, seq: int, batch_size: int, n_chunks: int) -> None:
+    """Seconds per chunk of a format-3 run with and without its counts and its writes, and bare."""
+    lm = random_model(shape, device)
+    encoded = encoded_batches(n_prompts, seq, SHAPES[shape]["vocab_size"])
+    time_run(lm, encoded[:batch_size], batch_size, device, 1, 10**7, 1.0, False, False)  # warm-up
+    out = {"bare": min(time_bare(lm, encoded, batch_size, device) for _ in range(2))}
+    for count in (False, True):
+        for write in (False, True):
+            found = time_run(lm, encoded, batch_size, device, n_chunks, 10**7, 1.0, count, write)
+            out[f"count={count} write={write}"] = found["chunk_s"]
+            out[f"count={count} write={write} committing"] = found["write_s"]
+            print(f"count={count} write={write}: {found['chunk_s']:.3f} s a chunk, "
+                  f"{found['write_s']:.3f} s of it committing", flush=True)  # fmt: skip
+    print(json.dumps(out))
 
 
 def profile(shape: str, device: str, n_prompts: int, seq: int, batch_size: int) -> None:
@@ -441,6 +551,11 @@ def main() -> None:
     p.add_argument("--inline", action="store_true", help="also time the reductions on the forward's stream")
     p.add_argument("--write-reps", type=int, default=0, help="then time this many captures with cache writes")
     p.add_argument("--auto-reps", type=int, default=0, help="then this many fit to free GPU memory")
+    p.add_argument("--diagnose", action="store_true", help="a format-3 run's chunk without counts, writes")
+    p.add_argument("--checkpoint-threshold", default="", help="DuckDB's checkpoint_threshold, e.g. 1GB")
+    p.add_argument("--run-chunks", type=int, default=4, help="chunks of each format-3 run (--write-reps)")
+    p.add_argument("--run-tokens", type=int, default=10_000_000, help="the run they are the middle of")
+    p.add_argument("--count-rates", default="1,0.25", help="count_rate of each format-3 run, comma-separated")
     p.add_argument(
         "--smoke", action="store_true", help="the tiny shape on the CPU: 4 x 16 tokens, 1 repetition"
     )
@@ -457,9 +572,14 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.profile:
         return profile(args.shape, args.device, args.prompts, args.seq, args.batch_size)
+    global THRESHOLD
+    THRESHOLD = args.checkpoint_threshold
+    if args.diagnose:
+        return diagnose(args.shape, args.device, args.prompts, args.seq, args.batch_size, args.run_chunks)
     result = run(
         args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps, not args.no_write,
-        args.compare, args.kernels, args.inline, args.write_reps, args.auto_reps,
+        args.compare, args.kernels, args.inline, args.write_reps, args.auto_reps, args.run_chunks,
+        args.run_tokens, tuple(float(r) for r in args.count_rates.split(",")),
     )  # fmt: skip
     print(json.dumps(result))
 

@@ -110,4 +110,4 @@ class RunFiring:
                 f"co-activation counts of layer {layer} are missing from the cache.",
                 "Delete the run and capture it again.",
             )
-        return tuple(np.asarray(a, dtype=np.int32) for a in pair)
+        return tuple(kernels.symmetric_from_upper(np.asarray(a, np.int32), self.run.d_ff) for a in pair)

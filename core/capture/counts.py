@@ -1,11 +1,12 @@
 """Exact co-activation counts accumulated during capture (issue #16), for runs whose firing sample
 does not hold every token: bricks partition these counts instead of counting the sample's bits.
 
-Per layer, two int32 (d_ff, d_ff) matrices: over the tokens of half A of the prompts and of half B
-(`prompts.halves` of COACT_SEED, 0: the default brick seed), so stability needs no other pass and the run's
-counts are their sum. They grow with the model's width, never with its tokens; they are summed where
-the capture runs (GPU or CPU, core.kernels.coact_gpu: exact int8 products into int32) and persisted
-with every committed chunk, so a killed capture resumes from them.
+Per layer, two int32 (d_ff, d_ff) symmetric matrices, stored as their upper triangles: over the
+tokens of half A of the prompts and of half B (`prompts.halves` of COACT_SEED, 0: the default brick
+seed), so stability needs no other pass and the run's counts are their sum. They grow with the model's
+width, never with its tokens; they are summed where the capture runs (GPU or CPU, core.kernels.
+coact_gpu: exact int8 products into int32) over every token or a hashed share of them (count_rate),
+and saved every `checkpoint_seconds` and with the last chunk, so a killed capture resumes from them.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ class CoactCounts:
                 coact_gpu.add_counts(words.index_select(0, picked), out[layer])
 
     def arrays(self) -> list[tuple[int, str, np.ndarray]]:
-        """(layer, name, int32 (d_ff, d_ff)) rows for the store's `arrays`."""
+        """(layer, name, int32 (d_ff (d_ff + 1) / 2,)) rows for the store's `arrays`: each matrix's upper
+        triangle with its diagonal, row by row (core.kernels.coact.symmetric_from_upper reads it)."""
+        upper = torch.ones((self.d_ff, self.d_ff), dtype=torch.bool, device=self.device).triu()
         return [
-            (layer, name, coact_gpu.symmetric(out[layer], self.d_ff))
+            (layer, name, out[layer][: self.d_ff, : self.d_ff][upper].cpu().numpy())
             for name, out in zip(NAMES, self.out, strict=True)
             for layer in range(self.n_layers)
         ]
@@ -65,5 +68,8 @@ class CoactCounts:
             for layer in range(self.n_layers):
                 saved = store.read_array(run_id, name, layer)
                 if saved is not None:  # the upper triangle is what add_counts accumulates
+                    upper = torch.ones((self.d_ff, self.d_ff), dtype=torch.bool, device=self.device).triu()
                     out[layer].zero_()
-                    out[layer][: self.d_ff, : self.d_ff] = torch.from_numpy(np.triu(saved)).to(self.device)
+                    out[layer][: self.d_ff, : self.d_ff][upper] = torch.from_numpy(np.array(saved)).to(
+                        self.device
+                    )

@@ -329,6 +329,16 @@ def coactivation_counts(bits, n_neurons: int, *, neuron_major=False) -> np.ndarr
         return _coactivation_kernel(bits)
 
 
+def symmetric_from_upper(packed: np.ndarray, n: int) -> np.ndarray:
+    """The (n, n) symmetric matrix whose upper triangle, diagonal included, is `packed` (row-major, as
+    `matrix[np.triu_indices(n)]`): how capture stores co-activation counts, half the bytes."""
+    out = np.zeros((n, n), dtype=packed.dtype)
+    out[np.triu_indices(n)] = packed
+    lower = np.tril_indices(n, -1)
+    out[lower] = out.T[lower]
+    return out
+
+
 def firing_rates(token_bits: np.ndarray, n_neurons: int) -> np.ndarray:
     """float64 (n_neurons,): the fraction of tokens each neuron fires on; 0 if none."""
     token_bits, n_neurons = _token_bits(token_bits, n_neurons)

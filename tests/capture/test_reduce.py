@@ -61,3 +61,20 @@ def test_the_merge_keeps_layers_apart_and_fewer_than_k_when_there_are_fewer():
     one = merge_top(layers[0][:1], 2 * TOP_K, CHUNK_PROMPTS)
     assert one[0].shape == (TOP_K, D_FF)
     assert_same(one, layers[0][0])  # a chunk's own list alone is already in order
+
+
+def test_the_in_order_merge_on_a_device_equals_merge_top():
+    """The running state merged with torch's stable sort (a GPU's path) equals merge_top when chunks
+    come in order, as they do in one capture, ties included."""
+    import torch
+
+    from core.capture.reduce import merge_top_in_order
+
+    rng = np.random.default_rng(1)
+    lists = [chunk_list(rng, c) for c in range(5)]
+    state, tensors = [], None
+    for piece in lists:
+        state = [merge_top([*state, piece], TOP_K, CHUNK_PROMPTS)]
+        tensors = merge_top_in_order(tensors, tuple(torch.from_numpy(a) for a in piece), TOP_K)
+        assert_same(tuple(t.numpy() for t in tensors), state[0])
+    assert (np.diff(state[0][0], axis=0) == 0).any()  # ties were there to be ordered

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from core.bricks import candidates, coherence, distinctive, scores
 from core.bricks.candidates import BrickParams
@@ -188,3 +189,43 @@ def test_chunks_written_in_the_background_equal_chunks_written_in_line(
         assert run_tables(store, result.run_id) == run_tables(part, run_p.run_id)
     finally:
         store.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_counts_on_the_gpu_equal_the_counts_of_the_bits_it_fires():
+    """The fused GPU path (Triton selection, bf16) adds each batch's bits into the counts on the device:
+    they equal the numpy counts of the very bits the chunk hands to the store."""
+    import importlib.util
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core import models
+    from core.capture.counts import CoactCounts
+    from core.capture.reduce import ChunkReducer
+    from core.prompts import Encoded
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=128, intermediate_size=704, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)  # fmt: skip
+    model = LlamaForCausalLM(LlamaConfig(**shape)).to("cuda", torch.bfloat16).eval()
+    info = models.describe(model, "random")
+    lm = models.LoadedModel(model, type("Ids", (), {"pad_token_id": 0})(), info)
+    rng = np.random.default_rng(0)
+    encoded = [Encoded(rng.integers(10, 1000, n).tolist(), 0, n, False) for n in rng.integers(20, 90, 12)]
+    config = capture.CaptureConfig(batch_size=5, chunk_prompts=12)
+    half = np.arange(12) % 3 == 0
+    counts = CoactCounts(info.n_layers, info.d_ff, half, 1.0, device="cuda")
+    norms = [models.down_column_norms(model, layer) for layer in range(info.n_layers)]
+    reducer = ChunkReducer(info.n_layers, info.d_ff, config, norms, device="cuda", counts=counts)
+    capture._run_chunk(lm, encoded, 0, reducer, config, None, 0, 12)
+    assert reducer.fused == (importlib.util.find_spec("triton") is not None)
+    saved = {(layer, name): a for layer, name, a in counts.arrays()}
+    for layer in range(info.n_layers):
+        bits = [
+            np.concatenate([reducer.prompt_bits[i][layer] for i in range(12) if half[i] == side])
+            for side in (True, False)
+        ]
+        for name, mine in zip(("coact_a", "coact_b"), bits, strict=True):
+            want = kernels.coactivation_counts_numpy(mine, info.d_ff)
+            assert np.array_equal(kernels.symmetric_from_upper(saved[layer, name], info.d_ff), want)
+            assert want.trace() > 0
