@@ -149,6 +149,7 @@ def time_run(
         capture._create_run(store, "bench", lm, _FakeSet(n_chunks * n), config, n_chunks)
         sync(device)
         t0 = time.perf_counter()
+        marks = []  # when each chunk's commit was handed over: the steady state shows after the first
         with ChunkWriter(store, "bench", lm.tokenizer, rate, [], set(), device) as writer:
             for chunk in range(n_chunks):
                 reducer = ChunkReducer(
@@ -165,11 +166,17 @@ def time_run(
                     writer.submit(chunk, chunk * n, encoded, reducer, 0.0, None, save=False)
                 else:
                     reducer.partials(chunk * n)
+                marks.append(time.perf_counter() - t0)
         sync(device)
         elapsed = time.perf_counter() - t0
+        steps = np.diff([0.0, *marks[:-1], elapsed]).tolist()
         if counts is None:
             store.close()
-            return {"chunk_s": elapsed / n_chunks, "write_s": writer.write_seconds / n_chunks}
+            return {
+                "chunk_s": elapsed / n_chunks,
+                "write_s": writer.write_seconds / n_chunks,
+                "each_s": steps,
+            }
         t1 = time.perf_counter()
         arrays = counts.arrays()  # what a save takes off the device: every layer's two triangles
         to_host = time.perf_counter() - t1
@@ -182,7 +189,8 @@ def time_run(
     return {"chunk_s": elapsed / n_chunks, "chunks": n_chunks, "run_tokens": run_tokens, "sample_rate": rate,
             "count_rate": count_rate, "db_bytes": db_bytes, "counts_to_host_s": to_host,
             "counts_one_array_save_s": save_one, "counts_array_bytes": int(arrays[0][2].nbytes),
-            "counts_arrays": len(arrays), "write_s": writer.write_seconds / n_chunks}  # fmt: skip
+            "counts_arrays": len(arrays), "write_s": writer.write_seconds / n_chunks,
+            "each_s": steps}  # fmt: skip
 
 
 def partials_breakdown(lm, encoded, batch_size: int, device: str) -> dict:
@@ -420,7 +428,7 @@ def run(
     inline=False,
     write_reps=0,
     auto_reps=0,
-    run_chunks=4,
+    run_chunks=6,
     run_tokens=10_000_000,
     count_rates=(1.0, 0.25),
 ) -> dict:
@@ -553,7 +561,7 @@ def main() -> None:
     p.add_argument("--auto-reps", type=int, default=0, help="then this many fit to free GPU memory")
     p.add_argument("--diagnose", action="store_true", help="a format-3 run's chunk without counts, writes")
     p.add_argument("--checkpoint-threshold", default="", help="DuckDB's checkpoint_threshold, e.g. 1GB")
-    p.add_argument("--run-chunks", type=int, default=4, help="chunks of each format-3 run (--write-reps)")
+    p.add_argument("--run-chunks", type=int, default=6, help="chunks of each format-3 run (--write-reps)")
     p.add_argument("--run-tokens", type=int, default=10_000_000, help="the run they are the middle of")
     p.add_argument("--count-rates", default="1,0.25", help="count_rate of each format-3 run, comma-separated")
     p.add_argument(
