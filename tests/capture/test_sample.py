@@ -16,6 +16,7 @@ from core.capture import shards
 from core.errors import BricklabError
 from core.kernels import coact as kernels
 from core.store import Store, sample
+from tests.capture.test_shards import capture_shards
 
 PARTIAL = 3000  # bytes: about a quarter of the tiny run's 21 prompts (2 layers x 2 words x 8 B a token)
 
@@ -112,12 +113,7 @@ def test_readers_of_single_tokens_use_the_sample_within_a_stated_tolerance(two_r
 def test_shards_of_a_partial_sample_merge_to_the_unsharded_counts(two_runs, tiny_lm, small_prompts, tmp_path):
     (_, _), (part, run_p) = two_runs
     config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=PARTIAL)
-    paths = []
-    for i in range(2):
-        paths.append(tmp_path / f"shard{i}.duckdb")
-        shard = Store(paths[-1])
-        capture.capture(tiny_lm, small_prompts, shard, config, shard=(i, 2))
-        shard.close()
+    paths = capture_shards(tiny_lm, small_prompts, config, tmp_path, 2)
     merged = Store(tmp_path / "merged.duckdb")
     try:
         run_ids, missing = shards.merge(merged, paths[::-1])

@@ -11,6 +11,18 @@ from core.store import Store
 CONFIG = capture.CaptureConfig(chunk_prompts=4, batch_size=3)
 
 
+def capture_shards(lm, prompt_set, config, folder, n: int) -> list:
+    """Paths of n shard files of one capture, each captured on its own (none is a complete run)."""
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"shard{i}.duckdb")
+        store = Store(paths[-1])
+        result = capture.capture(lm, prompt_set, store, config, shard=(i, n))
+        assert not store.run(result.run_id).complete  # a shard alone is not a run
+        store.close()
+    return paths
+
+
 def snapshot(store: Store, run_id: str) -> dict:
     run = store.require_run(run_id)
     out = {
@@ -55,14 +67,7 @@ def reference(tiny_lm, small_prompts, tmp_path_factory):
 
 
 def test_shards_merge_to_the_unsharded_run(tiny_lm, small_prompts, tmp_path, reference):
-    paths = []
-    for i in range(3):
-        path = tmp_path / f"shard{i}.duckdb"
-        store = Store(path)
-        result = capture.capture(tiny_lm, small_prompts, store, CONFIG, shard=(i, 3))
-        assert not store.run(result.run_id).complete  # a shard alone is not a run
-        store.close()
-        paths.append(path)
+    paths = capture_shards(tiny_lm, small_prompts, CONFIG, tmp_path, 3)
     store = Store(tmp_path / "merged.duckdb")
     merged, missing = shards.merge(store, paths[:2])
     assert missing == merged  # one shard is still missing
@@ -110,12 +115,7 @@ def test_a_file_of_a_stopped_capture_merges_only_whole(tiny_lm, small_prompts, t
         capture.capture(tiny_lm, small_prompts, stopped, CONFIG, progress=stop)
     assert stopped.done_chunks(reference[0]) == {0, 1}
     stopped.close()
-    paths = []
-    for i in range(2):
-        paths.append(tmp_path / f"shard{i}.duckdb")
-        store = Store(paths[-1])
-        capture.capture(tiny_lm, small_prompts, store, CONFIG, shard=(i, 2))
-        store.close()
+    paths = capture_shards(tiny_lm, small_prompts, CONFIG, tmp_path, 2)
     overlapping = Store(tmp_path / "overlapping.duckdb")
     shards.merge(overlapping, paths[:1])  # chunks 0, 2, 4
     with pytest.raises(BricklabError, match="overlaps chunks already merged"):
