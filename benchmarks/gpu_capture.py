@@ -526,8 +526,10 @@ def diagnose(shape: str, device: str, n_prompts: int, seq: int, batch_size: int,
             found = time_run(lm, encoded, batch_size, device, n_chunks, 10**7, 1.0, count, write)
             out[f"count={count} write={write}"] = found["chunk_s"]
             out[f"count={count} write={write} committing"] = found["write_s"]
+            out[f"count={count} write={write} each"] = found["each_s"]
             print(f"count={count} write={write}: {found['chunk_s']:.3f} s a chunk, "
-                  f"{found['write_s']:.3f} s of it committing", flush=True)  # fmt: skip
+                  f"{found['write_s']:.3f} s of it committing; one by one "
+                  + " ".join(f"{t:.3f}" for t in found["each_s"]), flush=True)  # fmt: skip
     print(json.dumps(out))
 
 
