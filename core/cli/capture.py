@@ -10,7 +10,7 @@ from core import models, prompts
 from core.capture import run as capture
 from core.capture import shards
 from core.errors import BricklabError
-from core.store import Store
+from core.store import Store, sample
 
 
 def register(sub) -> None:
@@ -107,6 +107,12 @@ def cmd_capture(args) -> int:
             done += f"captured {len(prompt_set)} prompts, {result.n_tokens:,} tokens"
         print(f"{done} in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)")
     print(f"cache: {store.path} ({store.size_bytes() / 2**20:.1f} MiB)")
+    rate = sample.sample_rate(config.sample_bytes, result.n_tokens, lm.info.n_layers, lm.info.d_ff)
+    if rate < 1.0:  # a partial token sample: say what was kept, and where the counts are
+        folder = store.arrays_folder(result.run_id)
+        size = sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else 0
+        print(f"firing bits kept for {rate:.2%} of the tokens (--sample-mib {args.sample_mib}); "
+              f"exact co-activation counts: {folder} ({size / 2**20:.1f} MiB)")  # fmt: skip
     return 0
 
 

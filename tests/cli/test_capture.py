@@ -22,6 +22,17 @@ def test_capture_then_cache_hit_then_runs(tiny_dir, tmp_path, capsys):
     assert re.search(rf"{match.group(1)}\s+complete\s+\S+\s+7\s+{match.group(2)}", listing), listing
 
 
+def test_a_partial_token_sample_says_what_it_kept(tiny_dir, tmp_path, capsys):
+    """--sample-mib 0 keeps no token's bits: the run keeps exact co-activation counts beside the cache."""
+    db = str(tmp_path / "c.duckdb")
+    argv = ["--db", db, "capture", "--model", tiny_dir, "--limit", "5", "--quiet", "--sample-mib", "0"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    match = re.search(r"firing bits kept for 0.00% of the tokens .*counts: (\S+) \(([\d.]+) MiB\)", out)
+    assert match and match.group(1).endswith(".arrays/" + re.search(r"run (\w+):", out).group(1)), out
+    assert float(match.group(2)) > 0
+
+
 def test_global_options_after_the_command_reach_the_same_cache(tiny_dir, tmp_path, capsys):
     db = str(tmp_path / "c.duckdb")
     assert (
