@@ -109,21 +109,39 @@ def shot(page, name: str) -> None:
     page.set_viewport_size({"width": 1400, "height": 1000})
 
 
-def click_first_point(page) -> None:
-    """Click the first neuron of the WebGL map at its pixel position, as a person would."""
+def click_a_point(page) -> str:
+    """Click a neuron of the WebGL map at its pixel position, as a person would, and return its name
+    ("layer:neuron"). Points that lie within a few pixels of another are passed over: where two overlap,
+    Plotly picks whichever its hit test prefers (neurons 0:0 and 22:1122 of the real map lie 0.013 apart,
+    and a fresh Chromium picked the second), so the first such point of each colour is tried in turn."""
     page.wait_for_function(  # the chart's element appears before Plotly has laid it out
         "() => { const gd = document.querySelector('.js-plotly-plot');"
         " return gd && gd._fullLayout && gd._fullData && gd._fullData.length > 0; }"
     )
-    x, y = page.evaluate(
+    x, y, name = page.evaluate(
         """() => {
             const gd = document.querySelector('.js-plotly-plot');
-            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, t = gd._fullData[0];
-            const box = gd.getBoundingClientRect();
-            return [box.left + xa._offset + xa.d2p(t.x[0]), box.top + ya._offset + ya.d2p(t.y[0])];
+            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, box = gd.getBoundingClientRect();
+            const px = [], py = [], who = [];
+            for (const t of gd._fullData) {
+                if (!t.customdata) continue;
+                for (let i = 0; i < t.x.length; i++) {
+                    px.push(xa.d2p(t.x[i])); py.push(ya.d2p(t.y[i]));
+                    who.push(t.customdata[i][0] + ':' + t.customdata[i][1]);
+                }
+            }
+            for (let i = 0; i < px.length; i++) {
+                let alone = true;
+                for (let j = 0; j < px.length && alone; j++) {
+                    alone = j === i || Math.hypot(px[i] - px[j], py[i] - py[j]) > 6;
+                }
+                if (alone) return [box.left + xa._offset + px[i], box.top + ya._offset + py[i], who[i]];
+            }
+            throw new Error('no neuron of the map lies 6 pixels from every other');
         }"""
     )
     page.mouse.click(x, y)
+    return name
 
 
 def test_the_app_end_to_end(app_url, page):
@@ -142,8 +160,8 @@ def test_the_app_end_to_end(app_url, page):
     go(page, "Neuron map")
     page.locator(".js-plotly-plot").first.wait_for()
     page.get_by_text(re.compile("neurons · .* clusters")).wait_for()
-    click_first_point(page)
-    page.get_by_role("heading", name="Neuron 0:0").wait_for()
+    name = click_a_point(page)
+    page.get_by_role("heading", name=f"Neuron {name}").wait_for()
     page.get_by_text("Top activating examples").wait_for()
     shot(page, "neuron_map")
 
@@ -215,19 +233,24 @@ def test_the_real_model_end_to_end(real_app_url, page):
 
     go(page, "Neuron map")
     page.get_by_text(re.compile(r"46,080 neurons · \d+ clusters")).wait_for(timeout=MAP)
-    click_first_point(page)
-    page.get_by_role("heading", name="Neuron 0:0").wait_for()
+    name = click_a_point(page)
+    page.get_by_role("heading", name=f"Neuron {name}").wait_for()
     page.get_by_text("Top activating examples").wait_for()
     page.get_by_text("Promotes", exact=True).wait_for()  # the tokens its output writes (vocabulary)
     page.get_by_text("Suppresses:", exact=True).wait_for()
-    link = page.get_by_test_id("stCode").filter(has_text="neuron=0%3A0").inner_text().strip()
+    link = (
+        page.get_by_test_id("stCode")
+        .filter(has_text=f"neuron={name.replace(':', '%3A')}")
+        .inner_text()
+        .strip()
+    )
     run_id = re.search(r"run=(\w+)", link).group(1)
     shot(page, "real_neuron_map")
 
     fresh = page.context.new_page()  # a new tab: a new browser session, only the link's state
     fresh.set_default_timeout(SLOW)
     fresh.goto(link)
-    fresh.get_by_role("heading", name="Neuron 0:0").wait_for()
+    fresh.get_by_role("heading", name=f"Neuron {name}").wait_for()
     fresh.get_by_text("Top activating examples").wait_for()
     shot(fresh, "real_link")
     fresh.close()
