@@ -24,6 +24,7 @@ from core.capture import run as capture
 from core.capture.reduce import ChunkReducer
 from core.capture.writer import ChunkWriter
 from core.prompts import Encoded
+from core.store import sample
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -132,7 +133,7 @@ def time_run(
     save one layer of them as the final save does (`arrays`). `count`/`write` False leave the counts /
     the writes out, to see what each costs (--diagnose)."""
     from core.capture.counts import CoactCounts
-    from core.store import Store, sample
+    from core.store import Store
 
     config = capture.CaptureConfig(
         batch_size=batch_size, chunk_prompts=len(encoded), max_tokens=10**6, count_rate=count_rate
@@ -167,6 +168,8 @@ def time_run(
                 else:
                     reducer.partials(chunk * n)
                 marks.append(time.perf_counter() - t0)
+            if counts is not None:  # the words still held are counted inside the timed run
+                counts.flush()
         sync(device)
         elapsed = time.perf_counter() - t0
         steps = np.diff([0.0, *marks[:-1], elapsed]).tolist()
@@ -181,14 +184,16 @@ def time_run(
         arrays = counts.arrays()  # what a save takes off the device: every layer's two triangles
         to_host = time.perf_counter() - t1
         t1 = time.perf_counter()
-        with store.write() as cur:  # the save itself, timed for one array (the disk may not hold them all)
-            store._save_arrays(cur, "bench", arrays[:1], list(range(n_chunks)))
-        save_one = time.perf_counter() - t1
+        some = arrays[:SAVED_ARRAYS]  # the save itself, timed for a few arrays (the disk may not hold all)
+        with store.write() as cur:
+            store._save_arrays(cur, "bench", some, list(range(n_chunks)))
+        save_one = (time.perf_counter() - t1) / len(some)
         store.close()
         db_bytes = (Path(tmp) / "bench.duckdb").stat().st_size
     return {"chunk_s": elapsed / n_chunks, "chunks": n_chunks, "run_tokens": run_tokens, "sample_rate": rate,
             "count_rate": count_rate, "db_bytes": db_bytes, "counts_to_host_s": to_host,
-            "counts_one_array_save_s": save_one, "counts_array_bytes": int(arrays[0][2].nbytes),
+            "counts_one_array_save_s": save_one, "counts_arrays_saved": len(some),
+            "counts_array_bytes": int(arrays[0][2].nbytes),
             "counts_arrays": len(arrays), "write_s": writer.write_seconds / n_chunks,
             "each_s": steps}  # fmt: skip
 
@@ -216,6 +221,9 @@ def partials_breakdown(lm, encoded, batch_size: int, device: str) -> dict:
 
 
 THRESHOLD = ""  # --checkpoint-threshold
+SAVED_ARRAYS = (
+    8  # arrays of the final save timed (written as it writes them: core.store.arrays.WRITERS at once)
+)
 SPLITS: list[dict] = []
 AUTO: list[int] = []  # each capture's time to its last batch's copy, and partials (or the write) after
 
@@ -428,9 +436,9 @@ def run(
     inline=False,
     write_reps=0,
     auto_reps=0,
-    run_chunks=6,
+    run_chunks=10,
     run_tokens=10_000_000,
-    count_rates=(1.0, 0.25),
+    count_rates=None,
 ) -> dict:
     """Bare vs capture; with `compare`, also capture through torch's ops instead of the fused kernels; with
     `kernels`, first time the kernels' configurations (kernel_sweep) and after, profile one capture."""
@@ -457,7 +465,10 @@ def run(
     n_tokens = n_prompts * seq
     best_bare, best_cap = min(bare), min(full)
     splits = [x for x in SPLITS if x["fused"] and x["overlap"] == reduce.OVERLAP][-reps:]
-    # format 3: a run's chunks with their cache writes, per count rate, interleaved with the bare pass
+    # format 3: a run's chunks with their cache writes, per count rate, interleaved with the bare pass;
+    # by default every token counted, a quarter, and the share a run of run_tokens counts by default
+    default_rate = sample.count_rate(capture.CaptureConfig().count_tokens, run_tokens)
+    count_rates = count_rates or (1.0, 0.25, default_rate)
     runs = {rate: [] for rate in count_rates} if write_reps else {}
     for _ in range(write_reps):
         bare.append(time_bare(lm, encoded, batch_size, device))
@@ -493,7 +504,8 @@ def run(
             "capture_s": min(auto), "ratio_to_bare_at_batch_size": min(auto) / best_bare, "all": auto,
             }} if auto_reps else {}),  # fmt: skip
         **({"with_cache_writes": {str(rate): with_writes(found, best_bare, n_tokens)
-                                  for rate, found in runs.items()}} if write_reps else {}),
+                                  for rate, found in runs.items()},
+            "default_count_rate": default_rate} if write_reps else {}),
         **extra,
     }  # fmt: skip
 
@@ -521,15 +533,21 @@ def diagnose(shape: str, device: str, n_prompts: int, seq: int, batch_size: int,
     encoded = encoded_batches(n_prompts, seq, SHAPES[shape]["vocab_size"])
     time_run(lm, encoded[:batch_size], batch_size, device, 1, 10**7, 1.0, False, False)  # warm-up
     out = {"bare": min(time_bare(lm, encoded, batch_size, device) for _ in range(2))}
-    for count in (False, True):
-        for write in (False, True):
-            found = time_run(lm, encoded, batch_size, device, n_chunks, 10**7, 1.0, count, write)
-            out[f"count={count} write={write}"] = found["chunk_s"]
-            out[f"count={count} write={write} committing"] = found["write_s"]
-            out[f"count={count} write={write} each"] = found["each_s"]
-            print(f"count={count} write={write}: {found['chunk_s']:.3f} s a chunk, "
-                  f"{found['write_s']:.3f} s of it committing; one by one "
-                  + " ".join(f"{t:.3f}" for t in found["each_s"]), flush=True)  # fmt: skip
+    for count, write, rate in ((False, False, 1.0), (False, True, 1.0), (True, False, 1.0), (True, True, 1.0),
+                               (True, True, 0.25)):  # fmt: skip
+        found = time_run(lm, encoded, batch_size, device, n_chunks, 10**7, rate, count, write)
+        name = f"count={count} write={write}" + (f" count_rate={rate}" if count else "")
+        out[name] = found["chunk_s"]
+        out[f"{name} committing"] = found["write_s"]
+        out[f"{name} each"] = found["each_s"]
+        print(f"{name}: {found['chunk_s']:.3f} s a chunk, {found['write_s']:.3f} s of it committing; "
+              "one by one " + " ".join(f"{t:.3f}" for t in found["each_s"]), flush=True)  # fmt: skip
+        if count:
+            print(
+                f"  counts off the device {found['counts_to_host_s']:.2f} s, an array's save "
+                f"{found['counts_one_array_save_s']:.3f} s (of {found['counts_arrays_saved']})",
+                flush=True,
+            )
     print(json.dumps(out))
 
 
@@ -561,15 +579,23 @@ def main() -> None:
     p.add_argument("--inline", action="store_true", help="also time the reductions on the forward's stream")
     p.add_argument("--write-reps", type=int, default=0, help="then time this many captures with cache writes")
     p.add_argument("--auto-reps", type=int, default=0, help="then this many fit to free GPU memory")
+    p.add_argument("--int8", action="store_true", help="count co-activations with int8 products, not fp8")
     p.add_argument("--diagnose", action="store_true", help="a format-3 run's chunk without counts, writes")
     p.add_argument("--checkpoint-threshold", default="", help="DuckDB's checkpoint_threshold, e.g. 1GB")
-    p.add_argument("--run-chunks", type=int, default=6, help="chunks of each format-3 run (--write-reps)")
+    p.add_argument("--run-chunks", type=int, default=10, help="chunks of each format-3 run (--write-reps)")
     p.add_argument("--run-tokens", type=int, default=10_000_000, help="the run they are the middle of")
-    p.add_argument("--count-rates", default="1,0.25", help="count_rate of each format-3 run, comma-separated")
+    p.add_argument(
+        "--count-rates", default="", help="shares of tokens counted, one format-3 run each, comma-separated "
+        "(default: 1, 0.25 and the default count_tokens' share of --run-tokens)",
+    )  # fmt: skip
     p.add_argument(
         "--smoke", action="store_true", help="the tiny shape on the CPU: 4 x 16 tokens, 1 repetition"
     )
     args = p.parse_args()
+    if args.int8:  # the products the counts took before fp8 (a comparison)
+        from core.kernels import coact_gpu
+
+        coact_gpu.fp8_exact = lambda device: False
     if args.smoke:
         args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps = (
             "tiny",
@@ -589,7 +615,7 @@ def main() -> None:
     result = run(
         args.shape, args.device, args.prompts, args.seq, args.batch_size, args.reps, not args.no_write,
         args.compare, args.kernels, args.inline, args.write_reps, args.auto_reps, args.run_chunks,
-        args.run_tokens, tuple(float(r) for r in args.count_rates.split(",")),
+        args.run_tokens, tuple(float(r) for r in args.count_rates.split(",") if r) or None,
     )  # fmt: skip
     print(json.dumps(result))
 

@@ -61,8 +61,8 @@ class RunFiring:
     @functools.cached_property
     def counted(self) -> np.ndarray:
         """bool per token of the run (`token_prompts` order): the tokens its counts sum over. Every token,
-        unless the run stored counts over a hashed share of its tokens (CaptureConfig.count_rate)."""
-        rate = self.run.settings.get("count_rate", 1.0)
+        unless the run stored counts over a hashed share of its tokens (CaptureConfig.count_tokens)."""
+        rate = self.store.count_rate(self.run.run_id)
         if self.complete or rate >= 1.0:
             return np.ones(len(self.token_prompts), bool)
         return sample.in_sample(*self.store.token_places(self.run.run_id), rate)

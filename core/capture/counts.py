@@ -5,12 +5,20 @@ Per layer, two int32 (d_ff, d_ff) symmetric matrices, stored as their upper tria
 tokens of half A of the prompts and of half B (`prompts.halves` of COACT_SEED, 0: the default brick
 seed), so stability needs no other pass and the run's counts are their sum. They grow with the model's
 width, never with its tokens; they are summed where the capture runs (GPU or CPU, core.kernels.
-coact_gpu: exact int8 products into int32) over every token or a hashed share of them (count_rate),
-and saved every `checkpoint_seconds` and with the last chunk, so a killed capture resumes from them.
+coact_gpu: exact int8 or fp8 products into int32) over every token or a hashed sample of them
+(CaptureConfig.count_tokens), and saved every `checkpoint_seconds` and with the last chunk, so a
+killed capture resumes from them.
+
+The counted tokens' words are held where they are, up to HOLD_BYTES, and counted together (`flush`):
+one product per layer and half over as many tokens as possible. Each product adds a (d_ff, d_ff)
+result into the counts, memory traffic that products over few tokens pay again and again: counted
+batch by batch they cost 0.45 s a chunk on an H200 (8B shape, benchmarks/gpu_capture.py --diagnose).
+A save flushes first; on a GPU the products run on a stream of their own, beside the forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -21,6 +29,8 @@ from core.store import sample
 from core.store.schema import COACT_ARRAYS as NAMES
 
 MAX_TOKENS = 2**31 - 1  # int32 counts
+HOLD_BYTES = 1 << 31  # counted words held before they are counted: a chunk of 64 x 512 tokens of an 8B
+# shape holds 1.9 GB of them when every token is counted
 
 
 class CoactCounts:
@@ -32,6 +42,11 @@ class CoactCounts:
         self.n_layers, self.d_ff, self.half, self.rate = n_layers, d_ff, np.asarray(half, bool), rate
         self.device = torch.device(device)
         self.out = [[coact_gpu.counts_buffer(d_ff, self.device) for _ in range(n_layers)] for _ in NAMES]
+        self.held = [
+            [[] for _ in range(n_layers)] for _ in NAMES
+        ]  # words not yet counted, per half and layer
+        self.held_bytes = 0
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.n_tokens = 0
 
     def rows(self, prompt: np.ndarray, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,23 +63,68 @@ class CoactCounts:
         )
 
     def add(self, layer: int, bits: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Count one layer's batch: bits (N, 2W) int32 words (as the reducer packs them)."""
+        """Take one layer's batch to count: bits (N, 2W) int32 words (as the reducer packs them). Its
+        counted rows are held until `flush` (or until HOLD_BYTES are held)."""
         words = bits.view(torch.int64)
-        for out, picked in zip(self.out, rows, strict=True):
+        for held, picked in zip(self.held, rows, strict=True):
             if len(picked):
-                coact_gpu.add_counts(words.index_select(0, picked), out[layer])
+                held[layer].append(words.index_select(0, picked))
+                self.held_bytes += held[layer][-1].nbytes
+        if self.held_bytes >= HOLD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Count the held words: one product per layer and half. On a GPU it runs on the counts' own
+        stream, after the work queued so far on the caller's."""
+        if not self.held_bytes:
+            return
+        with self._on_stream():
+            for out, held in zip(self.out, self.held, strict=True):
+                for layer, parts in enumerate(held):
+                    if parts:
+                        if self.stream is not None:  # made on another stream: not reused while read here
+                            for part in parts:
+                                part.record_stream(self.stream)
+                        coact_gpu.add_counts(torch.cat(parts) if len(parts) > 1 else parts[0], out[layer])
+                        parts.clear()
+        self.held_bytes = 0
+
+    @contextlib.contextmanager
+    def _on_stream(self):
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def _settled(self) -> None:
+        """Every count taken so far is in `out`, and the caller's stream waits for it."""
+        self.flush()
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def arrays(self) -> list[tuple[int, str, np.ndarray]]:
         """(layer, name, int32 (d_ff (d_ff + 1) / 2,)) rows for the store's `arrays`: each matrix's upper
         triangle with its diagonal, row by row (core.kernels.coact.symmetric_from_upper reads it)."""
-        return [
-            (layer, name, out[layer][: self.d_ff, : self.d_ff][self._upper].cpu().numpy())
-            for name, out in zip(NAMES, self.out, strict=True)
-            for layer in range(self.n_layers)
-        ]
+        self._settled()
+        staging = None  # on a GPU each triangle leaves through one pinned buffer: pageable copies took 18 s
+        if self.device.type == "cuda":  # for an 8B shape's 64 triangles
+            staging = torch.empty(self.d_ff * (self.d_ff + 1) // 2, dtype=torch.int32, pin_memory=True)
+        rows = []
+        for name, out in zip(NAMES, self.out, strict=True):
+            for layer in range(self.n_layers):
+                upper = out[layer][: self.d_ff, : self.d_ff][self._upper]
+                if staging is None:
+                    rows.append((layer, name, upper.numpy()))
+                else:
+                    staging.copy_(upper)
+                    rows.append((layer, name, staging.numpy().copy()))
+        return rows
 
     def load(self, store, run_id: str) -> None:
         """Continue from the counts the run committed (a resume); zeros when it committed none."""
+        self._settled()
         for name, out in zip(NAMES, self.out, strict=True):
             for layer in range(self.n_layers):
                 saved = store.read_array(run_id, name, layer)

@@ -24,7 +24,12 @@ def register(sub) -> None:
     p.add_argument(
         "--sample-mib", type=non_negative, default=capture.CaptureConfig().sample_bytes >> 20,
         help="MiB of per-token firing bits to keep (default 1024); a larger run keeps a hashed sample "
-        "of its tokens and exact co-activation counts beside the cache",
+        "of its tokens and co-activation counts beside the cache",
+    )  # fmt: skip
+    p.add_argument(
+        "--count-tokens", type=non_negative, default=capture.CaptureConfig().count_tokens,
+        help="such a run counts the co-activations of this many of its tokens, a hashed sample "
+        "(default 1048576; 0: every token, exact but slower)",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="capture only shard I of N (chunks c with c %% N == I)")
@@ -111,8 +116,10 @@ def cmd_capture(args) -> int:
     if rate < 1.0:  # a partial token sample: say what was kept, and where the counts are
         folder = store.arrays_folder(result.run_id)
         size = sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else 0
+        counted = sample.count_rate(config.count_tokens, result.n_tokens)
         print(f"firing bits kept for {rate:.2%} of the tokens (--sample-mib {args.sample_mib}); "
-              f"exact co-activation counts: {folder} ({size / 2**20:.1f} MiB)")  # fmt: skip
+              f"co-activation counts over {counted:.2%} of them (--count-tokens {args.count_tokens}): "
+              f"{folder} ({size / 2**20:.1f} MiB)")  # fmt: skip
     return 0
 
 
@@ -129,7 +136,9 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _config(args) -> capture.CaptureConfig:
-    return capture.CaptureConfig(batch_size=args.batch_size, sample_bytes=args.sample_mib << 20)
+    return capture.CaptureConfig(
+        batch_size=args.batch_size, sample_bytes=args.sample_mib << 20, count_tokens=args.count_tokens
+    )
 
 
 def _capture_ray(args, prompt_set) -> int:

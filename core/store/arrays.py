@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from core.errors import BricklabError
 from core.store import faults
 
 ArrayRow = tuple[int, str, np.ndarray]  # (layer, name, array)
+WRITERS = 4  # array files written (and synced) at once
 
 
 def folder_of(cache: Path, run_id: str) -> Path:
@@ -64,8 +66,9 @@ class ArrayFiles:
         tag = f"n{cur.execute(sql, [run_id]).fetchone()[0]:06d}"  # grows with every chunk committed
         folder = self.arrays_folder(run_id)
         folder.mkdir(parents=True, exist_ok=True)
-        catalog = []
-        for layer, name, array in rows:
+
+        def write(row: ArrayRow) -> tuple:
+            layer, name, array = row
             file = f"{name}-L{layer:03d}-{tag}.npy"
             partial = folder / (file + ".partial")
             with open(partial, "wb") as out:
@@ -74,7 +77,10 @@ class ArrayFiles:
                 os.fsync(out.fileno())
             os.replace(partial, folder / file)
             shape = ",".join(map(str, array.shape))
-            catalog.append((run_id, name, layer, file, array.dtype.str, shape, array.nbytes, list(chunks)))
+            return (run_id, name, layer, file, array.dtype.str, shape, array.nbytes, list(chunks))
+
+        with ThreadPoolExecutor(WRITERS, thread_name_prefix="arrays") as pool:  # the disk takes several
+            catalog = list(pool.map(write, rows))
         cur.execute("DELETE FROM arrays WHERE run_id = ?", [run_id])
         names = ("run_id", "name", "layer", "file", "dtype", "shape", "bytes", "chunks")
         text, whole = pa.string(), pa.int64()

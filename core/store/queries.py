@@ -108,6 +108,13 @@ class NeuronQueries:
         budget = run.settings.get("sample_bytes")  # absent in format 2: every token was kept
         return sample.sample_rate(budget, run.n_tokens or 0, run.n_layers, run.d_ff)
 
+    def count_rate(self, run_id: str) -> float:
+        """The share of the run's tokens its co-activation counts sum over (when its sample is partial)."""
+        run = self.require_run(run_id)
+        if "count_tokens" in run.settings:
+            return sample.count_rate(run.settings["count_tokens"], run.n_tokens or 0)
+        return run.settings.get("count_rate", 1.0)  # the first format-3 runs stored the share itself
+
     def sample_complete(self, run_id: str) -> bool:
         """Whether the run's token sample holds every token."""
         return self.sample_rate(run_id) >= 1.0

@@ -22,6 +22,14 @@ def sample_rate(sample_bytes: int | None, n_tokens: int, n_layers: int, d_ff: in
     return min(1.0, sample_bytes / max(1, n_tokens * per_token))
 
 
+def count_rate(count_tokens: int, n_tokens: int) -> float:
+    """The share of tokens whose co-activations a run with a partial sample counts: every token when
+    they number at most `count_tokens` (0: every token), else a hashed sample of that many."""
+    if count_tokens <= 0:
+        return 1.0
+    return min(1.0, count_tokens / max(1, n_tokens))
+
+
 def in_sample(prompt_idx, pos, rate: float) -> np.ndarray:
     """bool per token: whether (prompt_idx, pos) is in a sample of `rate` (splitmix64 of the pair)."""
     prompt_idx, pos = np.asarray(prompt_idx, np.int64), np.asarray(pos, np.int64)

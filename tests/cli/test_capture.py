@@ -23,12 +23,16 @@ def test_capture_then_cache_hit_then_runs(tiny_dir, tmp_path, capsys):
 
 
 def test_a_partial_token_sample_says_what_it_kept(tiny_dir, tmp_path, capsys):
-    """--sample-mib 0 keeps no token's bits: the run keeps exact co-activation counts beside the cache."""
+    """--sample-mib 0 keeps no token's bits: the run keeps co-activation counts beside the cache, over a
+    hashed share of its tokens with --count-tokens."""
     db = str(tmp_path / "c.duckdb")
     argv = ["--db", db, "capture", "--model", tiny_dir, "--limit", "5", "--quiet", "--sample-mib", "0"]
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--count-tokens", "40"]) == 0
     out = capsys.readouterr().out
-    match = re.search(r"firing bits kept for 0.00% of the tokens .*counts: (\S+) \(([\d.]+) MiB\)", out)
+    n_tokens = int(re.search(r"captured 5 prompts, ([\d,]+) tokens", out).group(1).replace(",", ""))
+    share = re.search(r"counts over ([\d.]+)% of them \(--count-tokens 40\)", out)
+    assert share and float(share.group(1)) == pytest.approx(100 * 40 / n_tokens, abs=0.01), out
+    match = re.search(r"firing bits kept for 0.00% of the tokens .*: (\S+) \(([\d.]+) MiB\)", out)
     assert match and match.group(1).endswith(".arrays/" + re.search(r"run (\w+):", out).group(1)), out
     assert float(match.group(2)) > 0
 

@@ -78,3 +78,26 @@ def test_the_cpu_wrapper_picks_the_torch_path_for_large_layers_on_a_device(rng, 
     np.testing.assert_array_equal(kernels.coactivation_counts(bits, 130), expected)
     np.testing.assert_array_equal(kernels.coactivation_counts(bits[:, :1], 64), expected[:64, :64])
     assert calls == [130]  # 64 neurons stay on the numba kernel
+
+
+def test_the_cpu_never_takes_fp8():
+    assert not coact_gpu.fp8_exact(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp8_counts_on_the_gpu_equal_the_numba_kernel(rng):
+    """Where the device has fp8 tensor cores (8.9 and up) its probe passes, so the fast path is the one
+    taken; the counts of a layer split into blocks equal the numba kernel's either way."""
+    device = torch.device("cuda")
+    fp8 = torch.cuda.get_device_capability(device) >= (8, 9)
+    assert coact_gpu.fp8_exact(device) == fp8
+    n_neurons = coact_gpu.SPLIT_ROWS + 64  # 4 x 4 blocks of multiples of 16 rows
+    bits = random_bits(rng, 3001, n_neurons, rate=0.1)
+    expected = kernels.coactivation_counts(bits, n_neurons)
+    np.testing.assert_array_equal(coact_gpu.coactivation_counts(bits, n_neurons, device="cuda"), expected)
+    if fp8:  # and the int8 path still equals it
+        y = coact_gpu.unpack_by_neuron(coact_gpu._words(bits[:1024]).to(device))
+        a, b = (torch.zeros((len(y), len(y)), dtype=torch.int32, device=device) for _ in range(2))
+        coact_gpu._gram(y, a, fp8=True)
+        coact_gpu._gram(y, b, fp8=False)
+        assert torch.equal(a.triu(), b.triu()) and a.trace() > 0
