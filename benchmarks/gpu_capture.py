@@ -135,9 +135,7 @@ def time_run(
     from core.capture.counts import CoactCounts
     from core.store import Store
 
-    config = capture.CaptureConfig(
-        batch_size=batch_size, chunk_prompts=len(encoded), max_tokens=10**6, count_rate=count_rate
-    )
+    config = capture.CaptureConfig(batch_size=batch_size, chunk_prompts=len(encoded), max_tokens=10**6)
     info, n = lm.info, len(encoded)
     rate = sample.sample_rate(config.sample_bytes, run_tokens, info.n_layers, info.d_ff)
     norms = [models.down_column_norms(lm.model, layer) for layer in range(info.n_layers)]

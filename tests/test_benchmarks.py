@@ -47,7 +47,10 @@ SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
         {"ratio", "cpu_ratio", "tokens_per_s", "n_padded_tokens", "cache_bytes_per_token"},
     ),
     "store.py": (["--smoke"], {"store_s", "fetchall_s", "long_table_s", "speedup_vs_fetchall"}),
-    "gpu_capture.py": (["--smoke"], {"ratio", "bare_s", "capture_s", "tokens_per_s"}),
+    "gpu_capture.py": (
+        ["--smoke", "--write-reps", "1", "--run-chunks", "2"],  # format-3 runs too
+        {"ratio", "bare_s", "capture_s", "tokens_per_s", "with_cache_writes"},
+    ),
     "select_window.py": (["--smoke"], {"hit_rate", "worst_layer_hit_rate", "tokens"}),
     "interventions.py": (["--smoke"], {"ratio_empty", "ratio_config", "cpu_ratio_config"}),
     "coactivation.py": (["--smoke"], {"numba_s", "speedup_vs_blas", "speedup_vs_sparse"}),
