@@ -42,11 +42,13 @@ class CoactCounts:
         self.n_layers, self.d_ff, self.half, self.rate = n_layers, d_ff, np.asarray(half, bool), rate
         self.device = torch.device(device)
         self.out = [[coact_gpu.counts_buffer(d_ff, self.device) for _ in range(n_layers)] for _ in NAMES]
-        self.held = [
-            [[] for _ in range(n_layers)] for _ in NAMES
-        ]  # words not yet counted, per half and layer
-        self.held_bytes = 0
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # the words not yet counted, per half and layer; at most HOLD_BYTES or 1/16 of the GPU's memory
+        self.held = [[[] for _ in range(n_layers)] for _ in NAMES]
+        self.held_bytes, self.hold = 0, HOLD_BYTES
+        self.stream = None
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device)
+            self.hold = min(HOLD_BYTES, torch.cuda.get_device_properties(self.device).total_memory // 16)
         self.n_tokens = 0
 
     def rows(self, prompt: np.ndarray, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,13 +66,13 @@ class CoactCounts:
 
     def add(self, layer: int, bits: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Take one layer's batch to count: bits (N, 2W) int32 words (as the reducer packs them). Its
-        counted rows are held until `flush` (or until HOLD_BYTES are held)."""
+        counted rows are held until `flush` (or until `hold` bytes are held)."""
         words = bits.view(torch.int64)
         for held, picked in zip(self.held, rows, strict=True):
             if len(picked):
                 held[layer].append(words.index_select(0, picked))
                 self.held_bytes += held[layer][-1].nbytes
-        if self.held_bytes >= HOLD_BYTES:
+        if self.held_bytes >= self.hold:
             self.flush()
 
     def flush(self) -> None:
