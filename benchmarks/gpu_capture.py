@@ -510,15 +510,18 @@ def run(
 
 def with_writes(found: list[dict], bare_s: float, chunk_tokens: int) -> dict:
     """A count rate's format-3 runs: the best chunk time against the bare pass, and what it implies for
-    the whole run of `run_tokens` tokens, its final save of the counts included."""
+    the whole run of `run_tokens` tokens: with its final save of the counts, and with the saves every
+    CaptureConfig.checkpoint_seconds too (each as long as the final one; the next chunk waits for it)."""
     best = min(found, key=lambda r: r["chunk_s"])
     chunks = best["run_tokens"] / chunk_tokens
     save = best["counts_to_host_s"] + best["counts_one_array_save_s"] * best["counts_arrays"]
+    saves = 1 + int(chunks * best["chunk_s"] // capture.CaptureConfig().checkpoint_seconds)
     counts_bytes = best["counts_array_bytes"] * best["counts_arrays"]
     db_per_token = best["db_bytes"] / (best["chunks"] * chunk_tokens)
     return {
         "capture_s": best["chunk_s"], "ratio": best["chunk_s"] / bare_s, "all": [r["chunk_s"] for r in found],
         "final_save_s": save, "ratio_with_final_save": (chunks * best["chunk_s"] + save) / (chunks * bare_s),
+        "saves": saves, "ratio_whole_run": (chunks * best["chunk_s"] + saves * save) / (chunks * bare_s),
         "cache_bytes_per_token": db_per_token + counts_bytes / best["run_tokens"],
         "cache_bytes_10m_tokens": db_per_token * 10_000_000 + counts_bytes, "counts_bytes": counts_bytes,
         "db_bytes_per_token": db_per_token, **{k: best[k] for k in best if k != "chunk_s"},

@@ -6,8 +6,8 @@ tokens of half A of the prompts and of half B (`prompts.halves` of COACT_SEED, 0
 seed), so stability needs no other pass and the run's counts are their sum. They grow with the model's
 width, never with its tokens; they are summed where the capture runs (GPU or CPU, core.kernels.
 coact_gpu: exact int8 or fp8 products into int32) over every token or a hashed sample of them
-(CaptureConfig.count_tokens), and saved every `checkpoint_seconds` and with the last chunk, so a
-killed capture resumes from them.
+(CaptureConfig.count_tokens), and saved every `checkpoint_seconds` (600) and with the last chunk,
+so a killed capture resumes from them.
 
 The counted tokens' words are held where they are, up to HOLD_BYTES, and counted together (`flush`):
 one product per layer and half over as many tokens as possible. Each product adds a (d_ff, d_ff)

@@ -51,8 +51,9 @@ class CaptureConfig:
     # run's counting is bounded like its sample: ~10 s, against 4.5 min for 10M tokens' forward passes
     count_tokens: int = 1 << 20
     # such a run's counts (and running top examples) are saved with a chunk at most this often, and with
-    # its last; a resume captures again the chunks committed after the last save (not in the key)
-    checkpoint_seconds: float = 300.0
+    # its last; a resume captures again the chunks committed after the last save (not in the key). A
+    # save of an 8B shape's 26 GB of counts takes ~18 s on an H200 host: 3% of 10 minutes
+    checkpoint_seconds: float = 600.0
 
     def __post_init__(self):
         if not 0 < self.fire_fraction <= 1:
