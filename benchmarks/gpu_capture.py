@@ -39,13 +39,21 @@ SHAPES = {
 
 
 class _Ids:
-    """Stands in for a tokenizer when the cache records token strings of random ids."""
+    """Stands in for a tokenizer when the cache records token strings of random ids; a text of ids
+    written in decimal, one space apart, encodes to those ids (`whole_run`)."""
 
     pad_token_id = 0
+    chat_template = None
 
     @staticmethod
     def convert_ids_to_tokens(ids):
         return [str(i) for i in ids]
+
+    def __call__(self, text: str, add_special_tokens=True, return_offsets_mapping=False):
+        words = text.split(" ")
+        lengths = np.array([len(w) for w in words])
+        ends = np.cumsum(lengths + 1) - 1  # each word's end; one space between words
+        return {"input_ids": [int(w) for w in words], "offset_mapping": np.c_[ends - lengths, ends].tolist()}
 
 
 def random_model(shape: str, device: str) -> models.LoadedModel:
@@ -528,6 +536,48 @@ def with_writes(found: list[dict], bare_s: float, chunk_tokens: int) -> dict:
     }  # fmt: skip
 
 
+def whole_run(shape: str, device: str, n_tokens: int, seq: int, batch_size: int) -> dict:
+    """One whole capture through `capture.capture`, as a user runs it: prompts of `seq` random ids,
+    `n_tokens` in all, into a new cache (every chunk, the counts, their save and the finalise step),
+    against the bare forward pass of its chunks (one chunk timed, three times; the pass is the same
+    for every chunk). Its token sample and count budget are the defaults' shares of a 10M-token run,
+    so a shorter run costs per chunk what such a run costs; its final save is the same size."""
+    from core.prompts import from_texts
+    from core.store import Store
+
+    lm = random_model(shape, device)
+    defaults, share = capture.CaptureConfig(), n_tokens / 10_000_000
+    config = capture.CaptureConfig(
+        batch_size=batch_size, max_tokens=seq, chat_template=False,
+        sample_bytes=int(defaults.sample_bytes * share), count_tokens=int(defaults.count_tokens * share),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(10, SHAPES[shape]["vocab_size"], (n_tokens // seq, seq), generator=g).tolist()
+    prompt_set = from_texts([" ".join(map(str, row)) for row in ids], name="random ids")
+    chunk = encoded_batches(config.chunk_prompts, seq, SHAPES[shape]["vocab_size"])
+    time_bare(lm, chunk[:batch_size], batch_size, device)  # warm-up
+    bare = min(time_bare(lm, chunk, batch_size, device) for _ in range(3))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "whole.duckdb")
+        time_capture(lm, chunk[:batch_size], batch_size, device, write=False)  # warm-up: kernels
+        sync(device)
+        t0 = time.perf_counter()
+        result = capture.capture(lm, prompt_set, store, config)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        folder = store.arrays_folder(result.run_id)
+        counts_bytes = sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else 0
+        store.close()
+        db_bytes = (Path(tmp) / "whole.duckdb").stat().st_size
+    n_chunks = -(-len(ids) // config.chunk_prompts)
+    return {
+        "whole_run_tokens": result.n_tokens, "chunks": n_chunks, "capture_s": seconds,
+        "bare_chunk_s": bare, "bare_s": bare * n_chunks, "ratio": seconds / (bare * n_chunks),
+        "sample_bytes": config.sample_bytes, "count_tokens": config.count_tokens,
+        "db_bytes": db_bytes, "counts_bytes": counts_bytes,
+    }  # fmt: skip
+
+
 def diagnose(shape: str, device: str, n_prompts: int, seq: int, batch_size: int, n_chunks: int) -> None:
     """Seconds per chunk of a format-3 run with and without its counts and its writes, and bare."""
     lm = random_model(shape, device)
@@ -580,6 +630,9 @@ def main() -> None:
     p.add_argument("--inline", action="store_true", help="also time the reductions on the forward's stream")
     p.add_argument("--write-reps", type=int, default=0, help="then time this many captures with cache writes")
     p.add_argument("--auto-reps", type=int, default=0, help="then this many fit to free GPU memory")
+    p.add_argument(
+        "--whole-run", type=int, metavar="TOKENS", help="time one whole capture of this many tokens"
+    )
     p.add_argument("--int8", action="store_true", help="count co-activations with int8 products, not fp8")
     p.add_argument("--diagnose", action="store_true", help="a format-3 run's chunk without counts, writes")
     p.add_argument("--checkpoint-threshold", default="", help="DuckDB's checkpoint_threshold, e.g. 1GB")
@@ -611,6 +664,10 @@ def main() -> None:
         return profile(args.shape, args.device, args.prompts, args.seq, args.batch_size)
     global THRESHOLD
     THRESHOLD = args.checkpoint_threshold
+    if args.whole_run:
+        return print(
+            json.dumps(whole_run(args.shape, args.device, args.whole_run, args.seq, args.batch_size))
+        )
     if args.diagnose:
         return diagnose(args.shape, args.device, args.prompts, args.seq, args.batch_size, args.run_chunks)
     result = run(
