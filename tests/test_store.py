@@ -231,8 +231,8 @@ def test_chunks_are_written_read_back_in_chunk_order_and_finished(store):
     write_chunk(store, 1, n_tokens=2, partial=2.0)  # committed out of order, as shards may be
     write_chunk(store, 0, n_tokens=2, partial=1.0)
     assert store.done_chunks("r") == {0, 1} and store.chunk_totals("r") == (4, 1.0)
-    parts = store.chunk_partials("r", 0)
-    assert list(parts) == ["sum_abs"]
+    parts = store.chunk_partials("r", range(1))[0]
+    assert list(parts) == ["sum_abs"] and store.chunk_partials("r", range(1, 3)) == {1: {}, 2: {}}
     assert [np.frombuffer(b, np.float64)[0] for b in parts["sum_abs"]] == [1.0, 2.0]  # chunk order
     assert store.prompt_tokens("r", [1, 0]) == {0: ["Ġa", "b"], 1: ["Ġa", "b"]}
     assert store.prompt_tokens("r", []) == {}
@@ -245,7 +245,7 @@ def test_chunks_are_written_read_back_in_chunk_order_and_finished(store):
     assert run.complete and run.n_tokens == 4 and run.seconds == 1.0
     np.testing.assert_array_equal(store.prompt_activations("r")[:, 0], [0, 1])
     assert store.firing_bits("r", 0).shape == (4, 1)
-    assert store.chunk_partials("r", 0) == {}  # partials are dropped once summed
+    assert store.chunk_partials("r", range(1)) == {0: {}}  # partials are dropped once summed
     np.testing.assert_array_equal(store.layer_array("r", "mean_abs"), [means])
     assert store.neuron_stats("r", 0, 2) == {"mean_abs": 0.75}
     assert store.neuron_examples("r", 0, 0) == [(0, 1, "id1", "math", 1, 1.0)]

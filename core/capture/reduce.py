@@ -379,6 +379,9 @@ def merge_top_in_order(state: tuple | None, top: tuple, top_k: int) -> tuple:
     return vals[..., :top_k, :], pieces[1].gather(-2, order), pieces[2].gather(-2, order)
 
 
+PARTIALS_BYTES = 1 << 30  # chunk partials that merge_partials reads at once
+
+
 def merge_partials(store, run_id: str, n_layers: int, top_k: int, n_tokens: int, chunk_prompts: int):
     """Sum chunk partials per layer in chunk order; merge the running top examples (`top_state`) with
     any per-chunk ones (from shards: merge_top's order makes it the same in any order)."""
@@ -386,10 +389,16 @@ def merge_partials(store, run_id: str, n_layers: int, top_k: int, n_tokens: int,
               "hist_abs": np.int64, "hist_out": np.int64}  # fmt: skip
     layer_rows, top = [], {"layer": [], "neuron": [], "rank": [], "prompt_idx": [], "pos": [], "value": []}
     denom = max(n_tokens, 1)
+    # As many layers' partials a query as PARTIALS_BYTES hold: all of them at once would grow with the
+    # number of chunks, and a query a layer reads the whole table once per layer.
+    sizes, group = store.chunk_partial_bytes(run_id), {}
     for layer in range(n_layers):
-        # One layer's partials at a time: all of them at once would grow with the number of chunks
-        # (about 1 MB per chunk on the default model), and capture memory with the prompt set.
-        parts = store.chunk_partials(run_id, layer)
+        if layer not in group:
+            end, held = layer + 1, sizes.get(layer, 0)
+            while end < n_layers and held + sizes.get(end, 0) <= PARTIALS_BYTES:
+                held, end = held + sizes.get(end, 0), end + 1
+            group = store.chunk_partials(run_id, range(layer, end))
+        parts = group.pop(layer)
         arr = {name: [np.frombuffer(b, dtype) for b in parts[name]] for name, dtype in dtypes.items()}
         if routes := parts.get("expert_routes"):  # MoE (core.capture.experts): chunks' prompts, in order
             counts = np.concatenate([np.frombuffer(b, np.int32) for b in routes])

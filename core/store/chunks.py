@@ -115,12 +115,23 @@ class ChunkTables:
         return int(n_tokens), float(seconds)
 
     @faults.guarded
-    def chunk_partials(self, run_id: str, layer: int) -> dict[str, list[bytes]]:
-        """One layer's partial reductions: name -> one payload per committed chunk, in chunk order."""
-        sql = "SELECT name, data FROM chunk_arrays WHERE run_id = ? AND layer = ? ORDER BY chunk"
-        parts: dict[str, list[bytes]] = {}
-        for name, data in self.cursor().execute(sql, [run_id, layer]).fetchall():
-            parts.setdefault(name, []).append(bytes(data))
+    def chunk_partial_bytes(self, run_id: str) -> dict[int, int]:
+        """Bytes of the run's chunk partials, per layer."""
+        sql = "SELECT layer, sum(octet_length(data)) FROM chunk_arrays WHERE run_id = ? GROUP BY layer"
+        return {int(layer): int(size) for layer, size in self.cursor().execute(sql, [run_id]).fetchall()}
+
+    @faults.guarded
+    def chunk_partials(self, run_id: str, layers: range) -> dict[int, dict[str, list[bytes]]]:
+        """The partial reductions of the `layers`: layer -> name -> one payload per committed chunk, in
+        chunk order. One query for several layers: each query reads the whole table's payloads (40
+        chunks of an 8B shape: 0.43 s a query, so 14 s a layer at a time)."""
+        sql = (
+            "SELECT layer, name, data FROM chunk_arrays WHERE run_id = ? AND layer >= ? AND layer < ? "
+            "ORDER BY layer, chunk"
+        )
+        parts: dict[int, dict[str, list[bytes]]] = {layer: {} for layer in layers}
+        for layer, name, data in self.cursor().execute(sql, [run_id, layers.start, layers.stop]).fetchall():
+            parts[layer].setdefault(name, []).append(bytes(data))
         return parts
 
     @faults.guarded

@@ -316,3 +316,27 @@ def test_bricks_from_a_count_sample_match_every_tokens_as_closely_as_half_the_pr
         assert mean["sample"] >= 0.8 * mean["half"] and mean["half"] > 3 * mean["chance"], mean
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 30], ids=["a-layer-a-query", "every-layer-in-one"])
+def test_the_finalise_step_reads_the_chunk_partials_in_groups_of_layers(
+    two_runs, tiny_lm, small_prompts, tmp_path, monkeypatch, budget
+):
+    """merge_partials reads as many layers' chunk partials a query as PARTIALS_BYTES allow (each query
+    reads the whole table): one layer a query or all at once, the run is the same."""
+    from core.capture import reduce
+    from tests.capture.test_run import run_tables
+
+    (every, run_e), _ = two_runs
+    monkeypatch.setattr(reduce, "PARTIALS_BYTES", budget)
+    queries = []
+    real = Store.chunk_partials
+    monkeypatch.setattr(Store, "chunk_partials", lambda self, *a: queries.append(a[1]) or real(self, *a))
+    store = Store(tmp_path / "groups.duckdb")
+    try:
+        config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=1 << 30)
+        result = capture.capture(tiny_lm, small_prompts, store, config)
+        assert queries == ([range(0, 1), range(1, 2)] if budget == 1 else [range(0, 2)])
+        assert run_tables(store, result.run_id) == run_tables(every, run_e.run_id)
+    finally:
+        store.close()
