@@ -52,6 +52,7 @@ SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
         {"ratio", "bare_s", "capture_s", "tokens_per_s", "with_cache_writes"},
     ),
     "select_window.py": (["--smoke"], {"hit_rate", "worst_layer_hit_rate", "tokens"}),
+    "finalise.py": (["--smoke"], {"finalise_s", "baseline_s", "speedup", "same_run"}),
     "interventions.py": (["--smoke"], {"ratio_empty", "ratio_config", "cpu_ratio_config"}),
     "coactivation.py": (["--smoke"], {"numba_s", "speedup_vs_blas", "speedup_vs_sparse"}),
 }
@@ -107,6 +108,10 @@ def test_the_smoke_run_prints_its_json_line(smoke_runs, script):
 
 def test_sharded_capture_still_equals_unsharded(smoke_runs):
     assert last_json(smoke_runs["shard_check.py"])["merged_equals_single"] is True
+
+
+def test_the_finalise_step_reads_partials_in_groups_to_the_same_run(smoke_runs):
+    assert last_json(smoke_runs["finalise.py"])["same_run"] is True
 
 
 def test_first_use_makes_every_step_ready(smoke_runs):
