@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -557,12 +558,25 @@ def whole_run(shape: str, device: str, n_tokens: int, seq: int, batch_size: int)
     chunk = encoded_batches(config.chunk_prompts, seq, SHAPES[shape]["vocab_size"])
     time_bare(lm, chunk[:batch_size], batch_size, device)  # warm-up
     bare = min(time_bare(lm, chunk, batch_size, device) for _ in range(3))
+    print(f"bare pass of a chunk {bare:.3f} s; capturing {len(ids)} prompts", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "whole.duckdb")
         time_capture(lm, chunk[:batch_size], batch_size, device, write=False)  # warm-up: kernels
         sync(device)
         t0 = time.perf_counter()
-        result = capture.capture(lm, prompt_set, store, config)
+        shown = set()
+
+        def progress(done: int, total: int, stage: str) -> None:  # where the time went, even if cut off
+            mark = (stage, done * 8 // max(total, 1))
+            if mark not in shown:
+                shown.add(mark)
+                print(
+                    f"{time.perf_counter() - t0:7.1f} s: {stage} {done}/{total} prompts",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        result = capture.capture(lm, prompt_set, store, config, progress=progress)
         sync(device)
         seconds = time.perf_counter() - t0
         folder = store.arrays_folder(result.run_id)
