@@ -474,7 +474,11 @@ def run(
     splits = [x for x in SPLITS if x["fused"] and x["overlap"] == reduce.OVERLAP][-reps:]
     # format 3: a run's chunks with their cache writes, per count rate, interleaved with the bare pass;
     # by default every token counted, a quarter, and the share a run of run_tokens counts by default
-    default_rate = sample.count_rate(capture.CaptureConfig().count_tokens, run_tokens)
+    defaults, shape_of = capture.CaptureConfig(), SHAPES[shape]
+    kept = sample.sample_rate(
+        defaults.sample_bytes, run_tokens, shape_of["num_hidden_layers"], shape_of["intermediate_size"]
+    )
+    default_rate = sample.count_rate(defaults.count_tokens, run_tokens, kept)
     count_rates = count_rates or (1.0, 0.25, default_rate)
     runs = {rate: [] for rate in count_rates} if write_reps else {}
     for _ in range(write_reps):

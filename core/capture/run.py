@@ -44,7 +44,7 @@ class CaptureConfig:
     batch_size: int = 0  # prompts per forward pass; 0: fit free GPU memory, 8 on CPU (speed only, not keyed)
     chunk_prompts: int = 64  # prompts per committed chunk (resume granularity; not in the key)
     # bytes of per-token firing bits a run keeps (core.store.sample): a run whose bits fit keeps every
-    # token's; a larger one keeps a hashed sample of its tokens plus exact co-activation counts
+    # token's; a larger one keeps a hashed sample of its tokens plus co-activation counts (count_tokens)
     sample_bytes: int = 1 << 30
     # how many tokens' co-activations such a run counts: a hashed sample of this many when it has more
     # (0: every token). Counting costs ~9 us a token on an H200 for an 8B shape (fp8 products), so a
@@ -153,7 +153,7 @@ def capture(
         rate = sample.sample_rate(config.sample_bytes, n_own, info.n_layers, info.d_ff)
         counts = None
         if rate < 1.0:  # the sample leaves tokens out: count co-activations over all of them
-            counts = _resume_counts(store, run_id, prompt_set, config, info, n_own)
+            counts = _resume_counts(store, run_id, prompt_set, config, info, n_own, rate)
         done = store.done_chunks(run_id)
         mine = [c for c in range(n_chunks) if shard is None or c % shard[1] == shard[0]]
         size = {c: min(config.chunk_prompts, len(encoded) - c * config.chunk_prompts) for c in mine}
@@ -361,7 +361,7 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, 
 
 
 def _resume_counts(
-    store: Store, run_id: str, prompt_set, config: CaptureConfig, info, n_own: int
+    store: Store, run_id: str, prompt_set, config: CaptureConfig, info, n_own: int, sample_rate: float
 ) -> CoactCounts:
     """The run's co-activation counts to continue from: those it saved last, with the chunks committed
     after that save dropped, to be captured again (zeros and nothing dropped for a new run)."""
@@ -370,7 +370,7 @@ def _resume_counts(
     if stale:
         store.drop_chunks(run_id, sorted(stale), config.chunk_prompts)
     half = halves(category_labels(prompt_set), COACT_SEED)
-    rate = sample.count_rate(config.count_tokens, n_own)
+    rate = sample.count_rate(config.count_tokens, n_own, sample_rate)
     counts = CoactCounts(info.n_layers, info.d_ff, half, rate, device=info.device)
     counts.load(store, run_id)
     return counts

@@ -116,7 +116,7 @@ def cmd_capture(args) -> int:
     if rate < 1.0:  # a partial token sample: say what was kept, and where the counts are
         folder = store.arrays_folder(result.run_id)
         size = sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else 0
-        counted = sample.count_rate(config.count_tokens, result.n_tokens)
+        counted = sample.count_rate(config.count_tokens, result.n_tokens, rate)
         print(f"firing bits kept for {rate:.2%} of the tokens (--sample-mib {args.sample_mib}); "
               f"co-activation counts over {counted:.2%} of them (--count-tokens {args.count_tokens}): "
               f"{folder} ({size / 2**20:.1f} MiB)")  # fmt: skip

@@ -112,7 +112,9 @@ class NeuronQueries:
         """The share of the run's tokens its co-activation counts sum over (when its sample is partial)."""
         run = self.require_run(run_id)
         if "count_tokens" in run.settings:
-            return sample.count_rate(run.settings["count_tokens"], run.n_tokens or 0)
+            return sample.count_rate(
+                run.settings["count_tokens"], run.n_tokens or 0, self.sample_rate(run_id)
+            )
         return run.settings.get("count_rate", 1.0)  # the first format-3 runs stored the share itself
 
     def sample_complete(self, run_id: str) -> bool:

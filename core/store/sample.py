@@ -22,12 +22,13 @@ def sample_rate(sample_bytes: int | None, n_tokens: int, n_layers: int, d_ff: in
     return min(1.0, sample_bytes / max(1, n_tokens * per_token))
 
 
-def count_rate(count_tokens: int, n_tokens: int) -> float:
+def count_rate(count_tokens: int, n_tokens: int, sample_rate: float = 0.0) -> float:
     """The share of tokens whose co-activations a run with a partial sample counts: every token when
-    they number at most `count_tokens` (0: every token), else a hashed sample of that many."""
+    they number at most `count_tokens` (0: every token), else a hashed sample of that many, and never
+    fewer than the tokens whose bits it keeps (`sample_rate`: the same hash, so those are among them)."""
     if count_tokens <= 0:
         return 1.0
-    return min(1.0, count_tokens / max(1, n_tokens))
+    return max(sample_rate, min(1.0, count_tokens / max(1, n_tokens)))
 
 
 def in_sample(prompt_idx, pos, rate: float) -> np.ndarray:

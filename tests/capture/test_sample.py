@@ -2,6 +2,7 @@
 leaves tokens out, exact co-activation counts are kept beside the cache instead, and every reader of
 firing gets from them what it got from every token's bits."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -50,6 +51,7 @@ def test_the_sample_is_a_fixed_hash_of_the_tokens_place():
     assert sample.sample_rate(1 << 30, 10**7, 32, 14336) == pytest.approx((1 << 30) / (10**7 * 32 * 224 * 8))
     assert sample.count_rate(1 << 20, 10**7) == pytest.approx(0.1048576)  # the default budget, 10M tokens
     assert sample.count_rate(1 << 20, 10**6) == sample.count_rate(0, 10**9) == 1.0
+    assert sample.count_rate(10, 1000, sample_rate=0.25) == 0.25  # never fewer than the sample's tokens
 
 
 def test_a_partial_sample_keeps_exact_counts_and_the_sampled_bits(two_runs):
@@ -163,19 +165,25 @@ def test_the_share_of_counted_tokens_of_each_format_3_settings(store):
 
 def test_counts_over_a_hashed_share_of_the_tokens(two_runs, tiny_lm, small_prompts, tmp_path):
     """count_tokens below the run's tokens: the counts sum over exactly the tokens the hash picks (a
-    quarter here), and bricks partition them with that many tokens."""
+    quarter here, and the sample's bits a fourteenth), and bricks partition them with that many tokens.
+    A budget below the sample's tokens counts the sample's tokens: its bits would give those counts."""
     (every, run_e), _ = two_runs
     store = Store(tmp_path / "quarter.duckdb")
     try:
         config = capture.CaptureConfig(
-            chunk_prompts=8, sample_bytes=PARTIAL, count_tokens=run_e.n_tokens // 4
+            chunk_prompts=8, sample_bytes=PARTIAL // 4, count_tokens=run_e.n_tokens // 4
         )
         run = store.require_run(capture.capture(tiny_lm, small_prompts, store, config).run_id)
+        small = capture.capture(
+            tiny_lm, small_prompts, store, dataclasses.replace(config, count_tokens=1)
+        ).run_id
+        assert store.count_rate(small) == store.sample_rate(small) < 0.1
         firing, places = RunFiring(store, run), every.token_places(run_e.run_id)
+        kept = sample.in_sample(*places, store.sample_rate(small))  # what the small budget counted
+        want = kernels.coactivation_counts_numpy(every.firing_bits(run_e.run_id, 0)[kept], run.d_ff)
+        assert np.array_equal(RunFiring(store, store.require_run(small)).counts(0), want)
         rate = store.count_rate(run.run_id)
-        assert rate == pytest.approx(0.25, abs=0.01) and rate == sample.count_rate(
-            run_e.n_tokens // 4, run.n_tokens
-        )
+        assert rate == pytest.approx(0.25, abs=0.01) and store.sample_rate(run.run_id) < 0.1
         counted = sample.in_sample(*places, rate)
         assert np.array_equal(firing.counted, counted) and firing.n_tokens() == counted.sum() < run.n_tokens
         half = firing.stored_halves
