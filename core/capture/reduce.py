@@ -66,9 +66,13 @@ class ChunkReducer:
                 self.side = torch.cuda.Stream(dev)
 
     def set_batch(self, batch: list[int], spans: list[tuple[int, int]], width: int) -> None:
-        """Tell the hooks which rows of the next forward pass belong to which prompt."""
-        if self.side is not None:  # the previous batch's index tensors are about to be freed
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
+        """Tell the hooks which rows of the next forward pass belong to which prompt.
+
+        With `overlap`, the next batch's forward pass starts while the side stream still reduces this
+        one's last layers: the index tensors below are made on the forward's stream and read on the
+        side stream, so each is recorded there (its memory is not reused before the side stream has
+        read it) instead of the forward waiting for the side stream.
+        """
         lengths = np.array([end - start for start, end in spans])
         flat = np.concatenate([np.arange(r * width + s, r * width + e) for r, (s, e) in enumerate(spans)])
         owner = np.repeat(np.arange(len(batch)), lengths)
@@ -96,6 +100,11 @@ class ChunkReducer:
         if self.counts is not None:  # the run's prompt and the position of each own-token row
             pos = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             self.count_rows = self.counts.rows(self.first_prompt + np.asarray(batch)[owner], pos)
+        if self.side is not None:
+            rows = self.count_rows if self.counts is not None else ()
+            for t in (self.flat, self.padded, self.batch_prompt, self.segment, self.ones, self.lengths,
+                      self.first_row, self.own_lengths, *rows):  # fmt: skip
+                t.record_stream(self.side)
 
     @contextlib.contextmanager
     def forward_stream(self):
