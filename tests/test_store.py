@@ -214,15 +214,50 @@ def test_json_results_stay_plain_json(store):
 # the capture's chunk rows
 
 
-def write_chunk(s: Store, chunk: int, n_tokens, partial: float = 1.0) -> None:
+def write_chunk(s: Store, chunk: int, n_tokens, partial: float = 1.0, acts_file=False) -> None:
     """A chunk of one prompt (prompt index = chunk) over one layer of 4 neurons, with 2 tokens."""
     s.write_chunk(
         "r", chunk, chunk,
         acts=[[np.full(4, chunk, np.float16)]], bits=[[np.zeros((2, 1), np.uint64)]],
         tokens={"prompt_idx": [chunk] * 2, "pos": [0, 1], "token_id": [5, 6], "token": ["Ġa", "b"],
                 "truncated": [False, False]},
-        partials=[(0, "sum_abs", np.full(4, partial))], n_tokens=n_tokens, seconds=0.5,
+        partials=[(0, "sum_abs", np.full(4, partial))], n_tokens=n_tokens, seconds=0.5, acts_file=acts_file,
     )  # fmt: skip
+
+
+def test_prompt_means_read_back_from_chunk_files_rows_or_both(store):
+    """A partial sample's chunks write their prompt means to a file beside the cache; a run an older
+    bricklab began has rows for its first chunks: either way every prompt reads back in order."""
+    add_run(store, "r", status="incomplete", n_prompts=3)
+    write_chunk(store, 2, n_tokens=2, acts_file=True)
+    write_chunk(store, 0, n_tokens=2)  # rows, as before
+    write_chunk(store, 1, n_tokens=2, acts_file=True)
+    assert count(store, "prompt_acts", "r") == 1 and count(store, "chunk_files", "r") == 2
+    assert store.chunk_files("r", "prompt_acts") == [
+        (1, "prompt_acts-C000001.npy"),
+        (2, "prompt_acts-C000002.npy"),
+    ]
+    folder = store.arrays_folder("r")
+    (folder / "prompt_acts-C000009.npy").write_bytes(b"a file no transaction named")
+    store.cursor().execute("UPDATE runs SET status = 'complete' WHERE run_id = 'r'")
+    np.testing.assert_array_equal(store.prompt_activations("r"), np.repeat(np.arange(3), 4).reshape(3, 4))
+    np.testing.assert_array_equal(store.prompt_activations("r", 0)[:, 1], [0, 1, 2])
+    store.drop_chunks("r", [1], 1)  # a resume drops a chunk: its catalog row and its file go
+    assert store.chunk_files("r", "prompt_acts") == [(2, "prompt_acts-C000002.npy")]
+    assert sorted(p.name for p in folder.iterdir()) == ["prompt_acts-C000002.npy"]  # the stray one too
+    with pytest.raises(BricklabError, match="damaged.*no mean activations"):
+        store.prompt_activations("r")
+    with pytest.raises(Exception, match="(?i)convert|cast"):  # its last statement fails: no row, and
+        store.write_chunk(  # the file it wrote is deleted by the next prune (a capture's resume)
+            "r", 1, 1, acts=[[np.ones(4, np.float16)]], bits=[[np.zeros((2, 1), np.uint64)]],
+            tokens={"prompt_idx": [1], "pos": [0], "token_id": [5], "token": ["a"], "truncated": [False]},
+            partials=[], n_tokens="not a number", seconds=0.5, acts_file=True,
+        )  # fmt: skip
+    assert count(store, "chunk_files", "r") == 1 and (folder / "prompt_acts-C000001.npy").exists()
+    store.prune_arrays("r")
+    assert sorted(p.name for p in folder.iterdir()) == ["prompt_acts-C000002.npy"]
+    store.delete_run("r")
+    assert not folder.exists()
 
 
 def test_chunks_are_written_read_back_in_chunk_order_and_finished(store):

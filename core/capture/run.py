@@ -149,6 +149,8 @@ def capture(
         n_chunks = math.ceil(len(encoded) / config.chunk_prompts)
         if existing is None:
             _create_run(store, run_id, lm, prompt_set, config, n_chunks)
+        else:  # files of a chunk or save whose transaction never committed
+            store.prune_arrays(run_id)
         n_own = sum(e.end - e.start for e in encoded)
         rate = sample.sample_rate(config.sample_bytes, n_own, info.n_layers, info.d_ff)
         counts = None

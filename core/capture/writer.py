@@ -108,6 +108,7 @@ class ChunkWriter:
             seconds=seconds,
             arrays=arrays,
             covered=None if arrays is None else sorted(self.covered),
+            acts_file=self.rate < 1.0,  # a run with its counts beside the cache: the means go there too
         )
         self.write_seconds += time.perf_counter() - started
 

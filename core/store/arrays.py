@@ -1,12 +1,17 @@
 """Bulk arrays beside the cache file (issue #16): a run's co-activation counts, which grow with the
-model's width (layers x d_ff^2), not with its tokens.
+model's width (layers x d_ff^2), not with its tokens; and such a run's per-prompt means (prompt_acts),
+float16 (prompts, layers, d_ff) a chunk, catalogued by `chunk_files`. A run whose sample holds every
+token (the default run) keeps them as rows and has no folder.
 
 They live as .npy files in `<cache>.arrays/<run_id>/`; the DuckDB table `arrays` is their catalog, so
 DuckDB stays the one place that says what a run holds. A file is written (and synced) before the
 transaction that names it commits, and files no committed row names are deleted afterwards, so a
 kill at any point leaves the catalog naming whole files only. npy, not DuckDB BLOBs: on this disk
 280 MB of counts took 1.06 s as npy against 7.45 s as BLOB rows (H3 study, issue #16), and BLOBs
-replaced at every checkpoint leave their blocks free in the file for good.
+replaced at every checkpoint leave their blocks free in the file for good. The per-prompt means were
+BLOB rows until 2026-12-04: an 8B shape's chunk writes 58 MB of them, and once 1 GB of them had gone
+through DuckDB's WAL its checkpoint held the capture for 15.6 s (H200 lease, benchmarks/gpu_capture.py
+--whole-run 1000000); a file is written once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,23 @@ WRITERS = 4  # array files written (and synced) at once
 def folder_of(cache: Path, run_id: str) -> Path:
     """Where the arrays of a run of the cache file `cache` live."""
     return cache.with_name(cache.name + ".arrays") / run_id
+
+
+def chunk_file(name: str, chunk: int) -> str:
+    """The file name of a chunk's array `name` (one per chunk: a chunk written again replaces it)."""
+    return f"{name}-C{chunk:06d}.npy"
+
+
+def write_file(folder: Path, file: str, array: np.ndarray) -> None:
+    """Write an array as `folder/file`, synced to the disk before it takes that name: a kill leaves
+    the old file or the new one whole (and at worst a `.partial` that `prune_arrays` deletes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / (file + ".partial")
+    with open(partial, "wb") as out:
+        np.save(out, np.ascontiguousarray(array))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, folder / file)
 
 
 def decoded(row: dict) -> np.ndarray:
@@ -65,17 +87,11 @@ class ArrayFiles:
         sql = "SELECT count(*) FROM chunks WHERE run_id = ?"
         tag = f"n{cur.execute(sql, [run_id]).fetchone()[0]:06d}"  # grows with every chunk committed
         folder = self.arrays_folder(run_id)
-        folder.mkdir(parents=True, exist_ok=True)
 
         def write(row: ArrayRow) -> tuple:
             layer, name, array = row
             file = f"{name}-L{layer:03d}-{tag}.npy"
-            partial = folder / (file + ".partial")
-            with open(partial, "wb") as out:
-                np.save(out, np.ascontiguousarray(array))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, folder / file)
+            write_file(folder, file, array)
             shape = ",".join(map(str, array.shape))
             return (run_id, name, layer, file, array.dtype.str, shape, array.nbytes, list(chunks))
 
@@ -105,8 +121,28 @@ class ArrayFiles:
     def read_array(self, run_id: str, name: str, layer: int) -> np.ndarray | None:
         """One array of the run (memory-mapped, read-only); None when the catalog names none."""
         file = self.array_files(run_id).get((name, int(layer)))
-        if file is None:
-            return None
+        return None if file is None else self.read_file(run_id, file)
+
+    def _add_chunk_file(self, cur, run_id: str, chunk: int, name: str, first_prompt: int, array) -> None:
+        """Inside a chunk's write transaction: write one of its arrays as a file and name it in
+        `chunk_files` (a file the transaction never names is deleted by `prune_arrays`)."""
+        file = chunk_file(name, chunk)
+        write_file(self.arrays_folder(run_id), file, array)
+        shape = ",".join(map(str, array.shape))
+        row = [run_id, chunk, name, file, first_prompt, array.dtype.str, shape, array.nbytes]
+        cur.execute("INSERT INTO chunk_files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    @faults.guarded
+    def chunk_files(self, run_id: str, name: str) -> list[tuple[int, str]]:
+        """(first prompt, file name) of each committed chunk's array `name`, in chunk order; none in a
+        file of an older bricklab (no `chunk_files` table: its chunks wrote rows)."""
+        if not self._has_table("chunk_files"):
+            return []
+        sql = "SELECT first_prompt, file FROM chunk_files WHERE run_id = ? AND name = ? ORDER BY chunk"
+        return [(int(p), f) for p, f in self.cursor().execute(sql, [run_id, name]).fetchall()]
+
+    def read_file(self, run_id: str, file: str) -> np.ndarray:
+        """One array file of the run (memory-mapped, read-only)."""
         path = self.arrays_folder(run_id) / file
         try:
             return np.load(path, mmap_mode="r")
@@ -116,13 +152,25 @@ class ArrayFiles:
                 "Keep the '.arrays' folder beside the cache file; or delete the run and capture it again.",
             ) from exc
 
+    def named_files(self, run_id: str) -> set[str]:
+        """Every file of the run that a catalog names: its arrays and its chunks' files."""
+        chunks = set()
+        if self._has_table("chunk_files"):
+            sql = "SELECT file FROM chunk_files WHERE run_id = ?"
+            chunks = {row[0] for row in self.cursor().execute(sql, [run_id]).fetchall()}
+        return set(self.array_files(run_id).values()) | chunks
+
+    def _has_table(self, name: str) -> bool:
+        sql = "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?"
+        return self.cursor().execute(sql, [name]).fetchone()[0] > 0
+
     def prune_arrays(self, run_id: str) -> None:
-        """Delete the run's array files that its catalog does not name (replaced, or written by a
-        transaction that never committed)."""
+        """Delete the run's array files that no catalog names (replaced, or written by a transaction
+        that never committed)."""
         folder = self.arrays_folder(run_id)
         if self.read_only or not folder.is_dir():
             return
-        keep = set(self.array_files(run_id).values())
+        keep = self.named_files(run_id)
         for path in folder.iterdir():
             if path.name not in keep:
                 path.unlink(missing_ok=True)

@@ -215,15 +215,35 @@ class Store(ChunkTables, NeuronQueries, ArrayFiles):
 
     @faults.guarded
     def prompt_activations(self, run_id: str, layer: int | None = None) -> np.ndarray:
-        """Mean |a| per prompt and neuron: float16 (n_prompts, n_layers * d_ff) or (n_prompts, d_ff)."""
+        """Mean |a| per prompt and neuron: float16 (n_prompts, n_layers * d_ff) or (n_prompts, d_ff).
+
+        From each chunk's file (`chunk_files`); a run captured by an older bricklab has rows in
+        `prompt_acts` instead, and one it resumed has both: every prompt is in one of them.
+        """
         run = self.require_run(run_id)
+        width = run.d_ff if layer is not None else run.n_layers * run.d_ff
+        files = self.chunk_files(run_id, "prompt_acts")
         where, params = "run_id = ?", [run_id]
         if layer is not None:
             where, params = where + " AND layer = ?", params + [layer]
         sql = f"SELECT mean_abs FROM prompt_acts WHERE {where} ORDER BY prompt_idx, layer"
-        flat = _blobs(self.cursor().sql(sql, params=params), np.float16)
-        width = run.d_ff if layer is not None else run.n_layers * run.d_ff
-        return flat.reshape(run.n_prompts, width)
+        if not files:
+            return _blobs(self.cursor().sql(sql, params=params), np.float16).reshape(run.n_prompts, width)
+        out = np.zeros((run.n_prompts, width), dtype=np.float16)
+        filled = np.zeros(run.n_prompts, dtype=bool)
+        for first, file in files:
+            means = self.read_file(run_id, file)  # (prompts, layers, d_ff)
+            part = means[:, layer] if layer is not None else means.reshape(len(means), -1)
+            out[first : first + len(part)] = part
+            filled[first : first + len(part)] = True
+        if not filled.all():  # rows of chunks an older bricklab committed
+            listed = f"SELECT DISTINCT prompt_idx FROM prompt_acts WHERE {where} ORDER BY prompt_idx"
+            rows = np.array([r[0] for r in self.cursor().execute(listed, params).fetchall()], dtype=np.int64)
+            out[rows] = _blobs(self.cursor().sql(sql, params=params), np.float16).reshape(len(rows), width)
+            filled[rows] = True
+        if not filled.all():
+            raise faults.corrupt_error(self.path, f"prompts of run '{run_id}' have no mean activations")
+        return out
 
     @faults.guarded
     def firing_bits(self, run_id: str, layer: int) -> np.ndarray:

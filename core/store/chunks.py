@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from core.errors import BricklabError
 from core.store import codec, faults
-from core.store.arrays import shard_arrays
+from core.store.arrays import decoded, shard_arrays
 from core.store.schema import CHUNK_TABLES, TOP_ARRAYS
 
 
@@ -37,11 +37,14 @@ class ChunkTables:
         top_state: list[tuple[int, str, np.ndarray]] | None = None,
         arrays: list[tuple[int, str, np.ndarray]] | None = None,
         covered: list[int] | None = None,
+        acts_file: bool = False,
     ) -> None:
         """Everything a chunk produced, in one transaction: it lands whole or not at all.
 
         acts and bits: per prompt of the chunk (from `first_prompt` on), per layer, the mean |a| and
-        the packed firing bits. tokens: the columns prompt_idx, pos, token_id, token, truncated of
+        the packed firing bits. With `acts_file` (a run whose token sample is partial: its counts are
+        beside the cache already) the means go to one file there (`chunk_files`), else to rows of
+        `prompt_acts`. tokens: the columns prompt_idx, pos, token_id, token, truncated of
         the prompts' own tokens. partials: (layer, name, array) rows that `finish_run` sums.
         top_state: (layer, name, array) rows that replace the run's `top_state`, in the same transaction
         (its old rows' blocks are free for the next chunk once committed).
@@ -51,7 +54,10 @@ class ChunkTables:
         n_layers = len(acts[0]) if acts else 0
         prompt_idx = np.repeat(np.arange(first_prompt, first_prompt + len(acts), dtype=np.int32), n_layers)
         layer_idx = np.tile(np.arange(n_layers, dtype=np.int32), len(acts))
-        means = codec.blob_column([a for per_layer in acts for a in per_layer])
+        if acts_file:
+            means = np.array(acts, dtype=np.float16)  # (prompts, layers, d_ff)
+        else:
+            means = codec.blob_column([a for per_layer in acts for a in per_layer])
         packed = codec.blob_column([b for per_layer in bits for b in per_layer])
         token_columns = {
             "run_id": [run_id] * len(tokens["token_id"]),
@@ -72,8 +78,11 @@ class ChunkTables:
         needs = means.nbytes + packed.nbytes + partial_columns["data"].nbytes + 16 * len(tokens["token_id"])
         needs += sum(r[2].nbytes for r in top_state or ())
         with self.write(needs=needs) as cur:
-            base = {"run_id": [run_id] * len(means), "prompt_idx": prompt_idx, "layer": layer_idx}
-            self.insert(cur, "prompt_acts", {**base, "mean_abs": means})
+            base = {"run_id": [run_id] * len(prompt_idx), "prompt_idx": prompt_idx, "layer": layer_idx}
+            if not acts_file:
+                self.insert(cur, "prompt_acts", {**base, "mean_abs": means})
+            elif len(acts):
+                self._add_chunk_file(cur, run_id, chunk, "prompt_acts", first_prompt, means)
             self.insert(cur, "firing", {**base, "bits": packed})
             self.insert(cur, "tokens", token_columns)
             self.insert(cur, "chunk_arrays", partial_columns)
@@ -91,7 +100,7 @@ class ChunkTables:
         resumes from its last saved counts, core.capture.run)."""
         with self.write() as cur:
             for name in CHUNK_TABLES:  # names from the schema's own constants, never from the caller
-                if name in ("chunks", "chunk_arrays"):
+                if name in ("chunks", "chunk_arrays", "chunk_files"):
                     cur.execute(
                         f"DELETE FROM {name} WHERE run_id = ? AND chunk IN (SELECT unnest(?))",
                         [run_id, chunks],
@@ -101,6 +110,7 @@ class ChunkTables:
                     cur.execute(
                         f"DELETE FROM {name} WHERE run_id = ? AND {where}", [run_id, chunk_prompts, chunks]
                     )
+        self.prune_arrays(run_id)  # the dropped chunks' files
 
     @faults.guarded
     def done_chunks(self, run_id: str) -> set[int]:
@@ -194,16 +204,18 @@ class ChunkTables:
             raise _not_a_shard(path, exc) from exc
         try:
             # the names come from the schema's own constants, never from the caller
-            names = ["runs", "prompts", *CHUNK_TABLES]
-            sql = "SELECT table_name FROM duckdb_tables() WHERE table_name IN ('top_state', 'arrays')"
-            names += sorted(row[0] for row in con.execute(sql).fetchall())
+            names = ["runs", "prompts", *CHUNK_TABLES[:-1]]
+            sql = "SELECT table_name FROM duckdb_tables() WHERE table_name IN (SELECT unnest(?))"
+            optional = ["top_state", "arrays", "chunk_files"]  # tables an older bricklab's file lacks
+            names += sorted(row[0] for row in con.execute(sql, [optional]).fetchall())
             tables = {name: con.sql(f"SELECT * FROM {name}").to_arrow_table() for name in names}
         except duckdb.Error as exc:
             raise _not_a_shard(path, exc) from exc
         finally:
             con.close()
-        if "arrays" in tables:  # co-activation counts over the shard's chunks, from beside the file
-            tables["arrays"] = shard_arrays(path, tables["arrays"])
+        for name in ("arrays", "chunk_files"):  # counts over its chunks and its chunks' files, from
+            if name in tables:  # beside the file
+                tables[name] = shard_arrays(path, tables[name])
         return tables
 
     @faults.guarded
@@ -227,12 +239,16 @@ class ChunkTables:
                 self.create_run(cur, *new_run)
             if arrays is not None:
                 self._save_arrays(cur, run_id, *arrays)
-            for name in CHUNK_TABLES:
+            for name in CHUNK_TABLES[:-1]:
                 _insert_chunk_rows(cur, name, tables[name], run_id, chunks, chunk_prompts)
+            files = tables.get("chunk_files")
+            for row in [] if files is None else files.to_pylist():
+                if row["run_id"] == run_id and row["chunk"] in chunks:
+                    chunk, name, first = row["chunk"], row["name"], row["first_prompt"]
+                    self._add_chunk_file(cur, run_id, chunk, name, first, decoded(row))
             if top_state is not None:
                 _replace_top_state(self, cur, run_id, top_state)
-        if arrays is not None:
-            self.prune_arrays(run_id)
+        self.prune_arrays(run_id)
 
 
 def _replace_top_state(store, cur, run_id: str, rows: list[tuple[int, str, np.ndarray]]) -> None:

@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS arrays (      -- catalog of bulk arrays in files besi
     run_id VARCHAR, name VARCHAR, layer INTEGER, file VARCHAR, dtype VARCHAR, shape VARCHAR, bytes BIGINT,
     chunks INTEGER[]                    -- the chunks whose tokens the arrays sum over
 );
+CREATE TABLE IF NOT EXISTS chunk_files ( -- catalog of a chunk's arrays in files beside the cache: the
+    run_id VARCHAR, chunk INTEGER, name VARCHAR, file VARCHAR,  -- prompt_acts of a run whose sample is
+    first_prompt INTEGER, dtype VARCHAR, shape VARCHAR, bytes BIGINT  -- partial (store.arrays)
+);
 CREATE TABLE IF NOT EXISTS results (      -- cached derived results (bricks, maps, reports)
     run_id VARCHAR, kind VARCHAR, params VARCHAR, created TIMESTAMP DEFAULT current_timestamp,
     payload BLOB
@@ -63,11 +67,13 @@ RUN_TABLES = (
     "layer_arrays",
     "top_examples",
     "arrays",
+    "chunk_files",
     "results",
 )
 
-# The tables a committed chunk writes rows to: what a shard hands over to be merged.
-CHUNK_TABLES = ("chunks", "prompt_acts", "firing", "tokens", "chunk_arrays")
+# The tables a committed chunk writes rows to: what a shard hands over to be merged. `chunk_files` (last)
+# is missing from files of an older bricklab, whose chunks wrote prompt_acts rows instead.
+CHUNK_TABLES = ("chunks", "prompt_acts", "firing", "tokens", "chunk_arrays", "chunk_files")
 # The `chunk_arrays` and `top_state` names of top examples: (k, d_ff) value, prompt and position.
 TOP_ARRAYS = ("top_val", "top_prompt", "top_pos")
 # The `arrays` names of a run whose token sample is partial: int32 (d_ff, d_ff) co-activation counts per

@@ -188,7 +188,8 @@ def run_tables(s: Store, run_id: str) -> dict:
     files = s.array_files(run_id)  # a partial sample's co-activation counts, beside the file
     tables["arrays"] = {key: s.read_array(run_id, *key).tobytes() for key in files}
     folder = s.arrays_folder(run_id)
-    tables["files"] = sorted(p.name for p in folder.iterdir()) == sorted(files.values()) if files else True
+    named = s.named_files(run_id)  # counts and each chunk's prompt means: no other file stays
+    tables["files"] = sorted(p.name for p in folder.iterdir()) == sorted(named) if named else True
     return tables
 
 

@@ -76,7 +76,14 @@ def test_a_partial_sample_keeps_exact_counts_and_the_sampled_bits(two_runs):
     # the bits left out are not in the file: its firing rows hold the sample only
     assert sum(len(part.firing_bits(run_p.run_id, layer)) for layer in range(2)) == 2 * len(prompt)
     files = sorted(p.name for p in part.arrays_folder(run_p.run_id).iterdir())
-    assert files == sorted(part.array_files(run_p.run_id).values()) and len(files) == 4
+    counts, acts = part.array_files(run_p.run_id), part.chunk_files(run_p.run_id, "prompt_acts")
+    assert files == sorted([*counts.values(), *(f for _, f in acts)]) and len(counts) == 4
+    # its prompt means went to a file a chunk beside the cache, not to DuckDB rows: the same means
+    assert [first for first, _ in acts] == list(range(0, run_p.n_prompts, run_p.settings["chunk_prompts"]))
+    rows = "SELECT count(*) FROM prompt_acts WHERE run_id = ?"
+    assert part.cursor().execute(rows, [run_p.run_id]).fetchone()[0] == 0
+    assert np.array_equal(part.prompt_activations(run_p.run_id), every.prompt_activations(run_e.run_id))
+    assert np.array_equal(part.prompt_activations(run_p.run_id, 1), every.prompt_activations(run_e.run_id, 1))
     assert not every.arrays_folder(run_e.run_id).exists() and not every.array_files(run_e.run_id)
 
 
@@ -124,7 +131,10 @@ def test_shards_of_a_partial_sample_merge_to_the_unsharded_counts(two_runs, tiny
         assert run_ids == [run_p.run_id] and not missing
         for key in part.array_files(run_p.run_id):
             assert np.array_equal(merged.read_array(run_p.run_id, *key), part.read_array(run_p.run_id, *key))
-        assert len(list(merged.arrays_folder(run_p.run_id).iterdir())) == 4
+        n_chunks = len(part.chunk_files(run_p.run_id, "prompt_acts"))  # and each chunk's prompt means
+        assert len(list(merged.arrays_folder(run_p.run_id).iterdir())) == 4 + n_chunks > 4
+        got = merged.prompt_activations(run_p.run_id)
+        assert np.array_equal(got, part.prompt_activations(run_p.run_id))
     finally:
         merged.close()
     whole = Store(tmp_path / "whole.duckdb")  # one shard of one: every chunk, counts over all of them
