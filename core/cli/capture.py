@@ -113,13 +113,14 @@ def cmd_capture(args) -> int:
         print(f"{done} in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)")
     print(f"cache: {store.path} ({store.size_bytes() / 2**20:.1f} MiB)")
     rate = sample.sample_rate(config.sample_bytes, result.n_tokens, lm.info.n_layers, lm.info.d_ff)
-    if rate < 1.0:  # a partial token sample: say what was kept, and where the counts are
+    if rate < 1.0:  # a partial token sample: say what was kept, and where the counts and means are
         folder = store.arrays_folder(result.run_id)
         size = sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else 0
         counted = sample.count_rate(config.count_tokens, result.n_tokens, rate)
         print(f"firing bits kept for {rate:.2%} of the tokens (--sample-mib {args.sample_mib}); "
-              f"co-activation counts over {counted:.2%} of them (--count-tokens {args.count_tokens}): "
-              f"{folder} ({size / 2**20:.1f} MiB)")  # fmt: skip
+              f"co-activation counts over {counted:.2%} of them (--count-tokens {args.count_tokens}) and "
+              f"each prompt's mean |a|: {folder} ({size / 2**20:.1f} MiB; keep it beside the cache)"
+              )  # fmt: skip
     return 0
 
 

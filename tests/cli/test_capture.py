@@ -32,7 +32,7 @@ def test_a_partial_token_sample_says_what_it_kept(tiny_dir, tmp_path, capsys):
     n_tokens = int(re.search(r"captured 5 prompts, ([\d,]+) tokens", out).group(1).replace(",", ""))
     share = re.search(r"counts over ([\d.]+)% of them \(--count-tokens 40\)", out)
     assert share and float(share.group(1)) == pytest.approx(100 * 40 / n_tokens, abs=0.01), out
-    match = re.search(r"firing bits kept for 0.00% of the tokens .*: (\S+) \(([\d.]+) MiB\)", out)
+    match = re.search(r"firing bits kept for 0.00% of the tokens .* mean \|a\|: (\S+) \(([\d.]+) MiB", out)
     assert match and match.group(1).endswith(".arrays/" + re.search(r"run (\w+):", out).group(1)), out
     assert float(match.group(2)) > 0
 
