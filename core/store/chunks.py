@@ -16,7 +16,7 @@ import pyarrow as pa
 from core.errors import BricklabError
 from core.store import codec, faults
 from core.store.arrays import decoded, shard_arrays
-from core.store.schema import CHUNK_TABLES, TOP_ARRAYS
+from core.store.schema import CHUNK_ROW_TABLES, CHUNK_TABLES, TOP_ARRAYS
 
 
 class ChunkTables:
@@ -204,7 +204,7 @@ class ChunkTables:
             raise _not_a_shard(path, exc) from exc
         try:
             # the names come from the schema's own constants, never from the caller
-            names = ["runs", "prompts", *CHUNK_TABLES[:-1]]
+            names = ["runs", "prompts", *CHUNK_ROW_TABLES]
             sql = "SELECT table_name FROM duckdb_tables() WHERE table_name IN (SELECT unnest(?))"
             optional = ["top_state", "arrays", "chunk_files"]  # tables an older bricklab's file lacks
             names += sorted(row[0] for row in con.execute(sql, [optional]).fetchall())
@@ -239,7 +239,7 @@ class ChunkTables:
                 self.create_run(cur, *new_run)
             if arrays is not None:
                 self._save_arrays(cur, run_id, *arrays)
-            for name in CHUNK_TABLES[:-1]:
+            for name in CHUNK_ROW_TABLES:
                 _insert_chunk_rows(cur, name, tables[name], run_id, chunks, chunk_prompts)
             files = tables.get("chunk_files")
             for row in [] if files is None else files.to_pylist():

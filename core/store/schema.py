@@ -71,9 +71,11 @@ RUN_TABLES = (
     "results",
 )
 
-# The tables a committed chunk writes rows to: what a shard hands over to be merged. `chunk_files` (last)
-# is missing from files of an older bricklab, whose chunks wrote prompt_acts rows instead.
-CHUNK_TABLES = ("chunks", "prompt_acts", "firing", "tokens", "chunk_arrays", "chunk_files")
+# The tables a committed chunk writes rows to: what a shard hands over to be merged, row for row; and
+# with them `chunk_files`, the catalog of its files, which a shard hands over with the files' bytes
+# (missing from files of an older bricklab, whose chunks wrote prompt_acts rows instead).
+CHUNK_ROW_TABLES = ("chunks", "prompt_acts", "firing", "tokens", "chunk_arrays")
+CHUNK_TABLES = (*CHUNK_ROW_TABLES, "chunk_files")
 # The `chunk_arrays` and `top_state` names of top examples: (k, d_ff) value, prompt and position.
 TOP_ARRAYS = ("top_val", "top_prompt", "top_pos")
 # The `arrays` names of a run whose token sample is partial: int32 (d_ff, d_ff) co-activation counts per
