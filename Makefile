@@ -31,6 +31,11 @@ $(VENV)/.installed-scale: $(STAMP) requirements-scale.txt
 	$(PY) -m pip install --quiet -r requirements-scale.txt
 	touch $@
 
+# Triton for the tests: its CPU interpreter runs the GPU kernels' tests where there is no GPU
+$(VENV)/.installed-test: $(STAMP) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
 run: setup
 	$(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT)
 
@@ -38,7 +43,7 @@ run: setup
 browser:
 	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-noto-color-emoji >/dev/null; }
 
-test: setup browser $(VENV)/.installed-scale
+test: setup browser $(VENV)/.installed-scale $(VENV)/.installed-test
 	$(PY) -m pytest
 
 lint: setup

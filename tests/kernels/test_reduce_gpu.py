@@ -1,14 +1,10 @@
 """The fused Triton reductions (select_gpu, reduce_gpu) against capture's torch ops, on CUDA or
 Triton's CPU interpreter; skipped where Triton is not installed."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it on import
 pytest.importorskip("triton")
 
 from core.capture.reduce import ChunkReducer  # noqa: E402

@@ -1,13 +1,9 @@
 """The sparse FFN kernels (core.kernels.sparse_gpu) against the masked dense computation, on CUDA or
 Triton's CPU interpreter; skipped where Triton is not installed."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it on import
 pytest.importorskip("triton")
 
 from core.kernels import sparse_gpu  # noqa: E402
