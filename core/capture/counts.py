@@ -29,6 +29,7 @@ from core.store import sample
 from core.store.schema import COACT_ARRAYS as NAMES
 
 MAX_TOKENS = 2**31 - 1  # int32 counts
+ROWS = 256  # rows of a count matrix taken to or from its stored triangle at a time
 HOLD_BYTES = 1 << 31  # counted words held before they are counted: a chunk of 64 x 512 tokens of an 8B
 # shape holds 1.9 GB of them when every token is counted
 
@@ -50,6 +51,9 @@ class CoactCounts:
             self.stream = torch.cuda.Stream(self.device)
             self.hold = min(HOLD_BYTES, torch.cuda.get_device_properties(self.device).total_memory // 16)
         self.n_tokens = 0
+        # the upper triangle with its diagonal of ROWS rows from a diagonal entry on: a stored triangle
+        # is taken and put back ROWS rows at a time (`_blocks`)
+        self.mask = torch.ones((ROWS, d_ff), dtype=torch.bool, device=self.device).triu()
 
     def rows(self, prompt: np.ndarray, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices, among a batch's own tokens (each row's prompt and position), of the counted
@@ -106,23 +110,44 @@ class CoactCounts:
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
-    def arrays(self) -> list[tuple[int, str, np.ndarray]]:
+    def arrays(self, last: bool = False) -> list[tuple[int, str, np.ndarray | Triangle]]:
         """(layer, name, int32 (d_ff (d_ff + 1) / 2,)) rows for the store's `arrays`: each matrix's upper
-        triangle with its diagonal, row by row (core.kernels.coact.symmetric_from_upper reads it)."""
+        triangle with its diagonal, row by row (core.kernels.coact.symmetric_from_upper reads it).
+
+        `last`: nothing is counted after (the run's final save), so each triangle stays where it is
+        until the store writes it (a `Triangle`, made in the writing thread): host memory holds a few at
+        a time, where a copy of all of them is 26 GB for an 8B shape. Otherwise each is copied now,
+        since the capture goes on counting while the store writes."""
         self._settled()
-        staging = None  # on a GPU each triangle leaves through one pinned buffer: pageable copies took 18 s
-        if self.device.type == "cuda":  # for an 8B shape's 64 triangles
-            staging = torch.empty(self.d_ff * (self.d_ff + 1) // 2, dtype=torch.int32, pin_memory=True)
+        if last and self.stream is not None:  # the writing threads read `out` on streams of their own
+            self.stream.synchronize()
+        staging = None  # on a GPU each triangle leaves through a pinned buffer: pageable copies took 18 s
+        if self.device.type == "cuda" and not last:  # for an 8B shape's 64 triangles
+            staging = self._staging()
         rows = []
         for name, out in zip(NAMES, self.out, strict=True):
             for layer in range(self.n_layers):
-                upper = out[layer][: self.d_ff, : self.d_ff][self._upper]
-                if staging is None:
-                    rows.append((layer, name, upper.numpy()))
+                take = functools.partial(self._upper_of, out[layer])
+                if last:
+                    rows.append((layer, name, Triangle(take)))
+                elif staging is None:
+                    rows.append((layer, name, take()))
                 else:
-                    staging.copy_(upper)
-                    rows.append((layer, name, staging.numpy().copy()))
+                    rows.append((layer, name, take(staging).copy()))
         return rows
+
+    def _staging(self) -> torch.Tensor:
+        """Room for one triangle on the host: pinned when it comes from a GPU."""
+        n = self.d_ff * (self.d_ff + 1) // 2
+        return torch.empty(n, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+
+    def _upper_of(self, matrix: torch.Tensor, staging: torch.Tensor | None = None) -> np.ndarray:
+        """One count matrix's stored part on the host, in `staging` (room of its own when none is
+        given), taken ROWS rows at a time."""
+        staging = self._staging() if staging is None else staging
+        for (r0, r1, lo, hi), mask in self._blocks():
+            staging[lo:hi].copy_(matrix[r0:r1, r0 : self.d_ff][mask])
+        return staging.numpy()
 
     def load(self, store, run_id: str) -> None:
         """Continue from the counts the run committed (a resume); zeros when it committed none."""
@@ -132,11 +157,28 @@ class CoactCounts:
                 saved = store.read_array(run_id, name, layer)
                 if saved is not None:  # the upper triangle is what add_counts accumulates
                     out[layer].zero_()
-                    packed = torch.from_numpy(np.array(saved)).to(self.device)
-                    out[layer][: self.d_ff, : self.d_ff][self._upper] = packed
+                    for (r0, r1, lo, hi), mask in self._blocks():
+                        part = torch.from_numpy(np.array(saved[lo:hi])).to(self.device)
+                        out[layer][r0:r1, r0 : self.d_ff][mask] = part
 
-    @functools.cached_property
-    def _upper(self) -> torch.Tensor:
-        """bool (d_ff, d_ff): the upper triangle with its diagonal, the stored part of each matrix (made
-        once: 205 MB on an 8B shape)."""
-        return torch.ones((self.d_ff, self.d_ff), dtype=torch.bool, device=self.device).triu()
+    def _blocks(self):
+        """(first row, end row, where their part of the stored triangle starts and ends) and their mask
+        in the matrix's columns from the first row on, for each ROWS rows: a block's gather indexes
+        ROWS x d_ff at most (16 B an element: 59 MB on an 8B shape, 1.6 GB for a whole triangle)."""
+        d = self.d_ff
+        start = lambda r: r * d - r * (r - 1) // 2  # noqa: E731 (where row r's part starts)
+        for r0 in range(0, d, ROWS):
+            r1 = min(r0 + ROWS, d)
+            yield (r0, r1, start(r0), start(r1)), self.mask[: r1 - r0, : d - r0]
+
+
+class Triangle:
+    """One count matrix's stored part, taken to the host when numpy asks for it (`np.asarray`), in
+    the thread that writes it (core.store.arrays)."""
+
+    def __init__(self, take):
+        self.take = take
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.take()
+        return array if dtype is None else array.astype(dtype, copy=False)

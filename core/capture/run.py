@@ -194,7 +194,7 @@ def capture(
                     or chunk == todo[-1]
                     or time.perf_counter() - saved >= config.checkpoint_seconds
                 )
-                arrays = counts.arrays() if counts is not None and save else None
+                arrays = counts.arrays(last=chunk == todo[-1]) if counts is not None and save else None
                 saved = time.perf_counter() if save else saved
                 writer.submit(
                     chunk, lo, encoded[lo:hi], reducer, time.perf_counter() - t0, routes, save, arrays

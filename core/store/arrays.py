@@ -82,7 +82,8 @@ class ArrayFiles:
 
     def _save_arrays(self, cur, run_id: str, rows: list[ArrayRow], chunks: list[int]) -> None:
         """Inside a write transaction, before its chunks are inserted: write `rows` (sums over the run's
-        `chunks`) as new files and make them the run's catalog. The files they replace go only after
+        `chunks`; each array made, when it is not one yet, by the thread that writes it: a few are held
+        at a time) as new files and make them the run's catalog. The files they replace go only after
         the commit (`prune_arrays`)."""
         sql = "SELECT count(*) FROM chunks WHERE run_id = ?"
         tag = f"n{cur.execute(sql, [run_id]).fetchone()[0]:06d}"  # grows with every chunk committed
@@ -90,6 +91,7 @@ class ArrayFiles:
 
         def write(row: ArrayRow) -> tuple:
             layer, name, array = row
+            array = np.asarray(array)  # an array, or what makes one when asked (core.capture.counts)
             file = f"{name}-L{layer:03d}-{tag}.npy"
             write_file(folder, file, array)
             shape = ",".join(map(str, array.shape))

@@ -257,6 +257,35 @@ def test_counts_of_batches_equal_counts_of_chunks(
         store.close()
 
 
+def test_the_last_save_takes_each_triangle_off_the_counts_as_it_is_written(tmp_path):
+    """A run's last save hands the store triangles that leave the counts only when written (host memory
+    holds a few at a time); they are the triangles an earlier save copies at once, and the store
+    writes and reads them back as such."""
+    from core.capture.counts import CoactCounts, Triangle
+
+    rng = np.random.default_rng(0)
+    n_layers, d_ff = 3, 70
+    counts = CoactCounts(n_layers, d_ff, np.array([True, False]))
+    for layer in range(n_layers):
+        bits = torch.from_numpy(rng.integers(0, 2**31, (40, 2 * 2), dtype=np.int32))  # 2 words of 64 bits
+        counts.add(layer, bits, (torch.arange(0, 25), torch.arange(25, 40)))
+    copied, lazy = counts.arrays(), counts.arrays(last=True)
+    assert all(isinstance(a, Triangle) for _, _, a in lazy)
+    assert not any(isinstance(a, Triangle) for _, _, a in copied)
+    assert [(layer, name) for layer, name, _ in lazy] == [(layer, name) for layer, name, _ in copied]
+    for (_, _, want), (_, _, mine) in zip(copied, lazy, strict=True):
+        assert want.dtype == np.int32 and want.shape == (d_ff * (d_ff + 1) // 2,) and want.any()
+        assert np.array_equal(np.asarray(mine), want)
+    store = Store(tmp_path / "t.duckdb")
+    try:
+        with store.write() as cur:
+            store._save_arrays(cur, "r", lazy, [0])
+        for layer, name, want in copied:
+            assert np.array_equal(store.read_array("r", name, layer), want)
+    finally:
+        store.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_counts_on_the_gpu_equal_the_counts_of_the_bits_it_fires():
     """The fused GPU path (Triton selection, bf16) adds each batch's bits into the counts on the device:
