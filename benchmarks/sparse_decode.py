@@ -23,6 +23,9 @@ the kernels' launch shapes per product (benchmarks/sparse_kernels.py, Llama-3-8B
 with the fastest. The harness's dense greedy tokens are checked against transformers' own generate
 (`matches_hf`).
 
+`--parts` adds settings that take a part out of the dense token (the FFN, the attention projections,
+both), and times the unembedding alone: what each part of a token costs, by difference ("parts").
+
 Loss: mean next-token loss of the run's held-out prompts with every token sparse, relative to dense
 (needs the cache: not with --shape); attention thresholds from the |inputs| of other prompts of the run.
 Last line: one JSON object.
@@ -92,6 +95,81 @@ class Masked(decode.Projections):
 
     def o(self, layer, y):
         return super().o(layer, y.masked_fill(y.abs() < self.t_o[layer], 0.0))
+
+
+class Without(decode.Projections):
+    """Attention projections that compute nothing (zeros of their shapes, made once): a token without
+    them, beside one with them, says what they cost (--parts)."""
+
+    def __init__(self, dec: Decoder):
+        super().__init__(dec)
+        _, wqkv, wo, _ = dec.weights[0]
+        self.q = wqkv.new_zeros(1, wqkv.shape[0])
+        self.y = wo.new_zeros(1, wo.shape[0])
+
+    def qkv(self, layer, x):
+        return self.q
+
+    def o(self, layer, y):
+        return self.y
+
+
+def part_settings(model, dec: Decoder) -> dict:
+    """--parts: the dense token with a part taken out, name -> (ffn, projections) as `settings`.
+    "dense split" computes the attention projections between the compiled parts (as the sparse settings
+    do) with cuBLAS; "no projections" and "neither" skip them there, "no ffn" and "neither" skip the FFN
+    (a zero residual, made once). What is left of "neither" is attention itself, the norms, the
+    embedding, the unembedding and the small kernels between them."""
+    blocks = models.blocks(model)
+    zero = torch.zeros(1, 1, model.config.hidden_size, device=dec.device, dtype=dec.dtype)
+    mlp, none = (lambda i, x: blocks[i].mlp(x)), (lambda i, x: zero)
+    return {"dense split": (mlp, decode.Projections(dec)), "no ffn": (none, None),
+            "no projections": (mlp, Without(dec)), "neither": (none, Without(dec))}  # fmt: skip
+
+
+def unembedding_ms(dec: Decoder, reps: int) -> float:
+    """Milliseconds of the last norm, the unembedding and the argmax of one token (a CUDA graph of 16 on
+    CUDA), median of reps."""
+    model = dec.model
+    h = torch.randn(1, model.config.hidden_size, device=dec.device, dtype=dec.dtype)
+    out = torch.zeros(1, dtype=torch.long, device=dec.device)
+
+    def step():
+        out.copy_(model.lm_head(decode._rms(h, model.model.norm.weight, dec.eps)).view(-1).argmax().view(1))
+
+    run, n = step, 1
+    if dec.device.type == "cuda":
+        for _ in range(3):
+            step()
+        graph, n = torch.cuda.CUDAGraph(), 16
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                step()
+        run = graph.replay
+    times = []
+    for _ in range(reps):
+        decode.sync(dec.device)
+        t0 = time.perf_counter()
+        run()
+        decode.sync(dec.device)
+        times.append((time.perf_counter() - t0) * 1000 / n)
+    return statistics.median(times)
+
+
+def parts(seconds: dict, tokens: int, unembedding: float) -> dict:
+    """Milliseconds a token of each part of the dense token, by difference of the --parts settings."""
+    ms = {name: 1000 * statistics.median(times) / tokens for name, times in seconds.items()}
+    return {
+        "token_ms": {name: round(ms[name], 3) for name in ("dense", *PARTS)},
+        "ffn_ms": round(ms["dense"] - ms["no ffn"], 3),
+        "projections_ms": round(ms["dense split"] - ms["no projections"], 3),
+        "split_ms": round(ms["dense split"] - ms["dense"], 3),  # what computing them apart costs
+        "unembedding_ms": round(unembedding, 3),
+        "rest_ms": round(ms["neither"] - unembedding, 3),
+    }
+
+
+PARTS = ("dense split", "no ffn", "no projections", "neither")
 
 
 def settings(model, dec: Decoder, cal: dict, shares, kernel: bool) -> dict:
@@ -194,10 +272,11 @@ def speed(lm, args, shares) -> dict:
     cal = calibrate(dec, prompt, args.calibrate, shares)
     report["calibrate_s"] = time.perf_counter() - started
     cuda = device.type == "cuda"
-    runners = {
-        name: Runner(dec, fn, graph=cuda, projections=projections)
-        for name, (fn, projections) in settings(model, dec, cal, shares, kernel=cuda or args.smoke).items()
-    }
+    chosen = settings(model, dec, cal, shares, kernel=cuda or args.smoke)
+    if args.parts:
+        chosen |= part_settings(model, dec)
+    runners = {name: Runner(dec, fn, graph=cuda, projections=projections)
+               for name, (fn, projections) in chosen.items()}  # fmt: skip
     report["realized"] = realized(dec, prompt, cal, shares, args.check_tokens)
     eager, _ = Runner(dec, runners["dense"].ffn, graph=False).generate(prompt, args.check_tokens)
     graphed, _ = runners["dense"].generate(prompt, args.check_tokens)
@@ -215,6 +294,9 @@ def speed(lm, args, shares) -> dict:
                      "speedup": round(tps / dense, 3), "speedup_vs_best_dense": round(tps / best_dense, 3),
                      "spread": round(spread, 3)})  # fmt: skip
         print(rows[-1], flush=True)
+    if args.parts:
+        report["parts"] = parts(seconds, args.tokens, unembedding_ms(dec, args.reps))
+        print(report["parts"], flush=True)
     mean = lambda v: float(np.mean(v))  # noqa: E731
     report |= {"settings": rows, "dense_tokens_per_s": round(dense, 2), "graphs": cuda,
                "tiles": {k: v.__dict__ for k, v in _tiles().__dict__.items()} if cuda else None,
@@ -301,6 +383,7 @@ def main() -> None:
     p.add_argument("--calibrate", type=int, default=64, help="tokens decoded to calibrate speed")
     p.add_argument("--check-tokens", type=int, default=16, help="tokens compared with transformers' generate")
     p.add_argument("--per-category", type=int, default=4, help="held-out prompts per category for the loss")
+    p.add_argument("--parts", action="store_true", help="also time the dense token's parts")
     p.add_argument("--out", help="also write the JSON object to this file")
     args = p.parse_args()
     torch.set_grad_enabled(False)
@@ -334,7 +417,8 @@ def main() -> None:
             finally:
                 store.close()
     if "speed" in report:  # the headline figures at the top level too
-        report |= {k: report["speed"][k] for k in ("dense_tokens_per_s", "settings", "matches_hf")}
+        keys = ("dense_tokens_per_s", "settings", "matches_hf", *(("parts",) if args.parts else ()))
+        report |= {k: report["speed"][k] for k in keys}
     line = json.dumps(report)
     if args.out:
         with open(args.out, "w") as fh:

@@ -24,7 +24,10 @@ SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
     "capture_memory.py": (["--smoke"], {"peak_rss_mib", "ratio_4n_over_n", "bounded"}),
     "adapters.py": (["--smoke"], {"sha256", "recall_on", "loss_change_pct", "both_loss_change_pct"}),
     "routing.py": (["--smoke"], {"settings", "dense_tokens_per_s", "best_within_10pct"}),
-    "sparse_decode.py": (["--smoke"], {"settings", "dense_tokens_per_s", "matches_hf", "loss"}),
+    "sparse_decode.py": (
+        ["--smoke", "--parts"],
+        {"settings", "dense_tokens_per_s", "matches_hf", "loss", "parts"},
+    ),
     "sparse_kernels.py": (["--smoke"], {"products", "cuda"}),
     "analysis.py": (
         ["--smoke"],
@@ -63,7 +66,7 @@ GPU = {  # the paths only a CUDA device runs, at their smallest
                        "--batch-size", "2", "--reps", "1", "--kernels"],
     "sparse_kernels.py": ["--quick", "--products", "o"],
     "sparse_decode.py": ["--device", "cuda", "--shape", "smollm2-135m", "--no-loss", "--tokens", "8",
-                         "--reps", "1", "--calibrate", "8"],
+                         "--reps", "1", "--calibrate", "8", "--parts"],
 }  # fmt: skip
 TIMEOUT = 600  # seconds per script: generous, the smoke runs take seconds to a minute on a busy machine
 
