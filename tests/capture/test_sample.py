@@ -315,6 +315,8 @@ def test_counts_on_the_gpu_equal_the_counts_of_the_bits_it_fires():
     capture._run_chunk(lm, encoded, 0, reducer, config, None, 0, 12)
     assert reducer.fused == (importlib.util.find_spec("triton") is not None)
     saved = {(layer, name): a for layer, name, a in counts.arrays()}
+    last = {(layer, name): np.asarray(a) for layer, name, a in counts.arrays(last=True)}  # as the last save
+    assert last.keys() == saved.keys() and all(np.array_equal(last[k], saved[k]) for k in saved)
     for layer in range(info.n_layers):
         bits = [
             np.concatenate([reducer.prompt_bits[i][layer] for i in range(12) if half[i] == side])
