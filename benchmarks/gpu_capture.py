@@ -637,6 +637,7 @@ def whole_run(shape: str, device: str, n_tokens: int, seq: int, batch_size: int)
         "bare_chunk_s": bare, "bare_s": bare * n_chunks, "ratio": seconds / (bare * n_chunks),
         "sample_bytes": config.sample_bytes, "count_tokens": config.count_tokens,
         "db_bytes": db_bytes, "arrays_bytes": counts_bytes,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the whole process
     }  # fmt: skip
 
 
