@@ -27,7 +27,7 @@ import pyarrow as pa
 from core.errors import BricklabError
 from core.store import faults
 
-ArrayRow = tuple[int, str, np.ndarray]  # (layer, name, array)
+ArrayRow = tuple[int, str, np.ndarray]  # (layer, name, array: or what np.asarray makes one of)
 WRITERS = 4  # array files written (and synced) at once
 
 
