@@ -26,6 +26,7 @@ import torch
 
 from core.kernels import coact_gpu
 from core.store import sample
+from core.store.arrays import Lazy
 from core.store.schema import COACT_ARRAYS as NAMES
 
 MAX_TOKENS = 2**31 - 1  # int32 counts
@@ -110,12 +111,12 @@ class CoactCounts:
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
-    def arrays(self, last: bool = False) -> list[tuple[int, str, np.ndarray | Triangle]]:
+    def arrays(self, last: bool = False) -> list[tuple[int, str, np.ndarray | Lazy]]:
         """(layer, name, int32 (d_ff (d_ff + 1) / 2,)) rows for the store's `arrays`: each matrix's upper
         triangle with its diagonal, row by row (core.kernels.coact.symmetric_from_upper reads it).
 
         `last`: nothing is counted after (the run's final save), so each triangle stays where it is
-        until the store writes it (a `Triangle`, made in the writing thread): host memory holds a few at
+        until the store writes it (`Lazy`, made in the writing thread): host memory holds a few at
         a time, where a copy of all of them is 26 GB for an 8B shape. Otherwise each is copied now,
         since the capture goes on counting while the store writes."""
         self._settled()
@@ -129,7 +130,7 @@ class CoactCounts:
             for layer in range(self.n_layers):
                 take = functools.partial(self._upper_of, out[layer])
                 if last:
-                    rows.append((layer, name, Triangle(take)))
+                    rows.append((layer, name, Lazy(take)))
                 elif staging is None:
                     rows.append((layer, name, take()))
                 else:
@@ -170,15 +171,3 @@ class CoactCounts:
         for r0 in range(0, d, ROWS):
             r1 = min(r0 + ROWS, d)
             yield (r0, r1, start(r0), start(r1)), self.mask[: r1 - r0, : d - r0]
-
-
-class Triangle:
-    """One count matrix's stored part, taken to the host when numpy asks for it (`np.asarray`), in
-    the thread that writes it (core.store.arrays)."""
-
-    def __init__(self, take):
-        self.take = take
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self.take()
-        return array if dtype is None else array.astype(dtype, copy=False)

@@ -9,10 +9,12 @@ that makes the result the same whatever the order of the shards).
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -23,7 +25,7 @@ from core.errors import BricklabError
 from core.progress import Progress
 from core.prompts import Prompt, PromptSet
 from core.store import Store
-from core.store.arrays import decoded
+from core.store.arrays import Lazy, shard_rows
 from core.store.schema import TOP_ARRAYS
 
 
@@ -118,15 +120,24 @@ def _merged_counts(store, run_id, tables, shard_chunks, new_chunks) -> tuple[lis
             f"Run {run_id}: the shard's co-activation counts do not cover all its chunks (it was stopped).",
             "Run the shard's capture again to finish it, then merge it.",
         )
-    merged = []
-    for row in rows.to_pylist():
-        theirs, mine = decoded(row), store.read_array(run_id, row["name"], row["layer"])
-        merged.append((row["layer"], row["name"], theirs if mine is None else mine + theirs))
+    merged = []  # each sum made as it is written: a few of them held at a time (26 GB in all for 8B)
+    for row, theirs in shard_rows(rows):
+        total = functools.partial(_added, store, run_id, row["name"], row["layer"], theirs)
+        merged.append((row["layer"], row["name"], Lazy(total)))
     return merged, sorted(store.array_chunks(run_id) | set(shard_chunks))
 
 
+def _added(store, run_id: str, name: str, layer: int, theirs) -> np.ndarray:
+    """The run's array `name` of `layer` (none yet: zeros) plus a shard's (`theirs()`)."""
+    mine = store.read_array(run_id, name, layer)
+    return theirs() if mine is None else mine + theirs()
+
+
 def _rows_of(table: pa.Table | None, run_id: str) -> pa.Table | None:
-    return None if table is None else table.filter(pc.equal(table["run_id"], run_id))
+    if table is None:
+        return None
+    mine = pc.equal(table["run_id"], run_id)  # a filter copies every column, a shipped shard's bytes too:
+    return table if pc.all(mine).as_py() else table.filter(mine)  # not when the shard holds one run
 
 
 def _payloads(table: pa.Table) -> dict[str, list[bytes]]:
@@ -159,10 +170,11 @@ def finish(store: Store, run_ids: list[str]) -> list[str]:
 
 
 def merge(store: Store, shard_paths: list[str | Path]) -> tuple[list[str], list[str]]:
-    """Merge shard files into the cache: (run ids merged, run ids still missing chunks)."""
+    """Merge shard files on this machine into the cache: (run ids merged, run ids still missing
+    chunks). Their arrays are read from their files as they are merged, never all at once."""
     run_ids = []
     for path in shard_paths:
-        run_ids += merge_tables(store, export_shard(path))
+        run_ids += merge_tables(store, Store.read_shard(path, inline=False))
     return list(dict.fromkeys(run_ids)), finish(store, run_ids)
 
 

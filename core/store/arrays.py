@@ -16,8 +16,10 @@ through DuckDB's WAL its checkpoint held the capture for 15.6 s (H200 lease, ben
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,25 +55,66 @@ def write_file(folder: Path, file: str, array: np.ndarray) -> None:
     os.replace(partial, folder / file)
 
 
-def decoded(row: dict) -> np.ndarray:
-    """The array of a `shard_arrays` row."""
-    return np.frombuffer(row["data"], row["dtype"]).reshape([int(n) for n in row["shape"].split(",")])
+class Lazy:
+    """An array made when numpy asks for it (`np.asarray`), by `make()`: in the thread that writes it
+    (`_save_arrays`), so that a save of many large arrays holds a few at a time."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.make()
+        return array if dtype is None else array.astype(dtype, copy=False)
 
 
-def shard_arrays(path: Path, catalog: pa.Table) -> pa.Table:
-    """The arrays a shard file's catalog names, read from beside it: its catalog rows with each
-    array's bytes as `data`, what travels with its chunks to be merged (`read_shard`)."""
-    data = []
+def shard_arrays(path: Path, catalog: pa.Table, inline: bool = True) -> pa.Table:
+    """The arrays a shard file's catalog names, from beside it: its catalog rows with each array's
+    bytes as `data` (`inline`: what travels with its chunks to another machine, `read_shard`) or the
+    path of its file as `source` (a merge on this machine: no array is read until it is needed)."""
+    data, sources = [], []
     for row in catalog.to_pylist():
         file = folder_of(path, row["run_id"]) / row["file"]
-        try:
-            data.append(np.ascontiguousarray(np.load(file)).tobytes())
-        except (OSError, ValueError) as exc:
-            raise BricklabError(
-                f"The shard's array file '{file}' is missing or unreadable ({exc}).",
-                "Copy the shard's '.arrays' folder beside it, or capture the shard again.",
-            ) from exc
-    return catalog.append_column("data", pa.array(data, pa.binary()))
+        array = _shard_file(file)  # memory-mapped: every file is checked before anything is merged
+        if inline:  # a chunk each: no copy of them all at once, and none limited to 2 GB
+            data.append(pa.array([np.ascontiguousarray(array).tobytes()], pa.large_binary()))
+        sources.append(str(file))
+    if inline:
+        return catalog.append_column("data", pa.chunked_array(data, pa.large_binary()))
+    return catalog.append_column("source", pa.array(sources, pa.string()))
+
+
+def shard_rows(table: pa.Table) -> list[tuple[dict, Callable[[], np.ndarray]]]:
+    """Each row of a `shard_arrays` table, and what gives its array: a view of its bytes, or its file
+    memory-mapped (opened when asked, so that only the arrays in use are mapped)."""
+    names = table.column_names
+    rows = table.drop_columns([c for c in ("data", "source") if c in names]).to_pylist()
+    out = []
+    for i, row in enumerate(rows):
+        shape = [int(n) for n in row["shape"].split(",")]
+        if "data" in names:
+            raw = table["data"][i].as_buffer()
+            out.append((row, functools.partial(_from_bytes, raw, row["dtype"], shape)))
+        else:
+            out.append((row, functools.partial(_shard_file, Path(table["source"][i].as_py()))))
+    return out
+
+
+def _from_bytes(raw, dtype: str, shape: list[int]) -> np.ndarray:
+    return np.frombuffer(raw, dtype).reshape(shape)
+
+
+def _shard_file(file: Path) -> np.ndarray:
+    hint = "Copy the shard's '.arrays' folder beside it, or capture the shard again."
+    return mapped(file, "The shard's array file", hint)
+
+
+def mapped(path: Path, what: str, hint: str) -> np.ndarray:
+    """The array file at `path`, memory-mapped read-only; when it cannot be read, an error saying so
+    of `what` it is, with `hint`."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise BricklabError(f"{what} '{path}' is missing or unreadable ({exc}).", hint) from exc
 
 
 class ArrayFiles:
@@ -145,14 +188,8 @@ class ArrayFiles:
 
     def read_file(self, run_id: str, file: str) -> np.ndarray:
         """One array file of the run (memory-mapped, read-only)."""
-        path = self.arrays_folder(run_id) / file
-        try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise BricklabError(
-                f"The array file '{path}' of run '{run_id}' is missing or unreadable ({exc}).",
-                "Keep the '.arrays' folder beside the cache file; or delete the run and capture it again.",
-            ) from exc
+        hint = "Keep the '.arrays' folder beside the cache file; or delete the run and capture it again."
+        return mapped(self.arrays_folder(run_id) / file, f"Run {run_id}'s array file", hint)
 
     def named_files(self, run_id: str) -> set[str]:
         """Every file of the run that a catalog names: its arrays and its chunks' files."""

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from core.errors import BricklabError
 from core.store import codec, faults
-from core.store.arrays import decoded, shard_arrays
+from core.store.arrays import shard_arrays, shard_rows
 from core.store.schema import CHUNK_ROW_TABLES, CHUNK_TABLES, TOP_ARRAYS
 
 
@@ -191,10 +191,11 @@ class ChunkTables:
             )
 
     @staticmethod
-    def read_shard(path: str | Path) -> dict[str, pa.Table]:
+    def read_shard(path: str | Path, inline: bool = True) -> dict[str, pa.Table]:
         """Every run row and chunk row of a shard file, as Arrow tables (cheap to ship between machines),
         with its running top examples (`top_state`, empty in a shard or a file of an older bricklab)
-        and its co-activation counts (`arrays`: the catalog with each file's bytes, where it has any)."""
+        and the catalogs of its files beside it (`arrays`: its co-activation counts; `chunk_files`):
+        with each file's bytes (`inline`), or its path for a merge on this machine."""
         path = Path(path)
         if not path.is_file():
             raise BricklabError(f"The shard '{path}' does not exist.", "Check the path.")
@@ -215,7 +216,7 @@ class ChunkTables:
             con.close()
         for name in ("arrays", "chunk_files"):  # counts over its chunks and its chunks' files, from
             if name in tables:  # beside the file
-                tables[name] = shard_arrays(path, tables[name])
+                tables[name] = shard_arrays(path, tables[name], inline)
         return tables
 
     @faults.guarded
@@ -242,10 +243,10 @@ class ChunkTables:
             for name in CHUNK_ROW_TABLES:
                 _insert_chunk_rows(cur, name, tables[name], run_id, chunks, chunk_prompts)
             files = tables.get("chunk_files")
-            for row in [] if files is None else files.to_pylist():
+            for row, array in [] if files is None else shard_rows(files):
                 if row["run_id"] == run_id and row["chunk"] in chunks:
                     chunk, name, first = row["chunk"], row["name"], row["first_prompt"]
-                    self._add_chunk_file(cur, run_id, chunk, name, first, decoded(row))
+                    self._add_chunk_file(cur, run_id, chunk, name, first, array())
             if top_state is not None:
                 _replace_top_state(self, cur, run_id, top_state)
         self.prune_arrays(run_id)

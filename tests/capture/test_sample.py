@@ -121,13 +121,24 @@ def test_readers_of_single_tokens_use_the_sample_within_a_stated_tolerance(two_r
     assert len(tokens.sample) < run_p.n_tokens and tokens.counts.sum() == len(tokens.sample)
 
 
-def test_shards_of_a_partial_sample_merge_to_the_unsharded_counts(two_runs, tiny_lm, small_prompts, tmp_path):
+@pytest.mark.parametrize("shipped", [False, True], ids=["files-beside-the-shards", "bytes-shipped"])
+def test_shards_of_a_partial_sample_merge_to_the_unsharded_counts(
+    two_runs, tiny_lm, small_prompts, tmp_path, shipped
+):
+    """Merged from their files on this machine (`merge`), or from tables holding the files' bytes (as
+    Ray hands a shard over), the shards' counts and prompt means are the unsharded run's."""
     (_, _), (part, run_p) = two_runs
     config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=PARTIAL)
     paths = capture_shards(tiny_lm, small_prompts, config, tmp_path, 2)
     merged = Store(tmp_path / "merged.duckdb")
     try:
-        run_ids, missing = shards.merge(merged, paths[::-1])
+        if shipped:
+            tables = [shards.export_shard(path) for path in paths[::-1]]
+            assert all("data" in t["arrays"].column_names for t in tables)  # the bytes, not the paths
+            run_ids = [r for t in tables for r in shards.merge_tables(merged, t)]
+            run_ids, missing = list(dict.fromkeys(run_ids)), shards.finish(merged, run_ids)
+        else:
+            run_ids, missing = shards.merge(merged, paths[::-1])
         assert run_ids == [run_p.run_id] and not missing
         for key in part.array_files(run_p.run_id):
             assert np.array_equal(merged.read_array(run_p.run_id, *key), part.read_array(run_p.run_id, *key))
@@ -147,6 +158,21 @@ def test_shards_of_a_partial_sample_merge_to_the_unsharded_counts(two_runs, tiny
             shards.merge(again, [tmp_path / "whole.duckdb"])
     finally:
         again.close()
+
+
+def test_a_shard_missing_an_array_file_is_refused_and_nothing_of_it_merged(tiny_lm, small_prompts, tmp_path):
+    config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=PARTIAL)
+    paths = capture_shards(tiny_lm, small_prompts, config, tmp_path, 2)
+    lost = next(paths[1].with_name(paths[1].name + ".arrays").glob("*/coact_b-L001-*.npy"))
+    lost.unlink()
+    merged = Store(tmp_path / "merged.duckdb")
+    try:
+        for merge in (shards.merge, lambda store, ps: shards.merge_tables(store, shards.export_shard(ps[0]))):
+            with pytest.raises(BricklabError, match=r"The shard's array file .*coact_b-L001.* is missing"):
+                merge(merged, paths[1:])
+        assert merged.runs() == []
+    finally:
+        merged.close()
 
 
 def test_a_run_of_format_2_reads_as_a_complete_sample(store):
@@ -261,7 +287,8 @@ def test_the_last_save_takes_each_triangle_off_the_counts_as_it_is_written(tmp_p
     """A run's last save hands the store triangles that leave the counts only when written (host memory
     holds a few at a time); they are the triangles an earlier save copies at once, and the store
     writes and reads them back as such."""
-    from core.capture.counts import CoactCounts, Triangle
+    from core.capture.counts import CoactCounts
+    from core.store.arrays import Lazy
 
     rng = np.random.default_rng(0)
     n_layers, d_ff = 3, 70
@@ -270,8 +297,8 @@ def test_the_last_save_takes_each_triangle_off_the_counts_as_it_is_written(tmp_p
         bits = torch.from_numpy(rng.integers(0, 2**31, (40, 2 * 2), dtype=np.int32))  # 2 words of 64 bits
         counts.add(layer, bits, (torch.arange(0, 25), torch.arange(25, 40)))
     copied, lazy = counts.arrays(), counts.arrays(last=True)
-    assert all(isinstance(a, Triangle) for _, _, a in lazy)
-    assert not any(isinstance(a, Triangle) for _, _, a in copied)
+    assert all(isinstance(a, Lazy) for _, _, a in lazy)
+    assert not any(isinstance(a, Lazy) for _, _, a in copied)
     assert [(layer, name) for layer, name, _ in lazy] == [(layer, name) for layer, name, _ in copied]
     for (_, _, want), (_, _, mine) in zip(copied, lazy, strict=True):
         assert want.dtype == np.int32 and want.shape == (d_ff * (d_ff + 1) // 2,) and want.any()

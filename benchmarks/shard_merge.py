@@ -1,0 +1,125 @@
+"""Merging the shards of a run with co-activation counts (a partial token sample, issue #16): the one
+serial step of a sharded capture, and its host memory. The counts are the width's (layers x d_ff^2,
+26 GB a shard for an 8B shape), so a merge that reads every shard's counts into memory, or holds every
+sum at once, needs tens of GB for a large model.
+
+Captures `--shards` shards of a random-weight Llama (`--layers` x `--d-ff`, the default tokenizer,
+the first `--prompts` default prompts) into files, then merges them into a fresh cache in a process of
+its own each way, reporting seconds and the peak RSS that the merge added (VmHWM after it less
+before; file pages mapped for reading count while mapped):
+  files    `merge` on this machine: each shard's arrays read from their files as each sum is written
+  shipped  each shard's tables with its files' bytes (`export_shard`, what a Ray worker hands over),
+           then merged
+  baseline (with --baseline-tree DIR) `merge` of another checkout, e.g. the commit before this one
+Each way must give the same counts (their sha256). Prints the figures and, last, one JSON object.
+Run: python benchmarks/shard_merge.py [--layers 4 --d-ff 4096 --shards 2] [--baseline-tree DIR] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MERGE = """
+import hashlib, json, sys, time
+import numpy as np
+def peak():  # MiB; VmHWM starts again at exec, where ru_maxrss keeps the parent's peak at the fork
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+from core.capture import shards
+from core.store import Store
+out, paths, how = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
+store = Store(out)
+before = peak()
+t0 = time.perf_counter()
+if how == "shipped":
+    run_ids = [r for p in paths for r in shards.merge_tables(store, shards.export_shard(p))]
+    shards.finish(store, run_ids)
+else:
+    run_ids, _ = shards.merge(store, paths)
+seconds = time.perf_counter() - t0
+added = peak() - before
+digest = hashlib.sha256()
+for (name, layer), file in sorted(store.array_files(run_ids[0]).items()):
+    digest.update(name.encode() + np.ascontiguousarray(store.read_array(run_ids[0], name, layer)).tobytes())
+store.close()
+print(json.dumps({"merge_s": seconds, "added_peak_mib": added, "sha256": digest.hexdigest()}))
+"""
+
+
+def capture_shards(folder: Path, n_layers: int, d_ff: int, n_prompts: int, n_shards: int) -> list[Path]:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from core import models, prompts
+    from core.capture import run as capture
+    from core.store import Store
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=d_ff, num_hidden_layers=n_layers,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    net = LlamaForCausalLM(LlamaConfig(**shape)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(models.prepare_default_model())
+    lm = models.LoadedModel(net, tokenizer, models.describe(net, "random-merge"))
+    prompt_set = prompts.default_prompt_set().head(n_prompts)
+    # a sample of a few prompts' tokens: the rest counted, so the run keeps its counts
+    config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=n_layers * d_ff // 4)
+    paths = []
+    for i in range(n_shards):
+        paths.append(folder / f"shard{i}.duckdb")
+        store = Store(paths[-1])
+        try:
+            capture.capture(lm, prompt_set, store, config, shard=(i, n_shards))
+        finally:
+            store.close()
+    return paths
+
+
+def merged(folder: Path, paths: list[Path], how: str, tree: str) -> dict:
+    out = folder / f"merged-{how}.duckdb"
+    # `python -c` imports core from its working folder first: the other checkout's, or this one's
+    root = tree if how == "baseline" else str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root)
+    argv = [sys.executable, "-c", MERGE, str(out), *map(str, paths), how]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=root, check=False)
+    if done.returncode:
+        raise SystemExit(f"the {how} merge failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-ff", type=int, default=4096)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--baseline-tree", help="also merge with the code of this checkout (its root folder)")
+    p.add_argument("--smoke", action="store_true", help="2 layers of 128 neurons")
+    args = p.parse_args()
+    n_layers, d_ff = (2, 128) if args.smoke else (args.layers, args.d_ff)
+    ways = ("files", "shipped", *(("baseline",) if args.baseline_tree else ()))
+    result = {"layers": n_layers, "d_ff": d_ff, "shards": args.shards}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        paths = capture_shards(Path(tmp), n_layers, d_ff, args.prompts, args.shards)
+        result["capture_s"] = time.perf_counter() - t0
+        result["counts_mib_a_shard"] = sum(
+            f.stat().st_size for f in Path(tmp).glob("shard0.duckdb.arrays/*/coact_*")
+        ) / 2**20  # fmt: skip
+        for how in ways:
+            result[how] = merged(Path(tmp), paths, how, args.baseline_tree or "")
+            got = result[how]
+            print(
+                f"{how:>8}: {got['merge_s']:.2f} s, +{got['added_peak_mib']:.0f} MiB at the peak", flush=True
+            )
+    result["same_counts"] = len({result[how]["sha256"] for how in ways}) == 1
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
