@@ -77,7 +77,8 @@ def shard_arrays(path: Path, catalog: pa.Table, inline: bool = True) -> pa.Table
         array = _shard_file(file)  # memory-mapped: every file is checked before anything is merged
         if inline:  # a chunk each: no copy of them all at once, and none limited to 2 GB
             data.append(pa.array([np.ascontiguousarray(array).tobytes()], pa.large_binary()))
-        sources.append(str(file))
+        else:
+            sources.append(str(file))
     if inline:
         return catalog.append_column("data", pa.chunked_array(data, pa.large_binary()))
     return catalog.append_column("source", pa.array(sources, pa.string()))
@@ -105,10 +106,10 @@ def _from_bytes(raw, dtype: str, shape: list[int]) -> np.ndarray:
 
 def _shard_file(file: Path) -> np.ndarray:
     hint = "Copy the shard's '.arrays' folder beside it, or capture the shard again."
-    return mapped(file, "The shard's array file", hint)
+    return _mapped(file, "The shard's array file", hint)
 
 
-def mapped(path: Path, what: str, hint: str) -> np.ndarray:
+def _mapped(path: Path, what: str, hint: str) -> np.ndarray:
     """The array file at `path`, memory-mapped read-only; when it cannot be read, an error saying so
     of `what` it is, with `hint`."""
     try:
@@ -189,7 +190,7 @@ class ArrayFiles:
     def read_file(self, run_id: str, file: str) -> np.ndarray:
         """One array file of the run (memory-mapped, read-only)."""
         hint = "Keep the '.arrays' folder beside the cache file; or delete the run and capture it again."
-        return mapped(self.arrays_folder(run_id) / file, f"Run {run_id}'s array file", hint)
+        return _mapped(self.arrays_folder(run_id) / file, f"Run {run_id}'s array file", hint)
 
     def named_files(self, run_id: str) -> set[str]:
         """Every file of the run that a catalog names: its arrays and its chunks' files."""
