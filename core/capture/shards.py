@@ -169,12 +169,19 @@ def finish(store: Store, run_ids: list[str]) -> list[str]:
     return missing
 
 
-def merge(store: Store, shard_paths: list[str | Path]) -> tuple[list[str], list[str]]:
+def merge(
+    store: Store, shard_paths: list[str | Path], progress: Progress | None = None
+) -> tuple[list[str], list[str]]:
     """Merge shard files on this machine into the cache: (run ids merged, run ids still missing
-    chunks). Their arrays are read from their files as they are merged, never all at once."""
+    chunks). Their arrays are read from their files as they are merged, never all at once. `progress`
+    hears of each shard merged, then of the runs' finalising."""
     run_ids = []
-    for path in shard_paths:
+    for i, path in enumerate(shard_paths):
         run_ids += merge_tables(store, Store.read_shard(path, inline=False))
+        if progress:
+            progress(i + 1, len(shard_paths), "shards merged")
+    if progress:
+        progress(len(shard_paths), len(shard_paths), "finalising")
     return list(dict.fromkeys(run_ids)), finish(store, run_ids)
 
 

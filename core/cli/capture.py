@@ -41,6 +41,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_capture)
     p = sub.add_parser("merge", help="merge shard files (from capture --shard) into the cache")
     p.add_argument("shards", nargs="+", help="shard DuckDB files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser(  # "prepare" is its old name, kept so that older Makefiles and notes still work
         "setup-model", aliases=["prepare"], help="convert the embedded default model once (idempotent)"
@@ -157,10 +158,19 @@ def _capture_ray(args, prompt_set) -> int:
 
 
 def cmd_merge(args) -> int:
+    from tqdm import tqdm
+
     store = Store(args.db)
+    bar = tqdm(total=len(args.shards), unit="shard", desc="merge", disable=args.quiet)
+
+    def progress(done: int, total: int, message: str) -> None:
+        bar.set_postfix_str(message, refresh=False)
+        bar.update(done - bar.n)
+
     try:
-        merged, missing = shards.merge(store, args.shards)
+        merged, missing = shards.merge(store, args.shards, progress)
     finally:
+        bar.close()
         store.close()
     for run_id in merged:
         state = "still misses chunks: merge its other shards" if run_id in missing else "complete"

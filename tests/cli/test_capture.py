@@ -105,3 +105,20 @@ def test_a_bad_shard_is_a_clear_error(tiny_dir, tmp_path, value, capsys):
     assert capsys.readouterr().err.startswith(
         f"error: --shard {value}" if "/" in value else "error: --shard 'x'"
     )
+
+
+def test_shards_captured_and_merged_from_the_command_line(tiny_dir, tmp_path, capsys):
+    """Two shards of a partial-sample run (70 prompts: chunks of 64 and 6, one a shard), merged by
+    `merge` with its bar on stderr (a shard a step, then the finalising) into a run listed complete."""
+    common = ["capture", "--model", tiny_dir, "--limit", "70", "--quiet", "--sample-mib", "0"]
+    paths = [str(tmp_path / f"s{i}.duckdb") for i in range(2)]
+    for i, path in enumerate(paths):
+        assert cli.main(["--db", path, *common, "--shard", f"{i}/2"]) == 0
+        assert re.search(r"shard \d/2 of run \w+: [1-9][\d,]* tokens", capsys.readouterr().out)
+    db = str(tmp_path / "merged.duckdb")
+    assert cli.main(["--db", db, "merge", *paths]) == 0
+    out, err = capsys.readouterr()
+    run_id = re.search(r"run (\w+): complete", out).group(1)
+    assert re.search(r"merge: 100%.*2/2.*finalising", err), err
+    assert cli.main(["--db", db, "runs"]) == 0
+    assert re.search(rf"{run_id}\s+complete\s+\S+\s+70\s", capsys.readouterr().out)
