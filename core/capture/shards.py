@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -185,16 +186,28 @@ def merge(
     return list(dict.fromkeys(run_ids)), finish(store, run_ids)
 
 
-def _capture_shard(model_ref, device, name, prompts, settings, shard) -> dict[str, pa.Table]:
-    """One shard in a fresh process: load the model, capture into a temp file, return its tables."""
+def _capture_shard(model_ref, device, name, prompts, settings, shard, folder=None):
+    """One shard in a fresh process: load the model and capture into a file in `folder` (a folder the
+    merging process reads: its path is returned), or, with none, into a temporary file whose tables
+    are returned with its arrays' bytes (for a process on another machine)."""
     from core import models
 
     lm = models.load_model(model_ref, device=device)
     prompt_set = PromptSet(name, tuple(Prompt(*p) for p in prompts))
+
+    def into(path: Path) -> None:
+        store = Store(path)
+        try:
+            capture.capture(lm, prompt_set, store, capture.CaptureConfig(**settings), shard=shard)
+        finally:
+            store.close()
+
+    if folder is not None:
+        path = Path(folder) / f"shard-{shard[0]}.duckdb"
+        into(path)
+        return str(path)
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "shard.duckdb")
-        capture.capture(lm, prompt_set, store, capture.CaptureConfig(**settings), shard=shard)
-        store.close()
+        into(Path(tmp) / "shard.duckdb")
         return export_shard(Path(tmp) / "shard.duckdb")
 
 
@@ -207,8 +220,14 @@ def capture_ray(
     address: str | None = None,
     device: str | None = None,
     progress: Progress | None = None,
+    ship: bool | None = None,
 ) -> str:
-    """Fan the shards out as Ray tasks (one per GPU, or per CPU slot) and merge them into `store`."""
+    """Fan the shards out as Ray tasks (one per GPU, or per CPU slot) and merge them into `store`.
+
+    A Ray cluster of this machine alone captures each shard into a folder beside the cache, and the
+    shard is merged from there like `merge` (its arrays read as they are summed, a few at a time) and
+    the folder deleted; a cluster with other machines (or `ship`) hands each shard's tables over with
+    its arrays' bytes, a shard's counts in memory at once (26 GB for an 8B shape)."""
     try:
         import ray
     except ImportError as exc:
@@ -219,22 +238,36 @@ def capture_ray(
         # workers import core/ from this checkout (on a cluster: the same path on every node)
         env = {"env_vars": {"PYTHONPATH": str(settings.ROOT)}}
         ray.init(address=address, runtime_env=env, include_dashboard=False, log_to_driver=False)
+    if ship is None:
+        ship = not _this_machine_only(ray)
+    folder = None if ship else tempfile.mkdtemp(prefix=".shards-", dir=Path(store.path).parent)
     gpus = 1 if (device or "").startswith("cuda") else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_capture_shard)
     prompts = [(p.id, p.category, p.text) for p in prompt_set.prompts]
     futures = [
-        task.remote(model_ref, device, prompt_set.name, prompts, asdict(config), (i, n_shards))
+        task.remote(model_ref, device, prompt_set.name, prompts, asdict(config), (i, n_shards), folder)
         for i in range(n_shards)
     ]
     run_ids, pending = [], list(futures)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        run_ids += merge_tables(store, ray.get(ready[0]))
-        if progress:
-            progress(n_shards - len(pending), n_shards, "shards merged")
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            got = ray.get(ready[0])
+            run_ids += merge_tables(store, Store.read_shard(got, inline=False) if folder else got)
+            if progress:
+                progress(n_shards - len(pending), n_shards, "shards merged")
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     missing = finish(store, run_ids)
     if missing:
         raise BricklabError(
             f"Runs {missing} still miss chunks after the merge.", "Re-run the missing shards."
         )
     return run_ids[0]
+
+
+def _this_machine_only(ray) -> bool:
+    """Whether the Ray cluster is this machine alone: its workers then write where this process reads."""
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    return len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()

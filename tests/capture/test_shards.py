@@ -86,13 +86,40 @@ def test_merge_rejects_a_file_that_is_not_a_shard(tmp_path, store):
         shards.merge(store, [bogus])
 
 
-def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, reference):
+def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, reference, monkeypatch):
+    """On a Ray cluster of this machine the shards are merged from files beside the cache (then
+    deleted); handed over as tables with their arrays' bytes (as from other machines), a run with
+    co-activation counts and prompt-mean files merges to the same."""
     ray = pytest.importorskip("ray")
+    handed = []  # how each shard's arrays reached the merge: their files' paths, or their bytes
+    real = shards.merge_tables
+    monkeypatch.setattr(
+        shards,
+        "merge_tables",
+        lambda store, t: handed.append(t["chunk_files"].column_names) or real(store, t),
+    )
     store = Store(tmp_path / "ray.duckdb")
     try:
         run_id = shards.capture_ray(tiny_dir, small_prompts, store, CONFIG, n_shards=2, device="cpu")
         assert run_id == reference[0]
         assert_same(snapshot(store, run_id), reference[1])
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shards-")] == []
+        partial = capture.CaptureConfig(chunk_prompts=4, batch_size=3, sample_bytes=3000)
+        runs = {}
+        for ship in (False, True):
+            mine = Store(tmp_path / f"ship-{ship}.duckdb")
+            run = shards.capture_ray(
+                tiny_dir, small_prompts, mine, partial, n_shards=2, device="cpu", ship=ship
+            )
+            runs[ship] = (mine, run)
+        assert ["source" in names for names in handed] == [True] * 4 + [False] * 2
+        (files, run), (shipped, _) = runs[False], runs[True]
+        assert files.array_files(run) and files.chunk_files(run, "prompt_acts")  # the run has both
+        for name, layer in files.array_files(run):
+            assert np.array_equal(files.read_array(run, name, layer), shipped.read_array(run, name, layer))
+        assert np.array_equal(files.prompt_activations(run), shipped.prompt_activations(run))
+        for mine, _ in runs.values():
+            mine.close()
     finally:
         store.close()
         ray.shutdown()
