@@ -240,7 +240,8 @@ def capture_ray(
         ray.init(address=address, runtime_env=env, include_dashboard=False, log_to_driver=False)
     if ship is None:
         ship = not _this_machine_only(ray)
-    folder = None if ship else tempfile.mkdtemp(prefix=".shards-", dir=Path(store.path).parent)
+    beside = Path(store.path).resolve().parent  # absolute: Ray's workers run in folders of their own
+    folder = None if ship else tempfile.mkdtemp(prefix=".shards-", dir=beside)
     gpus = 1 if (device or "").startswith("cuda") else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_capture_shard)
     prompts = [(p.id, p.category, p.text) for p in prompt_set.prompts]
