@@ -11,8 +11,12 @@ before; file pages mapped for reading count while mapped):
   shipped  each shard's tables with its files' bytes (`export_shard`, what a Ray worker hands over),
            then merged
   baseline (with --baseline-tree DIR) `merge` of another checkout, e.g. the commit before this one
+  ray-files, ray-shipped (with --ray) `capture --backend ray` on a local Ray runtime: the shards
+           captured again by Ray's workers, merged from files beside the cache or from their tables
+           with the bytes (`capture_ray(ship=True)`, as from other machines); the driver's peak
 Each way must give the same counts (their sha256). Prints the figures and, last, one JSON object.
-Run: python benchmarks/shard_merge.py [--layers 4 --d-ff 4096 --shards 2] [--baseline-tree DIR] [--smoke]
+Run: python benchmarks/shard_merge.py [--layers 4 --d-ff 4096 --shards 2] [--baseline-tree DIR] [--ray]
+    [--smoke]
 """
 
 from __future__ import annotations
@@ -52,23 +56,64 @@ print(json.dumps({"merge_s": seconds, "added_peak_mib": added, "sha256": digest.
 """
 
 
-def capture_shards(folder: Path, n_layers: int, d_ff: int, n_prompts: int, n_shards: int) -> list[Path]:
+RAY = """
+import hashlib, json, sys, time
+import numpy as np
+import ray
+from core import prompts, settings
+from core.capture import run as capture, shards
+from core.store import Store
+def peak():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+out, model, n_prompts, n_shards, n_bytes, how = sys.argv[1:]
+config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=int(n_bytes))
+store = Store(out)
+env = {"env_vars": {"PYTHONPATH": str(settings.ROOT)}}  # as capture_ray would start it
+ray.init(include_dashboard=False, log_to_driver=False, runtime_env=env)
+before = peak()
+t0 = time.perf_counter()
+run_id = shards.capture_ray(model, prompts.default_prompt_set().head(int(n_prompts)), store, config,
+                            n_shards=int(n_shards), device="cpu", ship=how == "ray-shipped")
+seconds = time.perf_counter() - t0
+added = peak() - before
+digest = hashlib.sha256()
+for (name, layer), file in sorted(store.array_files(run_id).items()):
+    digest.update(name.encode() + np.ascontiguousarray(store.read_array(run_id, name, layer)).tobytes())
+store.close()
+ray.shutdown()
+print(json.dumps({"merge_s": seconds, "added_peak_mib": added, "sha256": digest.hexdigest()}))
+"""
+
+
+def random_lm(n_layers: int, d_ff: int):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from core import models, prompts
-    from core.capture import run as capture
-    from core.store import Store
+    from core import models
 
     torch.manual_seed(0)
     shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=d_ff, num_hidden_layers=n_layers,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
     net = LlamaForCausalLM(LlamaConfig(**shape)).eval()
     tokenizer = AutoTokenizer.from_pretrained(models.prepare_default_model())
-    lm = models.LoadedModel(net, tokenizer, models.describe(net, "random-merge"))
+    return models.LoadedModel(net, tokenizer, models.describe(net, "random-merge"))
+
+
+def sample_bytes(n_layers: int, d_ff: int) -> int:
+    """A sample of a few prompts' tokens: the rest counted, so the run keeps its counts."""
+    return n_layers * d_ff // 4
+
+
+def capture_shards(folder: Path, n_layers: int, d_ff: int, n_prompts: int, n_shards: int) -> list[Path]:
+    from core import prompts
+    from core.capture import run as capture
+    from core.store import Store
+
+    lm = random_lm(n_layers, d_ff)
+    lm.model.save_pretrained(folder / "model", safe_serialization=True)  # for Ray's workers
+    lm.tokenizer.save_pretrained(folder / "model")
     prompt_set = prompts.default_prompt_set().head(n_prompts)
-    # a sample of a few prompts' tokens: the rest counted, so the run keeps its counts
-    config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=n_layers * d_ff // 4)
+    config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=sample_bytes(n_layers, d_ff))
     paths = []
     for i in range(n_shards):
         paths.append(folder / f"shard{i}.duckdb")
@@ -80,12 +125,15 @@ def capture_shards(folder: Path, n_layers: int, d_ff: int, n_prompts: int, n_sha
     return paths
 
 
-def merged(folder: Path, paths: list[Path], how: str, tree: str) -> dict:
+def merged(folder: Path, how: str, inputs: list[str], tree: str) -> dict:
+    """One way's merge in a process of its own: MERGE of the shard files `inputs`, or RAY (`ray-*`)
+    capturing and merging the shards again with the arguments `inputs`."""
     out = folder / f"merged-{how}.duckdb"
     # `python -c` imports core from its working folder first: the other checkout's, or this one's
     root = tree if how == "baseline" else str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root)
-    argv = [sys.executable, "-c", MERGE, str(out), *map(str, paths), how]
+    script = RAY if how.startswith("ray") else MERGE
+    argv = [sys.executable, "-c", script, str(out), *inputs, how]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=root, check=False)
     if done.returncode:
         raise SystemExit(f"the {how} merge failed:\n{done.stderr[-3000:]}")
@@ -99,10 +147,12 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--baseline-tree", help="also merge with the code of this checkout (its root folder)")
+    p.add_argument("--ray", action="store_true", help="also capture and merge the shards through Ray")
     p.add_argument("--smoke", action="store_true", help="2 layers of 128 neurons")
     args = p.parse_args()
     n_layers, d_ff = (2, 128) if args.smoke else (args.layers, args.d_ff)
     ways = ("files", "shipped", *(("baseline",) if args.baseline_tree else ()))
+    ways += ("ray-files", "ray-shipped") if args.ray else ()
     result = {"layers": n_layers, "d_ff": d_ff, "shards": args.shards}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -111,8 +161,15 @@ def main() -> None:
         result["counts_mib_a_shard"] = sum(
             f.stat().st_size for f in Path(tmp).glob("shard0.duckdb.arrays/*/coact_*")
         ) / 2**20  # fmt: skip
+        ray_args = [
+            str(Path(tmp) / "model"),
+            str(args.prompts),
+            str(args.shards),
+            str(sample_bytes(n_layers, d_ff)),
+        ]
         for how in ways:
-            result[how] = merged(Path(tmp), paths, how, args.baseline_tree or "")
+            inputs = ray_args if how.startswith("ray") else list(map(str, paths))
+            result[how] = merged(Path(tmp), how, inputs, args.baseline_tree or "")
             got = result[how]
             print(
                 f"{how:>8}: {got['merge_s']:.2f} s, +{got['added_peak_mib']:.0f} MiB at the peak", flush=True
