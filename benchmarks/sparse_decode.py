@@ -114,6 +114,9 @@ class Without(decode.Projections):
         return self.y
 
 
+PARTS = ("dense split", "no ffn", "no projections", "neither")  # part_settings' names, parts' inputs
+
+
 def part_settings(model, dec: Decoder) -> dict:
     """--parts: the dense token with a part taken out, name -> (ffn, projections) as `settings`.
     "dense split" computes the attention projections between the compiled parts (as the sparse settings
@@ -167,9 +170,6 @@ def parts(seconds: dict, tokens: int, unembedding: float) -> dict:
         "unembedding_ms": round(unembedding, 3),
         "rest_ms": round(ms["neither"] - unembedding, 3),
     }
-
-
-PARTS = ("dense split", "no ffn", "no projections", "neither")
 
 
 def settings(model, dec: Decoder, cal: dict, shares, kernel: bool) -> dict:
