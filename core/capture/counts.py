@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import numpy as np
 import torch
@@ -33,6 +34,17 @@ MAX_TOKENS = 2**31 - 1  # int32 counts
 ROWS = 256  # rows of a count matrix taken to or from its stored triangle at a time
 HOLD_BYTES = 1 << 31  # counted words held before they are counted: a chunk of 64 x 512 tokens of an 8B
 # shape holds 1.9 GB of them when every token is counted
+
+
+def countable(n_tokens: int, rate: float, limit: int | None = None) -> bool:
+    """Whether a run of n_tokens whose co-activations are counted over a hashed sample of `rate` fits
+    int32 counts (`limit`, MAX_TOKENS unless given): every token when rate is 1, else the sample's
+    expected size with six standard deviations to spare (a binomial count; its shards sum to it)."""
+    limit = MAX_TOKENS if limit is None else limit
+    if rate >= 1.0:
+        return n_tokens <= limit
+    expected = rate * n_tokens
+    return expected + 6 * math.sqrt(expected * (1 - rate)) <= limit
 
 
 class CoactCounts:

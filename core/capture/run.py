@@ -22,9 +22,10 @@ import torch
 
 from core import models
 from core.capture import experts as expert_routes
-from core.capture.counts import CoactCounts
+from core.capture.counts import MAX_TOKENS, CoactCounts, countable
 from core.capture.reduce import ChunkReducer, read_top
 from core.capture.writer import ChunkWriter
+from core.errors import BricklabError
 from core.models import LoadedModel
 from core.progress import Progress
 from core.prompts import PromptSet, as_prompt_set, category_labels, encode, halves, token_limit
@@ -147,12 +148,14 @@ def capture(
             + load_warnings
         )
         n_chunks = math.ceil(len(encoded) / config.chunk_prompts)
+        n_own = sum(e.end - e.start for e in encoded)
+        rate = sample.sample_rate(config.sample_bytes, n_own, info.n_layers, info.d_ff)
+        if rate < 1.0:
+            _check_countable(n_own, sample.count_rate(config.count_tokens, n_own, rate))
         if existing is None:
             _create_run(store, run_id, lm, prompt_set, config, n_chunks)
         else:  # files of a chunk or save whose transaction never committed
             store.prune_arrays(run_id)
-        n_own = sum(e.end - e.start for e in encoded)
-        rate = sample.sample_rate(config.sample_bytes, n_own, info.n_layers, info.d_ff)
         counts = None
         if rate < 1.0:  # the sample leaves tokens out: count co-activations over all of them
             counts = _resume_counts(store, run_id, prompt_set, config, info, n_own, rate)
@@ -360,6 +363,18 @@ def _run_chunk(lm, encoded, offset, reducer, config, progress, reported, total, 
                 progress(reported + done, total, "capturing")
         reducer.file(previous)
     return counts
+
+
+def _check_countable(n_own: int, count_rate: float) -> None:
+    """Refuse, before anything is captured, a run whose counted tokens (over all its shards) would
+    overflow the int32 co-activation counts: a single process would fail hours in, shards would wrap."""
+    if not countable(n_own, count_rate):
+        raise BricklabError(
+            f"This run would count the co-activations of ~{count_rate * n_own:,.0f} of its {n_own:,} tokens; "
+            f"the counts are int32 and hold at most {MAX_TOKENS:,}.",
+            "Capture with --count-tokens (CaptureConfig.count_tokens) of at most 2,000,000,000, or "
+            "split the prompts into several runs.",
+        )
 
 
 def _resume_counts(

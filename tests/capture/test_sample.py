@@ -12,8 +12,8 @@ import torch
 from core.bricks import candidates, coherence, distinctive, scores
 from core.bricks.candidates import BrickParams
 from core.bricks.firing import RunFiring
+from core.capture import counts, shards
 from core.capture import run as capture
-from core.capture import shards
 from core.errors import BricklabError
 from core.kernels import coact as kernels
 from core.store import Store, sample
@@ -416,3 +416,31 @@ def test_the_finalise_step_reads_the_chunk_partials_in_groups_of_layers(
         assert run_tables(store, result.run_id) == run_tables(every, run_e.run_id)
     finally:
         store.close()
+
+
+def test_a_run_that_would_overflow_its_int32_counts_is_refused_before_anything_is_written(
+    tiny_lm, small_prompts, store, monkeypatch
+):
+    """Counts are int32: a run counting more tokens than they hold is refused at the start, whole or
+    as a shard (whose sums over shards would wrap silently), not hours in. Here the limit is lowered to
+    just under the tiny run's own tokens."""
+    config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=PARTIAL, count_tokens=0)  # every token
+    whole = Store(store.path.with_name("whole.duckdb"))
+    try:
+        n_own = capture.capture(tiny_lm, small_prompts, whole).n_tokens
+    finally:
+        whole.close()
+    monkeypatch.setattr(counts, "MAX_TOKENS", n_own - 1)
+    for shard in (None, (1, 2)):
+        with pytest.raises(BricklabError, match=f"co-activations of ~{n_own:,} of its {n_own:,} tokens"):
+            capture.capture(tiny_lm, small_prompts, store, config, shard=shard)
+    assert store.runs() == []
+    capture.capture(tiny_lm, small_prompts, store, dataclasses.replace(config, count_tokens=n_own // 4))
+    assert [r.status for r in store.runs()] == ["complete"]
+
+
+def test_countable_allows_the_whole_run_or_a_sample_six_deviations_under_the_limit():
+    assert counts.countable(100, 1.0, limit=100) and not counts.countable(101, 1.0, limit=100)
+    # a sample of 10% of 10**6 tokens: 100,000 expected, sd 300
+    assert counts.countable(10**6, 0.1, limit=101_800) and not counts.countable(10**6, 0.1, limit=101_799)
+    assert counts.countable(2**40, 2e9 / 2**40)  # --count-tokens 2,000,000,000 fits (the error's hint)
