@@ -10,9 +10,11 @@ that makes the result the same whatever the order of the shards).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -189,16 +191,21 @@ def merge(
 def _capture_shard(model_ref, device, name, prompts, settings, shard, folder=None):
     """One shard in a fresh process: load the model and capture into a file in `folder` (a folder the
     merging process reads: its path is returned), or, with none, into a temporary file whose tables
-    are returned with its arrays' bytes (for a process on another machine)."""
+    are returned with its arrays' bytes (for a process on another machine). A file left in `folder`
+    by a stopped capture of the same run is resumed; runs of other weights in it are deleted first."""
     from core import models
 
     lm = models.load_model(model_ref, device=device)
     prompt_set = PromptSet(name, tuple(Prompt(*p) for p in prompts))
+    config = capture.CaptureConfig(**settings)
 
     def into(path: Path) -> None:
         store = Store(path)
         try:
-            capture.capture(lm, prompt_set, store, capture.CaptureConfig(**settings), shard=shard)
+            mine = capture.run_id_for(lm.info.fingerprint, prompt_set.hash, config)
+            for other in {run.run_id for run in store.runs()} - {mine}:
+                store.delete_run(other)  # the weights behind model_ref changed since the file was left
+            capture.capture(lm, prompt_set, store, config, shard=shard)
         finally:
             store.close()
 
@@ -209,6 +216,17 @@ def _capture_shard(model_ref, device, name, prompts, settings, shard, folder=Non
     with tempfile.TemporaryDirectory() as tmp:
         into(Path(tmp) / "shard.duckdb")
         return export_shard(Path(tmp) / "shard.duckdb")
+
+
+def shards_folder(
+    store: Store, model_ref, prompt_set: PromptSet, config: capture.CaptureConfig, n: int
+) -> Path:
+    """Where a Ray capture of this machine keeps its n shards: a hidden folder beside the cache, named
+    by what makes the shards (the cache, model, prompts, every setting), so the same command resumes
+    the shards a stopped one left. Absolute: Ray's workers run in folders of their own."""
+    key = [str(Path(store.path).resolve()), str(model_ref), prompt_set.hash, asdict(config), n]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(store.path).resolve().parent / f".shards-{digest}"
 
 
 def capture_ray(
@@ -224,15 +242,16 @@ def capture_ray(
 ) -> str:
     """Fan the shards out as Ray tasks (one per GPU, or per CPU slot) and merge them into `store`.
 
-    A Ray cluster of this machine alone captures each shard into a folder beside the cache, and the
-    shard is merged from there like `merge` (its arrays read as they are summed, a few at a time) and
-    the folder deleted; a cluster with other machines (or `ship`) hands each shard's tables over with
-    its arrays' bytes, a shard's counts in memory at once (26 GB for an 8B shape)."""
+    A Ray cluster of this machine alone captures each shard into a folder beside the cache
+    (`shards_folder`), and the shard is merged from there like `merge` (its arrays read as they are
+    summed, a few at a time); the folder is deleted once the run is merged, and kept when the capture
+    stops (error, interrupt, kill), so that the same command resumes each shard where it stopped. A
+    cluster with other machines (or `ship`) hands each shard's tables over with its arrays' bytes, a
+    shard's counts in memory at once (26 GB for an 8B shape), and a stopped capture starts over."""
     try:
         import ray
     except ImportError as exc:
         raise BricklabError("Ray is not installed.", "pip install -r requirements-scale.txt") from exc
-    from dataclasses import asdict
 
     if not ray.is_initialized():
         # workers import core/ from this checkout (on a cluster: the same path on every node)
@@ -240,16 +259,20 @@ def capture_ray(
         ray.init(address=address, runtime_env=env, include_dashboard=False, log_to_driver=False)
     if ship is None:
         ship = not _this_machine_only(ray)
-    beside = Path(store.path).resolve().parent  # absolute: Ray's workers run in folders of their own
-    folder = None if ship else tempfile.mkdtemp(prefix=".shards-", dir=beside)
+    folder = None if ship else shards_folder(store, model_ref, prompt_set, config, n_shards)
+    if folder is not None:
+        if progress and folder.exists():
+            progress(0, n_shards, f"resuming the shards in {folder}")
+        folder.mkdir(exist_ok=True)
     gpus = 1 if (device or "").startswith("cuda") else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_capture_shard)
     prompts = [(p.id, p.category, p.text) for p in prompt_set.prompts]
-    futures = [
-        task.remote(model_ref, device, prompt_set.name, prompts, asdict(config), (i, n_shards), folder)
+    pending = [
+        task.remote(model_ref, device, prompt_set.name, prompts, asdict(config), (i, n_shards),
+                    None if folder is None else str(folder))
         for i in range(n_shards)
-    ]
-    run_ids, pending = [], list(futures)
+    ]  # fmt: skip
+    run_ids = []
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -257,14 +280,26 @@ def capture_ray(
             run_ids += merge_tables(store, Store.read_shard(got, inline=False) if folder else got)
             if progress:
                 progress(n_shards - len(pending), n_shards, "shards merged")
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-    missing = finish(store, run_ids)
-    if missing:
+        missing = finish(store, run_ids)
+        if missing:
+            raise BricklabError(
+                f"Runs {missing} still miss chunks after the merge.", "Re-run the missing shards."
+            )
+    except BaseException as exc:
+        for future in pending:  # nothing may go on writing the shards once this returns
+            ray.cancel(future, force=True)
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=60)
+        if folder is None or not isinstance(exc, Exception):
+            raise
+        what = exc.message if isinstance(exc, BricklabError) else f"{type(exc).__name__}: {exc}"
         raise BricklabError(
-            f"Runs {missing} still miss chunks after the merge.", "Re-run the missing shards."
-        )
+            f"The Ray capture stopped: {what.rstrip('.')}.",
+            f"Run the same command again to resume it from the shards kept in {folder} "
+            "(delete that folder to start over).",
+        ) from exc
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
     return run_ids[0]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -146,10 +147,10 @@ def _config(args) -> capture.CaptureConfig:
 def _capture_ray(args, prompt_set) -> int:
     store = Store(args.db)
     try:
-        config = _config(args)
-        run_id = shards.capture_ray(
-            args.model, prompt_set, store, config, args.shards, args.address, args.device
-        )
+        with _shard_bar(args.shards, "ray", args.quiet) as progress:
+            run_id = shards.capture_ray(
+                args.model, prompt_set, store, _config(args), args.shards, args.address, args.device, progress
+            )
         run = store.require_run(run_id)
         print(f"run {run_id}: captured in {args.shards} Ray shards and merged ({run.n_tokens:,} tokens)")
     finally:
@@ -157,20 +158,29 @@ def _capture_ray(args, prompt_set) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
+@contextlib.contextmanager
+def _shard_bar(total: int, desc: str, quiet: bool):
+    """A progress bar of shards on stderr, and the Progress callback that moves it."""
     from tqdm import tqdm
 
-    store = Store(args.db)
-    bar = tqdm(total=len(args.shards), unit="shard", desc="merge", disable=args.quiet)
+    bar = tqdm(total=total, unit="shard", desc=desc, disable=quiet)
 
     def progress(done: int, total: int, message: str) -> None:
-        bar.set_postfix_str(message, refresh=False)
+        bar.set_postfix_str(message)
         bar.update(done - bar.n)
 
     try:
-        merged, missing = shards.merge(store, args.shards, progress)
+        yield progress
     finally:
         bar.close()
+
+
+def cmd_merge(args) -> int:
+    store = Store(args.db)
+    try:
+        with _shard_bar(len(args.shards), "merge", args.quiet) as progress:
+            merged, missing = shards.merge(store, args.shards, progress)
+    finally:
         store.close()
     for run_id in merged:
         state = "still misses chunks: merge its other shards" if run_id in missing else "complete"

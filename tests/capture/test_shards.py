@@ -125,6 +125,63 @@ def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, re
         ray.shutdown()
 
 
+def test_a_stopped_ray_capture_keeps_its_shards_and_the_same_command_resumes_them(
+    tiny_dir, tiny_lm, small_prompts, tmp_path, reference, monkeypatch
+):
+    """The merge fails after the first shard is captured: the capture stops with an error naming the
+    kept folder, the other task is cancelled, nothing is merged. The same call again resumes: the
+    shard captured before is merged as it was (its chunks took the same seconds: not captured again),
+    a run of other weights left in a shard file is deleted, and the run equals the single-process one."""
+    ray = pytest.importorskip("ray")
+    seen = []  # per merge: the shard's (chunk, seconds it took to capture)
+    real = shards.merge_tables
+
+    def failing_first(store, tables):
+        seen.append(
+            sorted(
+                zip(
+                    tables["chunks"]["chunk"].to_pylist(),
+                    tables["chunks"]["seconds"].to_pylist(),
+                    strict=True,
+                )
+            )
+        )
+        if len(seen) == 1:
+            raise OSError("the disk went away")
+        return real(store, tables)
+
+    monkeypatch.setattr(shards, "merge_tables", failing_first)
+    store = Store(tmp_path / "ray.duckdb")
+    try:
+        with pytest.raises(BricklabError, match=r"OSError: the disk went away. Run the same command again"):
+            shards.capture_ray(tiny_dir, small_prompts, store, CONFIG, n_shards=2, device="cpu")
+        folder = shards.shards_folder(store, tiny_dir, small_prompts, CONFIG, 2)
+        assert [p for p in tmp_path.iterdir() if p.name.startswith(".shards-")] == [folder]
+        assert store.runs() == []
+        other = Store(folder / "shard-1.duckdb")  # as if the weights behind tiny_dir had changed
+        try:
+            capture.capture(tiny_lm, small_prompts.head(5), other, CONFIG, shard=(1, 2))
+        finally:
+            other.close()
+        said = []
+        run_id = shards.capture_ray(
+            tiny_dir,
+            small_prompts,
+            store,
+            CONFIG,
+            n_shards=2,
+            device="cpu",
+            progress=lambda *a: said.append(a[2]),
+        )
+        assert run_id == reference[0]
+        assert_same(snapshot(store, run_id), reference[1])
+        assert said[0] == f"resuming the shards in {folder}" and not folder.exists()
+        assert seen[0] in seen[1:]
+    finally:
+        store.close()
+        ray.shutdown()
+
+
 class Stop(Exception):
     pass
 
