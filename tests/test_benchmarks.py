@@ -119,6 +119,15 @@ def test_the_finalise_step_reads_partials_in_groups_to_the_same_run(smoke_runs):
     assert last_json(smoke_runs["finalise.py"])["same_run"] is True
 
 
+def test_the_whole_run_benchmark_captures_every_token_it_asks_for():
+    """gpu_capture.py --whole-run (the end-to-end figure of issue 16) on the tiny shape: one whole
+    capture through capture.capture into a new cache, against the bare passes of its chunks."""
+    result = last_json(run("gpu_capture.py", ["--smoke", "--whole-run", "4096"]))
+    assert result["whole_run_tokens"] == 4096 and result["chunks"] == 4
+    assert result["capture_s"] > 0 and result["bare_s"] > 0 and result["db_bytes"] > 0
+    assert result["ratio"] == pytest.approx(result["capture_s"] / result["bare_s"])
+
+
 def test_first_use_makes_every_step_ready(smoke_runs):
     result = last_json(smoke_runs["first_use.py"])
     assert result["all_ready"] is True and result["steps_s"]["capture"] > 0
