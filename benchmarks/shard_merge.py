@@ -6,14 +6,13 @@ sum at once, needs tens of GB for a large model.
 Captures `--shards` shards of a random-weight Llama (`--layers` x `--d-ff`, the default tokenizer,
 the first `--prompts` default prompts) into files, then merges them into a fresh cache in a process of
 its own each way, reporting seconds and the peak RSS that the merge added (VmHWM after it less
-before; file pages mapped for reading count while mapped):
+before; file pages mapped for reading count while mapped), and apart (sampled every 5 ms) its private
+memory's peak (RssAnon) and the shared memory's (RssShmem: pages of Ray's object store it reads):
   files    `merge` on this machine: each shard's arrays read from their files as each sum is written
-  shipped  each shard's tables with its files' bytes (`export_shard`, what a Ray worker hands over),
-           then merged
   baseline (with --baseline-tree DIR) `merge` of another checkout, e.g. the commit before this one
   ray-files, ray-shipped (with --ray) `capture --backend ray` on a local Ray runtime: the shards
-           captured again by Ray's workers, merged from files beside the cache or from their tables
-           with the bytes (`capture_ray(ship=True)`, as from other machines); the driver's peak
+           captured again by Ray's workers and merged from files beside the cache, or sent in pieces
+           through the object store (`capture_ray(ship=True)`, as from other machines); the driver's peaks
 Each way must give the same counts (their sha256). Prints the figures and, last, one JSON object.
 Run: python benchmarks/shard_merge.py [--layers 4 --d-ff 4096 --shards 2] [--baseline-tree DIR] [--ray]
     [--smoke]
@@ -30,59 +29,65 @@ import tempfile
 import time
 from pathlib import Path
 
-MERGE = """
-import hashlib, json, sys, time
+MEASURE = """
+import hashlib, json, sys, threading, time
 import numpy as np
-def peak():  # MiB; VmHWM starts again at exec, where ru_maxrss keeps the parent's peak at the fork
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+def status(*keys):  # MiB
+    lines = {l.split(":")[0]: l for l in open("/proc/self/status")}
+    return [int(lines[k].split()[1]) / 1024 for k in keys]
+highs = {"RssAnon": 0.0, "RssShmem": 0.0}
+def sample():  # VmHWM has no private and shared parts: sample them
+    while True:
+        for key, value in zip(highs, status(*highs)):
+            highs[key] = max(highs[key], value)
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+def start():  # VmHWM starts again at exec, where ru_maxrss keeps the parent's peak at the fork
+    return status("VmHWM", "RssAnon") + [time.perf_counter()]
+def report(begun, store, run_id):
+    (peak, anon, t0), seconds = begun, time.perf_counter() - begun[2]
+    out = {"merge_s": seconds, "added_peak_mib": status("VmHWM")[0] - peak,
+           "added_peak_private_mib": highs["RssAnon"] - anon, "peak_shared_mib": highs["RssShmem"]}
+    digest = hashlib.sha256()
+    for (name, layer), file in sorted(store.array_files(run_id).items()):
+        digest.update(name.encode() + np.ascontiguousarray(store.read_array(run_id, name, layer)).tobytes())
+    print(json.dumps(out | {"sha256": digest.hexdigest()}))
+"""
+
+MERGE = (
+    MEASURE
+    + """
 from core.capture import shards
 from core.store import Store
 out, paths, how = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
 store = Store(out)
-before = peak()
-t0 = time.perf_counter()
-if how == "shipped":
-    run_ids = [r for p in paths for r in shards.merge_tables(store, shards.export_shard(p))]
-    shards.finish(store, run_ids)
-else:
-    run_ids, _ = shards.merge(store, paths)
-seconds = time.perf_counter() - t0
-added = peak() - before
-digest = hashlib.sha256()
-for (name, layer), file in sorted(store.array_files(run_ids[0]).items()):
-    digest.update(name.encode() + np.ascontiguousarray(store.read_array(run_ids[0], name, layer)).tobytes())
+begun = start()
+run_ids, _ = shards.merge(store, paths)
+report(begun, store, run_ids[0])
 store.close()
-print(json.dumps({"merge_s": seconds, "added_peak_mib": added, "sha256": digest.hexdigest()}))
 """
+)
 
-
-RAY = """
-import hashlib, json, sys, time
-import numpy as np
+RAY = (
+    MEASURE
+    + """
 import ray
 from core import prompts, settings
 from core.capture import run as capture, shards
 from core.store import Store
-def peak():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 out, model, n_prompts, n_shards, n_bytes, how = sys.argv[1:]
 config = capture.CaptureConfig(chunk_prompts=4, sample_bytes=int(n_bytes))
 store = Store(out)
 env = {"env_vars": {"PYTHONPATH": str(settings.ROOT)}}  # as capture_ray would start it
 ray.init(include_dashboard=False, log_to_driver=False, runtime_env=env)
-before = peak()
-t0 = time.perf_counter()
+begun = start()
 run_id = shards.capture_ray(model, prompts.default_prompt_set().head(int(n_prompts)), store, config,
                             n_shards=int(n_shards), device="cpu", ship=how == "ray-shipped")
-seconds = time.perf_counter() - t0
-added = peak() - before
-digest = hashlib.sha256()
-for (name, layer), file in sorted(store.array_files(run_id).items()):
-    digest.update(name.encode() + np.ascontiguousarray(store.read_array(run_id, name, layer)).tobytes())
+report(begun, store, run_id)
 store.close()
 ray.shutdown()
-print(json.dumps({"merge_s": seconds, "added_peak_mib": added, "sha256": digest.hexdigest()}))
 """
+)
 
 
 def random_lm(n_layers: int, d_ff: int):
@@ -151,7 +156,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="2 layers of 128 neurons")
     args = p.parse_args()
     n_layers, d_ff = (2, 128) if args.smoke else (args.layers, args.d_ff)
-    ways = ("files", "shipped", *(("baseline",) if args.baseline_tree else ()))
+    ways = ("files", *(("baseline",) if args.baseline_tree else ()))
     ways += ("ray-files", "ray-shipped") if args.ray else ()
     result = {"layers": n_layers, "d_ff": d_ff, "shards": args.shards}
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +177,9 @@ def main() -> None:
             result[how] = merged(Path(tmp), how, inputs, args.baseline_tree or "")
             got = result[how]
             print(
-                f"{how:>8}: {got['merge_s']:.2f} s, +{got['added_peak_mib']:.0f} MiB at the peak", flush=True
+                f"{how:>8}: {got['merge_s']:.2f} s, +{got['added_peak_mib']:.0f} MiB at the peak (private "
+                f"+{got['added_peak_private_mib']:.0f}, shared {got['peak_shared_mib']:.0f})",
+                flush=True,
             )
     result["same_counts"] = len({result[how]["sha256"] for how in ways}) == 1
     print(json.dumps(result))

@@ -57,7 +57,7 @@ SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
     "select_window.py": (["--smoke"], {"hit_rate", "worst_layer_hit_rate", "tokens"}),
     "finalise.py": (["--smoke"], {"finalise_s", "baseline_s", "speedup", "same_run"}),
     "counts_save.py": (["--smoke"], {"copied", "last", "same_files", "time_ratio_last_over_copied"}),
-    "shard_merge.py": (["--smoke"], {"files", "shipped", "same_counts", "counts_mib_a_shard"}),
+    "shard_merge.py": (["--smoke"], {"files", "same_counts", "counts_mib_a_shard"}),
     "interventions.py": (["--smoke"], {"ratio_empty", "ratio_config", "cpu_ratio_config"}),
     "coactivation.py": (["--smoke"], {"numba_s", "speedup_vs_blas", "speedup_vs_sparse"}),
 }

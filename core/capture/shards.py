@@ -32,13 +32,9 @@ from core.store.arrays import Lazy, shard_rows
 from core.store.schema import TOP_ARRAYS
 
 
-def export_shard(path: str | Path) -> dict[str, pa.Table]:
-    """Every run row and chunk row of a shard file, as Arrow tables (cheap to ship between machines)."""
-    return Store.read_shard(path)
-
-
 def merge_tables(store: Store, tables: dict[str, pa.Table]) -> list[str]:
-    """Add a shard's runs and chunks to the cache (chunks already present are skipped)."""
+    """Add a shard's runs and chunks to the cache (chunks already present are skipped); `tables`:
+    `Store.read_shard` of its file."""
     run_ids = []
     for run in tables["runs"].to_pylist():
         run_id = run["run_id"]
@@ -139,8 +135,7 @@ def _added(store, run_id: str, name: str, layer: int, theirs) -> np.ndarray:
 def _rows_of(table: pa.Table | None, run_id: str) -> pa.Table | None:
     if table is None:
         return None
-    mine = pc.equal(table["run_id"], run_id)  # a filter copies every column, a shipped shard's bytes too:
-    return table if pc.all(mine).as_py() else table.filter(mine)  # not when the shard holds one run
+    return table.filter(pc.equal(table["run_id"], run_id))
 
 
 def _payloads(table: pa.Table) -> dict[str, list[bytes]]:
@@ -180,7 +175,7 @@ def merge(
     hears of each shard merged, then of the runs' finalising."""
     run_ids = []
     for i, path in enumerate(shard_paths):
-        run_ids += merge_tables(store, Store.read_shard(path, inline=False))
+        run_ids += merge_tables(store, Store.read_shard(path))
         if progress:
             progress(i + 1, len(shard_paths), "shards merged")
     if progress:
@@ -188,34 +183,58 @@ def merge(
     return list(dict.fromkeys(run_ids)), finish(store, run_ids)
 
 
-def _capture_shard(model_ref, device, name, prompts, settings, shard, folder=None):
-    """One shard in a fresh process: load the model and capture into a file in `folder` (a folder the
-    merging process reads: its path is returned), or, with none, into a temporary file whose tables
-    are returned with its arrays' bytes (for a process on another machine). A file left in `folder`
-    by a stopped capture of the same run is resumed; runs of other weights in it are deleted first."""
+PIECE = 64 << 20  # bytes of a shipped shard's file in one Ray object
+AHEAD = 2  # pieces a shipped shard's worker may have yielded that the merging process has not taken
+
+
+def _capture_shard(model_ref, device, name, prompts, settings, shard, folder) -> str:
+    """One shard in a fresh process: load the model and capture into `folder`/shard-I.duckdb; its path.
+    A file left there by a stopped capture of the same run is resumed; runs of other weights in it are
+    deleted first."""
     from core import models
 
     lm = models.load_model(model_ref, device=device)
     prompt_set = PromptSet(name, tuple(Prompt(*p) for p in prompts))
     config = capture.CaptureConfig(**settings)
+    path = Path(folder) / f"shard-{shard[0]}.duckdb"
+    store = Store(path)
+    try:
+        mine = capture.run_id_for(lm.info.fingerprint, prompt_set.hash, config)
+        for other in {run.run_id for run in store.runs()} - {mine}:
+            store.delete_run(other)  # the weights behind model_ref changed since the file was left
+        capture.capture(lm, prompt_set, store, config, shard=shard)
+    finally:
+        store.close()
+    return str(path)
 
-    def into(path: Path) -> None:
-        store = Store(path)
-        try:
-            mine = capture.run_id_for(lm.info.fingerprint, prompt_set.hash, config)
-            for other in {run.run_id for run in store.runs()} - {mine}:
-                store.delete_run(other)  # the weights behind model_ref changed since the file was left
-            capture.capture(lm, prompt_set, store, config, shard=shard)
-        finally:
-            store.close()
 
-    if folder is not None:
-        path = Path(folder) / f"shard-{shard[0]}.duckdb"
-        into(path)
-        return str(path)
+def _shipped_shard(model_ref, device, name, prompts, settings, shard):
+    """A Ray generator task for a machine that does not share the merging process's disk: the shard is
+    captured into a temporary folder, then each of its files (the DuckDB file and the arrays beside it)
+    is yielded in pieces of at most PIECE bytes, as (path in the folder, uint8 array): each piece one object
+    that the merging process owns, writes into a folder of its own (`_received`) and lets go."""
     with tempfile.TemporaryDirectory() as tmp:
-        into(Path(tmp) / "shard.duckdb")
-        return export_shard(Path(tmp) / "shard.duckdb")
+        _capture_shard(model_ref, device, name, prompts, settings, shard, tmp)
+        for file in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            with open(file, "rb") as f:
+                while True:
+                    piece = f.read(PIECE)  # as an array: read where it lies in the object store
+                    yield file.relative_to(tmp).as_posix(), np.frombuffer(piece, np.uint8)
+                    if len(piece) < PIECE:
+                        break
+
+
+def _received(ray, pieces, folder: Path, shard: int) -> Path:
+    """Write a shipped shard's pieces (a `_shipped_shard` generator) into a new `folder`, one piece in
+    memory at a time; the shard file's path."""
+    for ref in pieces:
+        file, piece = ray.get(ref)
+        target = folder / file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "ab") as out:  # a file's pieces come in order
+            out.write(piece)
+        del ref, piece
+    return folder / f"shard-{shard}.duckdb"
 
 
 def shards_folder(
@@ -240,14 +259,15 @@ def capture_ray(
     progress: Progress | None = None,
     ship: bool | None = None,
 ) -> str:
-    """Fan the shards out as Ray tasks (one per GPU, or per CPU slot) and merge them into `store`.
+    """Fan the shards out as Ray tasks (one per GPU, or per CPU slot) and merge them into `store`, each
+    from its files as `merge` does (its arrays read as they are summed, a few at a time).
 
     A Ray cluster of this machine alone captures each shard into a folder beside the cache
-    (`shards_folder`), and the shard is merged from there like `merge` (its arrays read as they are
-    summed, a few at a time); the folder is deleted once the run is merged, and kept when the capture
-    stops (error, interrupt, kill), so that the same command resumes each shard where it stopped. A
-    cluster with other machines (or `ship`) hands each shard's tables over with its arrays' bytes, a
-    shard's counts in memory at once (26 GB for an 8B shape), and a stopped capture starts over."""
+    (`shards_folder`), deleted once the run is merged and kept when the capture stops (an error, an
+    interrupt, a kill), so that the same command resumes each shard where it stopped. A cluster with
+    other machines (or `ship`) sends each shard's files in pieces through Ray's object store into a
+    temporary folder beside the cache (one shard's files on this disk at a time, one piece in memory);
+    a stopped capture there starts over."""
     try:
         import ray
     except ImportError as exc:
@@ -259,25 +279,33 @@ def capture_ray(
         ray.init(address=address, runtime_env=env, include_dashboard=False, log_to_driver=False)
     if ship is None:
         ship = not _this_machine_only(ray)
-    folder = None if ship else shards_folder(store, model_ref, prompt_set, config, n_shards)
-    if folder is not None:
+    if ship:
+        folder = Path(tempfile.mkdtemp(prefix=".shards-", dir=Path(store.path).resolve().parent))
+    else:
+        folder = shards_folder(store, model_ref, prompt_set, config, n_shards)
         if progress and folder.exists():
             progress(0, n_shards, f"resuming the shards in {folder}")
         folder.mkdir(exist_ok=True)
     gpus = 1 if (device or "").startswith("cuda") else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(_capture_shard)
+    # shipped: a worker yields at most AHEAD pieces more than this process has taken (Ray's private
+    # backpressure option of generator tasks), so a shard's files do not pile up in the object store
+    extra = {"_generator_backpressure_num_objects": AHEAD} if ship else {}
+    task = ray.remote(num_cpus=1, num_gpus=gpus, **extra)(_shipped_shard if ship else _capture_shard)
     prompts = [(p.id, p.category, p.text) for p in prompt_set.prompts]
-    pending = [
-        task.remote(model_ref, device, prompt_set.name, prompts, asdict(config), (i, n_shards),
-                    None if folder is None else str(folder))
-        for i in range(n_shards)
-    ]  # fmt: skip
-    run_ids = []
+    common = (model_ref, device, prompt_set.name, prompts, asdict(config))
+    shard_of = {}  # each task (a generator of pieces when shipped) -> its shard
+    into = () if ship else (str(folder),)  # shipped: a temporary folder of the worker's own
+    for i in range(n_shards):
+        shard_of[task.remote(*common, (i, n_shards), *into)] = i
+    pending, run_ids = list(shard_of), []
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            got = ray.get(ready[0])
-            run_ids += merge_tables(store, Store.read_shard(got, inline=False) if folder else got)
+            i = shard_of[ready[0]]
+            path = _received(ray, ready[0], folder / f"{i}", i) if ship else ray.get(ready[0])
+            run_ids += merge_tables(store, Store.read_shard(path))
+            if ship:
+                shutil.rmtree(folder / f"{i}")
             if progress:
                 progress(n_shards - len(pending), n_shards, "shards merged")
         missing = finish(store, run_ids)
@@ -290,7 +318,9 @@ def capture_ray(
             ray.cancel(future, force=True)
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=60)
-        if folder is None or not isinstance(exc, Exception):
+        if ship:
+            shutil.rmtree(folder, ignore_errors=True)
+        if ship or not isinstance(exc, Exception):
             raise
         what = exc.message if isinstance(exc, BricklabError) else f"{type(exc).__name__}: {exc}"
         raise BricklabError(
@@ -298,8 +328,7 @@ def capture_ray(
             f"Run the same command again to resume it from the shards kept in {folder} "
             "(delete that folder to start over).",
         ) from exc
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     return run_ids[0]
 
 

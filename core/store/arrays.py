@@ -67,41 +67,23 @@ class Lazy:
         return array if dtype is None else array.astype(dtype, copy=False)
 
 
-def shard_arrays(path: Path, catalog: pa.Table, inline: bool = True) -> pa.Table:
-    """The arrays a shard file's catalog names, from beside it: its catalog rows with each array's
-    bytes as `data` (`inline`: what travels with its chunks to another machine, `read_shard`) or the
-    path of its file as `source` (a merge on this machine: no array is read until it is needed)."""
-    data, sources = [], []
+def shard_arrays(path: Path, catalog: pa.Table) -> pa.Table:
+    """The arrays a shard file's catalog names, from beside it: its catalog rows with the path of each
+    array's file as `source` (each file is checked now; no array is read until it is needed)."""
+    sources = []
     for row in catalog.to_pylist():
         file = folder_of(path, row["run_id"]) / row["file"]
-        array = _shard_file(file)  # memory-mapped: every file is checked before anything is merged
-        if inline:  # a chunk each: no copy of them all at once, and none limited to 2 GB
-            data.append(pa.array([np.ascontiguousarray(array).tobytes()], pa.large_binary()))
-        else:
-            sources.append(str(file))
-    if inline:
-        return catalog.append_column("data", pa.chunked_array(data, pa.large_binary()))
+        _shard_file(file)  # memory-mapped: every file is checked before anything is merged
+        sources.append(str(file))
     return catalog.append_column("source", pa.array(sources, pa.string()))
 
 
 def shard_rows(table: pa.Table) -> list[tuple[dict, Callable[[], np.ndarray]]]:
-    """Each row of a `shard_arrays` table, and what gives its array: a view of its bytes, or its file
-    memory-mapped (opened when asked, so that only the arrays in use are mapped)."""
-    names = table.column_names
-    rows = table.drop_columns([c for c in ("data", "source") if c in names]).to_pylist()
-    out = []
-    for i, row in enumerate(rows):
-        shape = [int(n) for n in row["shape"].split(",")]
-        if "data" in names:
-            raw = table["data"][i].as_buffer()
-            out.append((row, functools.partial(_from_bytes, raw, row["dtype"], shape)))
-        else:
-            out.append((row, functools.partial(_shard_file, Path(table["source"][i].as_py()))))
-    return out
-
-
-def _from_bytes(raw, dtype: str, shape: list[int]) -> np.ndarray:
-    return np.frombuffer(raw, dtype).reshape(shape)
+    """Each row of a `shard_arrays` table, and what gives its array: its file memory-mapped (opened
+    when asked, so that only the arrays in use are mapped)."""
+    rows = table.drop_columns(["source"]).to_pylist()
+    sources = table["source"].to_pylist()
+    return [(row, functools.partial(_shard_file, Path(f))) for row, f in zip(rows, sources, strict=True)]
 
 
 def _shard_file(file: Path) -> np.ndarray:

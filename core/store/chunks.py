@@ -191,11 +191,10 @@ class ChunkTables:
             )
 
     @staticmethod
-    def read_shard(path: str | Path, inline: bool = True) -> dict[str, pa.Table]:
-        """Every run row and chunk row of a shard file, as Arrow tables (cheap to ship between machines),
-        with its running top examples (`top_state`, empty in a shard or a file of an older bricklab)
-        and the catalogs of its files beside it (`arrays`: its co-activation counts; `chunk_files`):
-        with each file's bytes (`inline`), or its path for a merge on this machine."""
+    def read_shard(path: str | Path) -> dict[str, pa.Table]:
+        """Every run row and chunk row of a shard file, as Arrow tables, with its running top examples
+        (`top_state`, empty in a shard or a file of an older bricklab) and the catalogs of its files
+        beside it (`arrays`: its co-activation counts; `chunk_files`), each file's path as `source`."""
         path = Path(path)
         if not path.is_file():
             raise BricklabError(f"The shard '{path}' does not exist.", "Check the path.")
@@ -216,7 +215,7 @@ class ChunkTables:
             con.close()
         for name in ("arrays", "chunk_files"):  # counts over its chunks and its chunks' files, from
             if name in tables:  # beside the file
-                tables[name] = shard_arrays(path, tables[name], inline)
+                tables[name] = shard_arrays(path, tables[name])
         return tables
 
     @faults.guarded

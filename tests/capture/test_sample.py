@@ -121,24 +121,15 @@ def test_readers_of_single_tokens_use_the_sample_within_a_stated_tolerance(two_r
     assert len(tokens.sample) < run_p.n_tokens and tokens.counts.sum() == len(tokens.sample)
 
 
-@pytest.mark.parametrize("shipped", [False, True], ids=["files-beside-the-shards", "bytes-shipped"])
-def test_shards_of_a_partial_sample_merge_to_the_unsharded_counts(
-    two_runs, tiny_lm, small_prompts, tmp_path, shipped
-):
-    """Merged from their files on this machine (`merge`), or from tables holding the files' bytes (as
-    Ray hands a shard over), the shards' counts and prompt means are the unsharded run's."""
+def test_shards_of_a_partial_sample_merge_to_the_unsharded_counts(two_runs, tiny_lm, small_prompts, tmp_path):
+    """Merged from their files, the shards' counts and prompt means are the unsharded run's (Ray's
+    workers on other machines send those files: test_shards)."""
     (_, _), (part, run_p) = two_runs
     config = capture.CaptureConfig(chunk_prompts=8, sample_bytes=PARTIAL)
     paths = capture_shards(tiny_lm, small_prompts, config, tmp_path, 2)
     merged = Store(tmp_path / "merged.duckdb")
     try:
-        if shipped:
-            tables = [shards.export_shard(path) for path in paths[::-1]]
-            assert all("data" in t["arrays"].column_names for t in tables)  # the bytes, not the paths
-            run_ids = [r for t in tables for r in shards.merge_tables(merged, t)]
-            run_ids, missing = list(dict.fromkeys(run_ids)), shards.finish(merged, run_ids)
-        else:
-            run_ids, missing = shards.merge(merged, paths[::-1])
+        run_ids, missing = shards.merge(merged, paths[::-1])
         assert run_ids == [run_p.run_id] and not missing
         for key in part.array_files(run_p.run_id):
             assert np.array_equal(merged.read_array(run_p.run_id, *key), part.read_array(run_p.run_id, *key))
@@ -167,9 +158,8 @@ def test_a_shard_missing_an_array_file_is_refused_and_nothing_of_it_merged(tiny_
     lost.unlink()
     merged = Store(tmp_path / "merged.duckdb")
     try:
-        for merge in (shards.merge, lambda store, ps: shards.merge_tables(store, shards.export_shard(ps[0]))):
-            with pytest.raises(BricklabError, match=r"The shard's array file .*coact_b-L001.* is missing"):
-                merge(merged, paths[1:])
+        with pytest.raises(BricklabError, match=r"The shard's array file .*coact_b-L001.* is missing"):
+            shards.merge(merged, paths[1:])
         assert merged.runs() == []
     finally:
         merged.close()

@@ -1,5 +1,8 @@
 """Sharded and Ray captures equal the single-process capture of the same prompt set."""
 
+import dataclasses
+import types
+
 import numpy as np
 import pytest
 
@@ -88,16 +91,12 @@ def test_merge_rejects_a_file_that_is_not_a_shard(tmp_path, store):
 
 def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, reference, monkeypatch):
     """On a Ray cluster of this machine the shards are merged from files beside the cache (then
-    deleted); handed over as tables with their arrays' bytes (as from other machines), a run with
+    deleted); sent in pieces through Ray's object store (as from other machines), a run with
     co-activation counts and prompt-mean files merges to the same."""
     ray = pytest.importorskip("ray")
-    handed = []  # how each shard's arrays reached the merge: their files' paths, or their bytes
-    real = shards.merge_tables
-    monkeypatch.setattr(
-        shards,
-        "merge_tables",
-        lambda store, t: handed.append(t["chunk_files"].column_names) or real(store, t),
-    )
+    received = []  # the shards that came as pieces
+    real = shards._received
+    monkeypatch.setattr(shards, "_received", lambda *a: received.append(a[3]) or real(*a))
     store = Store(tmp_path / "ray.duckdb")
     try:
         run_id = shards.capture_ray(tiny_dir, small_prompts, store, CONFIG, n_shards=2, device="cpu")
@@ -112,7 +111,8 @@ def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, re
                 tiny_dir, small_prompts, mine, partial, n_shards=2, device="cpu", ship=ship
             )
             runs[ship] = (mine, run)
-        assert ["source" in names for names in handed] == [True] * 4 + [False] * 2
+        assert sorted(received) == [0, 1]  # only the shipped capture's shards, each once
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shards-")] == []
         (files, run), (shipped, _) = runs[False], runs[True]
         assert files.array_files(run) and files.chunk_files(run, "prompt_acts")  # the run has both
         for name, layer in files.array_files(run):
@@ -123,6 +123,36 @@ def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, re
     finally:
         store.close()
         ray.shutdown()
+
+
+def test_a_shipped_shard_arrives_file_for_file_in_pieces(tiny_dir, small_prompts, tmp_path, monkeypatch):
+    """What a Ray worker on another machine sends (without Ray: the generator read here): every file of
+    its shard, cut in pieces of at most PIECE bytes, written back byte for byte."""
+    monkeypatch.setattr(shards, "PIECE", 4096)
+    partial = capture.CaptureConfig(chunk_prompts=4, batch_size=3, sample_bytes=3000)
+    prompts = [(p.id, p.category, p.text) for p in small_prompts.prompts]
+    args = (tiny_dir, "cpu", small_prompts.name, prompts, dataclasses.asdict(partial), (1, 2))
+    pieces = list(shards._shipped_shard(*args))
+    assert max(len(piece) for _, piece in pieces) == 4096 and all(len(p) <= 4096 for _, p in pieces)
+    got = shards._received(types.SimpleNamespace(get=lambda x: x), pieces, tmp_path / "got", 1)
+    shards._capture_shard(*args, tmp_path / "made")  # the same shard captured here
+    made = sorted(p.relative_to(tmp_path / "made") for p in (tmp_path / "made").rglob("*") if p.is_file())
+    came = sorted(p.relative_to(tmp_path / "got") for p in (tmp_path / "got").rglob("*") if p.is_file())
+    assert came == made and got == tmp_path / "got" / "shard-1.duckdb"
+    assert any(p.suffix == ".npy" for p in came)  # its counts and prompt means beside it
+    for relative in came:
+        if relative.suffix == ".npy":  # the same arrays (the DuckDB files differ in their timings)
+            assert (tmp_path / "got" / relative).read_bytes() == (tmp_path / "made" / relative).read_bytes()
+    one, two = Store(tmp_path / "one.duckdb"), Store(tmp_path / "two.duckdb")
+    try:
+        shards.merge(one, [got])
+        shards.merge(two, [tmp_path / "made" / "shard-1.duckdb"])
+        run_id = one.runs()[0].run_id
+        for name, layer in one.array_files(run_id):
+            assert np.array_equal(one.read_array(run_id, name, layer), two.read_array(run_id, name, layer))
+    finally:
+        one.close()
+        two.close()
 
 
 def test_a_stopped_ray_capture_keeps_its_shards_and_the_same_command_resumes_them(
