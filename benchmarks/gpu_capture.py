@@ -462,6 +462,41 @@ class _FakeSet:
         return len(self.prompts)
 
 
+def host_speed(device: str, mib: int = 1024) -> dict:
+    """GB/s of the host parts a capture's writes pay, to tell one lease's host from another's (the
+    default-writes ratio tracked them: 1.226-1.335 on three H200 leases, 2026-12-04): a copy into fresh
+    pages (page faults included) and into warm ones, a write of the cache's temporary folder with its
+    fsync, and on CUDA a device-to-host copy into pinned and into pageable memory."""
+    n = mib << 20
+    src = np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8)
+
+    def rate(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return round(n / (time.perf_counter() - t0) / 1e9, 2)
+
+    warm = np.empty_like(src)
+    out = {"mib": mib, "memcpy_fresh_gb_s": rate(lambda: np.copyto(np.empty_like(src), src))}
+    np.copyto(warm, src)
+    out["memcpy_warm_gb_s"] = rate(lambda: np.copyto(warm, src))
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def write() -> None:
+            with open(Path(tmp) / "probe", "wb") as f:
+                f.write(memoryview(src))
+                f.flush()
+                os.fsync(f.fileno())
+
+        out["write_fsync_gb_s"] = rate(write)
+    if device == "cuda":
+        gpu = torch.from_numpy(src).to(device)
+        pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        for name, host in (("d2h_pinned_gb_s", pinned), ("d2h_pageable_gb_s", torch.from_numpy(warm))):
+            host.copy_(gpu)  # once untimed: the first copy sets up the path
+            out[name] = rate(lambda host=host: (host.copy_(gpu), torch.cuda.synchronize()))
+    return out
+
+
 def run(
     shape: str,
     device: str,
@@ -481,6 +516,7 @@ def run(
 ) -> dict:
     """Bare vs capture; with `compare`, also capture through torch's ops instead of the fused kernels; with
     `kernels`, first time the kernels' configurations (kernel_sweep) and after, profile one capture."""
+    host = host_speed(device, 1024 if device == "cuda" else 64)  # before the model takes the memory
     sweep = kernel_sweep(batch_size, seq, SHAPES[shape]["intermediate_size"]) if kernels else None
     torch.cuda.empty_cache() if kernels else None  # the sweep's layer-batch is not the capture's memory
     lm = random_model(shape, device)
@@ -538,7 +574,7 @@ def run(
             "partials_steps": partials_breakdown(lm, encoded, batch_size, device),
         }
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "host": host,
         "shape": shape, "n_prompts": n_prompts, "seq": seq, "batch_size": batch_size, "reps": reps,
         "cache_writes": write, "bare_s": best_bare, "capture_s": best_cap, "ratio": best_cap / best_bare,
         "interleaved": interleaved, "bare_all": bare, "capture_all": full,

@@ -52,7 +52,7 @@ SMOKE = {  # script -> (arguments, keys its last line must hold); slowest first
     "store.py": (["--smoke"], {"store_s", "fetchall_s", "long_table_s", "speedup_vs_fetchall"}),
     "gpu_capture.py": (
         ["--smoke", "--write-reps", "1", "--run-chunks", "2"],  # format-3 runs too
-        {"ratio", "bare_s", "capture_s", "tokens_per_s", "with_cache_writes"},
+        {"ratio", "bare_s", "capture_s", "tokens_per_s", "with_cache_writes", "host"},
     ),
     "select_window.py": (["--smoke"], {"hit_rate", "worst_layer_hit_rate", "tokens"}),
     "finalise.py": (["--smoke"], {"finalise_s", "baseline_s", "speedup", "same_run"}),
