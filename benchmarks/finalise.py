@@ -33,18 +33,35 @@ SHAPES = {"llama3-8b": (32, 14336, 64, 512), "tiny": (2, 96, 4, 16)}  # layers, 
 class _Chunk:
     """What ChunkWriter reads of a ChunkReducer: per prompt and layer, mean |a| and firing words."""
 
-    def __init__(self, rng, n_layers: int, d_ff: int, n_prompts: int, seq: int):
-        self.shape = (n_prompts, n_layers, d_ff)
+    def __init__(self, rng, n_layers: int, d_ff: int, n_prompts: int, seq: int, rate: float):
+        self.shape, self.rate = (n_prompts, n_layers, d_ff), rate
+        self.words = rng.integers(0, 2**63, (seq, d_ff // 64)).view(np.uint64)
         self.new_means(rng)
-        words = rng.integers(0, 2**63, (seq, d_ff // 64)).view(np.uint64)  # one array, shared
-        self.prompt_bits = {i: [words] * n_layers for i in range(n_prompts)}
         self.n_tokens = n_prompts * seq
 
     def new_means(self, rng) -> None:
-        """Every prompt's and layer's own means, as a capture's are: one array repeated compresses in
-        DuckDB's checkpoints (a dictionary of one value), which then cost far less than a capture's."""
+        """Every prompt's and layer's own means and firing words, as a capture's are: one array repeated
+        compresses in DuckDB's checkpoints (a dictionary of one value), which then cost far less."""
         means = rng.random(self.shape, dtype=np.float32).astype(np.float16)
         self.prompt_means = {i: list(means[i]) for i in range(self.shape[0])}
+        keys = rng.integers(0, 2**63, self.shape[:2]).view(np.uint64)
+        made = (lambda key: self.words ^ key) if self.rate >= 1 else (lambda key: _Words(self.words, key))
+        self.prompt_bits = {i: [made(key) for key in keys[i]] for i in range(self.shape[0])}
+
+
+class _Words:
+    """One prompt's and layer's firing words: a shared array XOR a key of their own, made only for
+    the rows the writer takes (the run's token sample), so that no two are alike (a run keeping every
+    token's bits gets them whole)."""
+
+    def __init__(self, words: np.ndarray, key: np.uint64):
+        self.words, self.key = words, key
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.words[rows] ^ self.key
 
 
 class _Tokens:
@@ -58,7 +75,6 @@ def write_run(path: Path, shape: str, n_chunks: int) -> list[float]:
     the seconds of each chunk's commit."""
     n_layers, d_ff, n_prompts, seq = SHAPES[shape]
     rng = np.random.default_rng(0)
-    chunk = _Chunk(rng, n_layers, d_ff, n_prompts, seq)
     encoded = [Encoded(rng.integers(0, 1000, seq).tolist(), 0, seq, False) for _ in range(n_prompts)]
     rows = []
     for layer in range(n_layers):
@@ -71,6 +87,7 @@ def write_run(path: Path, shape: str, n_chunks: int) -> list[float]:
     )
     config = capture.CaptureConfig()
     rate = sample.sample_rate(config.sample_bytes, 10**7, n_layers, d_ff)  # a 10M-token run's sample
+    chunk = _Chunk(rng, n_layers, d_ff, n_prompts, seq, rate)
     store, each = Store(path), []
     try:
         row = {"run_id": "bench", "settings": json.dumps(config.__dict__), "n_layers": n_layers,
