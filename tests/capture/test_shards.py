@@ -159,7 +159,7 @@ def test_a_stopped_ray_capture_keeps_its_shards_and_the_same_command_resumes_the
     tiny_dir, tiny_lm, small_prompts, tmp_path, reference, monkeypatch
 ):
     """The merge fails after the first shard is captured: the capture stops with an error naming the
-    kept folder, the other task is cancelled, nothing is merged. The same call again resumes: the
+    kept folder, and nothing is merged. The same call again resumes: the
     shard captured before is merged as it was (its chunks took the same seconds: not captured again),
     a run of other weights left in a shard file is deleted, and the run equals the single-process one."""
     ray = pytest.importorskip("ray")
