@@ -224,17 +224,28 @@ def _shipped_shard(model_ref, device, name, prompts, settings, shard):
                         break
 
 
-def _received(ray, pieces, folder: Path, shard: int) -> Path:
+def _received(ray, pieces, folder: Path, shard: int, heard=None) -> Path:
     """Write a shipped shard's pieces (a `_shipped_shard` generator) into a new `folder`, one piece in
-    memory at a time; the shard file's path."""
+    memory at a time; the shard file's path. `heard(bytes so far)` after each piece."""
+    total = 0
     for ref in pieces:
         file, piece = ray.get(ref)
         target = folder / file
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "ab") as out:  # a file's pieces come in order
             out.write(piece)
+        total += len(piece)
         del ref, piece
+        if heard:
+            heard(total)
     return folder / f"shard-{shard}.duckdb"
+
+
+def _heard(progress: Progress | None, done: int, total: int, shard: int):
+    """A `_received` callback that reports through `progress` how much of a shard has come."""
+    if progress is None:
+        return None
+    return lambda n: progress(done, total, f"shard {shard}: {n >> 20:,} MiB received")
 
 
 def shards_folder(
@@ -301,8 +312,11 @@ def capture_ray(
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            i = shard_of[ready[0]]
-            path = _received(ray, ready[0], folder / f"{i}", i) if ship else ray.get(ready[0])
+            i, done = shard_of[ready[0]], n_shards - len(pending) - 1
+            if ship:
+                path = _received(ray, ready[0], folder / f"{i}", i, _heard(progress, done, n_shards, i))
+            else:
+                path = ray.get(ready[0])
             run_ids += merge_tables(store, Store.read_shard(path))
             if ship:
                 shutil.rmtree(folder / f"{i}")

@@ -104,14 +104,17 @@ def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, re
         assert_same(snapshot(store, run_id), reference[1])
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shards-")] == []
         partial = capture.CaptureConfig(chunk_prompts=4, batch_size=3, sample_bytes=3000)
-        runs = {}
+        runs, said = {}, {False: [], True: []}
         for ship in (False, True):
             mine = Store(tmp_path / f"ship-{ship}.duckdb")
             run = shards.capture_ray(
-                tiny_dir, small_prompts, mine, partial, n_shards=2, device="cpu", ship=ship
-            )
+                tiny_dir, small_prompts, mine, partial, n_shards=2, device="cpu", ship=ship,
+                progress=lambda *a, ship=ship: said[ship].append(a[2]),
+            )  # fmt: skip
             runs[ship] = (mine, run)
         assert sorted(received) == [0, 1]  # only the shipped capture's shards, each once
+        assert {m.split(":")[0] for m in said[True] if m.endswith("MiB received")} == {"shard 0", "shard 1"}
+        assert not [m for m in said[False] if "received" in m]
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shards-")] == []
         (files, run), (shipped, _) = runs[False], runs[True]
         assert files.array_files(run) and files.chunk_files(run, "prompt_acts")  # the run has both
