@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -187,46 +188,61 @@ PIECE = 64 << 20  # bytes of a shipped shard's file in one Ray object
 AHEAD = 2  # pieces a shipped shard's worker may have yielded that the merging process has not taken
 
 
-def _capture_shard(model_ref, device, name, prompts, settings, shard, folder) -> str:
-    """One shard in a fresh process: load the model and capture into `folder`/shard-I.duckdb; its path.
-    A file left there by a stopped capture of the same run is resumed; runs of other weights in it are
-    deleted first."""
+def _capture_shard(model_ref, device, name, prompts, settings, shard, folder, merged=None):
+    """One shard in a fresh process: load the model and capture into `folder`/shard-I.duckdb; (the run
+    id, the file's path), or (the run id, None) when `merged` (run id -> chunks the cache holds) says
+    the cache has every chunk of the shard already: nothing is captured again. A file left there by a
+    stopped capture of the same run is resumed; runs of other weights in it are deleted first."""
     from core import models
 
     lm = models.load_model(model_ref, device=device)
     prompt_set = PromptSet(name, tuple(Prompt(*p) for p in prompts))
     config = capture.CaptureConfig(**settings)
+    mine = capture.run_id_for(lm.info.fingerprint, prompt_set.hash, config)
+    chunks = range(shard[0], math.ceil(len(prompts) / config.chunk_prompts), shard[1])
+    if mine in (merged or {}) and set(chunks) <= set(merged[mine]):
+        return mine, None
     path = Path(folder) / f"shard-{shard[0]}.duckdb"
     store = Store(path)
     try:
-        mine = capture.run_id_for(lm.info.fingerprint, prompt_set.hash, config)
         for other in {run.run_id for run in store.runs()} - {mine}:
             store.delete_run(other)  # the weights behind model_ref changed since the file was left
         capture.capture(lm, prompt_set, store, config, shard=shard)
     finally:
         store.close()
-    return str(path)
+    return mine, str(path)
 
 
-def _shipped_shard(model_ref, device, name, prompts, settings, shard):
-    """A Ray generator task for a machine that does not share the merging process's disk: the shard is
-    captured into a temporary folder, then each of its files (the DuckDB file and the arrays beside it)
-    is yielded in pieces of at most PIECE bytes, as (path in the folder, uint8 array): each piece one object
-    that the merging process owns, writes into a folder of its own (`_received`) and lets go."""
-    with tempfile.TemporaryDirectory() as tmp:
-        _capture_shard(model_ref, device, name, prompts, settings, shard, tmp)
-        for file in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+def _shipped_shard(model_ref, device, name, prompts, settings, shard, merged, keep):
+    """A Ray generator task for a machine that does not share the merging process's disk: yields the run
+    id, then, unless the cache has the shard's chunks already (`merged`, as `_capture_shard`), each of
+    the shard's files (the DuckDB file and the arrays beside it) in pieces of at most PIECE bytes, as
+    (path in the folder, uint8 array): each piece one object that the merging process owns, writes into
+    a folder of its own (`_received`) and lets go. The shard is captured into the folder `keep` of the
+    machine's temporary folder, deleted once every piece is sent: a capture stopped before resumes
+    there when the shard runs on the same machine again."""
+    folder = Path(tempfile.gettempdir()) / keep
+    folder.mkdir(exist_ok=True)
+    run_id, path = _capture_shard(model_ref, device, name, prompts, settings, shard, folder, merged)
+    yield run_id
+    if path is not None:
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
             with open(file, "rb") as f:
                 while True:
                     piece = f.read(PIECE)  # as an array: read where it lies in the object store
-                    yield file.relative_to(tmp).as_posix(), np.frombuffer(piece, np.uint8)
+                    yield file.relative_to(folder).as_posix(), np.frombuffer(piece, np.uint8)
                     if len(piece) < PIECE:
                         break
+    shutil.rmtree(folder, ignore_errors=True)
 
 
-def _received(ray, pieces, folder: Path, shard: int, heard=None) -> Path:
-    """Write a shipped shard's pieces (a `_shipped_shard` generator) into a new `folder`, one piece in
-    memory at a time; the shard file's path. `heard(bytes so far)` after each piece."""
+def _received(ray, pieces, folder: Path, shard: int, heard=None) -> tuple[str, Path | None]:
+    """Write a shipped shard's pieces (a `_shipped_shard` generator) into `folder`, emptied first (the
+    pieces of a stopped capture), one piece in memory at a time; (the run id, the shard file's path, or
+    None when the worker sent no files). `heard(bytes so far)` after each piece."""
+    pieces = iter(pieces)
+    run_id = ray.get(next(pieces))
+    shutil.rmtree(folder, ignore_errors=True)
     total = 0
     for ref in pieces:
         file, piece = ray.get(ref)
@@ -238,7 +254,8 @@ def _received(ray, pieces, folder: Path, shard: int, heard=None) -> Path:
         del ref, piece
         if heard:
             heard(total)
-    return folder / f"shard-{shard}.duckdb"
+    path = folder / f"shard-{shard}.duckdb"
+    return run_id, path if path.exists() else None
 
 
 def _heard(progress: Progress | None, done: int, total: int, shard: int):
@@ -273,12 +290,14 @@ def capture_ray(
     """Fan the shards out as Ray tasks (one per GPU, or per CPU slot) and merge them into `store`, each
     from its files as `merge` does (its arrays read as they are summed, a few at a time).
 
-    A Ray cluster of this machine alone captures each shard into a folder beside the cache
-    (`shards_folder`), deleted once the run is merged and kept when the capture stops (an error, an
-    interrupt, a kill), so that the same command resumes each shard where it stopped. A cluster with
-    other machines (or `ship`) sends each shard's files in pieces through Ray's object store into a
-    temporary folder beside the cache (one shard's files on this disk at a time, one piece in memory);
-    a stopped capture there starts over."""
+    Shards are merged as they finish, so a stopped capture (an error, an interrupt, a kill) leaves the
+    cache holding the chunks of those merged; the same command captures only the others. A Ray
+    cluster of this machine alone captures each shard into a folder beside the cache (`shards_folder`),
+    deleted once the run is merged and kept when the capture stops, so that the same command resumes
+    each unmerged shard where it stopped. A cluster with other machines (or `ship`) sends each shard's
+    files in pieces through Ray's object store into that folder (one shard's files on this disk at a
+    time, one piece in memory); a shard stopped there resumes only if it runs on the same machine
+    again (`_shipped_shard`)."""
     try:
         import ray
     except ImportError as exc:
@@ -290,13 +309,10 @@ def capture_ray(
         ray.init(address=address, runtime_env=env, include_dashboard=False, log_to_driver=False)
     if ship is None:
         ship = not _this_machine_only(ray)
-    if ship:
-        folder = Path(tempfile.mkdtemp(prefix=".shards-", dir=Path(store.path).resolve().parent))
-    else:
-        folder = shards_folder(store, model_ref, prompt_set, config, n_shards)
-        if progress and folder.exists():
-            progress(0, n_shards, f"resuming the shards in {folder}")
-        folder.mkdir(exist_ok=True)
+    folder = shards_folder(store, model_ref, prompt_set, config, n_shards)
+    if progress and folder.exists() and not ship:
+        progress(0, n_shards, f"resuming the shards in {folder}")
+    folder.mkdir(exist_ok=True)
     gpus = 1 if (device or "").startswith("cuda") else 0
     # shipped: a worker yields at most AHEAD pieces more than this process has taken (Ray's private
     # backpressure option of generator tasks), so a shard's files do not pile up in the object store
@@ -304,24 +320,29 @@ def capture_ray(
     task = ray.remote(num_cpus=1, num_gpus=gpus, **extra)(_shipped_shard if ship else _capture_shard)
     prompts = [(p.id, p.category, p.text) for p in prompt_set.prompts]
     common = (model_ref, device, prompt_set.name, prompts, asdict(config))
+    merged = {run.run_id: sorted(store.done_chunks(run.run_id)) for run in store.runs()}
     shard_of = {}  # each task (a generator of pieces when shipped) -> its shard
-    into = () if ship else (str(folder),)  # shipped: a temporary folder of the worker's own
     for i in range(n_shards):
-        shard_of[task.remote(*common, (i, n_shards), *into)] = i
+        where = (merged, f"bricklab{folder.name}-{i}") if ship else (str(folder), merged)
+        shard_of[task.remote(*common, (i, n_shards), *where)] = i
     pending, run_ids = list(shard_of), []
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             i, done = shard_of[ready[0]], n_shards - len(pending) - 1
             if ship:
-                path = _received(ray, ready[0], folder / f"{i}", i, _heard(progress, done, n_shards, i))
+                heard = _heard(progress, done, n_shards, i)
+                run_id, path = _received(ray, ready[0], folder / f"{i}", i, heard)
             else:
-                path = ray.get(ready[0])
-            run_ids += merge_tables(store, Store.read_shard(path))
+                run_id, path = ray.get(ready[0])
+            run_ids.append(run_id)
+            if path is not None:
+                merge_tables(store, Store.read_shard(path))
             if ship:
-                shutil.rmtree(folder / f"{i}")
+                shutil.rmtree(folder / f"{i}", ignore_errors=True)
             if progress:
-                progress(n_shards - len(pending), n_shards, "shards merged")
+                what = "shards merged" if path is not None else f"shard {i} was in the cache already"
+                progress(n_shards - len(pending), n_shards, what)
         missing = finish(store, run_ids)
         if missing:
             raise BricklabError(
@@ -332,16 +353,16 @@ def capture_ray(
             ray.cancel(future, force=True)
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=60)
-        if ship:
-            shutil.rmtree(folder, ignore_errors=True)
-        if ship or not isinstance(exc, Exception):
+        if not isinstance(exc, Exception):
             raise
         what = exc.message if isinstance(exc, BricklabError) else f"{type(exc).__name__}: {exc}"
-        raise BricklabError(
-            f"The Ray capture stopped: {what.rstrip('.')}.",
-            f"Run the same command again to resume it from the shards kept in {folder} "
-            "(delete that folder to start over).",
-        ) from exc
+        kept = (
+            "the shards merged into the cache are not captured again"
+            if ship
+            else f"from the shards kept in {folder} (delete that folder to start over)"
+        )
+        what = f"The Ray capture stopped: {what.rstrip('.')}."
+        raise BricklabError(what, f"Run the same command again to resume it {kept}.") from exc
     shutil.rmtree(folder, ignore_errors=True)
     return run_ids[0]
 

@@ -129,16 +129,21 @@ def test_ray_capture_equals_single_process(tiny_dir, small_prompts, tmp_path, re
 
 
 def test_a_shipped_shard_arrives_file_for_file_in_pieces(tiny_dir, small_prompts, tmp_path, monkeypatch):
-    """What a Ray worker on another machine sends (without Ray: the generator read here): every file of
-    its shard, cut in pieces of at most PIECE bytes, written back byte for byte."""
+    """What a Ray worker on another machine sends (without Ray: the generator read here): the run id,
+    then every file of its shard, cut in pieces of at most PIECE bytes, written back byte for byte; the
+    worker's folder is gone once all is sent."""
     monkeypatch.setattr(shards, "PIECE", 4096)
+    monkeypatch.setattr(shards.tempfile, "gettempdir", lambda: str(tmp_path))
     partial = capture.CaptureConfig(chunk_prompts=4, batch_size=3, sample_bytes=3000)
     prompts = [(p.id, p.category, p.text) for p in small_prompts.prompts]
     args = (tiny_dir, "cpu", small_prompts.name, prompts, dataclasses.asdict(partial), (1, 2))
-    pieces = list(shards._shipped_shard(*args))
-    assert max(len(piece) for _, piece in pieces) == 4096 and all(len(p) <= 4096 for _, p in pieces)
-    got = shards._received(types.SimpleNamespace(get=lambda x: x), pieces, tmp_path / "got", 1)
-    shards._capture_shard(*args, tmp_path / "made")  # the same shard captured here
+    pieces = list(shards._shipped_shard(*args, {}, "worker"))
+    assert not (tmp_path / "worker").exists()
+    files = pieces[1:]
+    assert max(len(piece) for _, piece in files) == 4096 and all(len(p) <= 4096 for _, p in files)
+    run_id, got = shards._received(types.SimpleNamespace(get=lambda x: x), pieces, tmp_path / "got", 1)
+    made_path = str(tmp_path / "made" / "shard-1.duckdb")
+    assert shards._capture_shard(*args, tmp_path / "made") == (run_id, made_path)
     made = sorted(p.relative_to(tmp_path / "made") for p in (tmp_path / "made").rglob("*") if p.is_file())
     came = sorted(p.relative_to(tmp_path / "got") for p in (tmp_path / "got").rglob("*") if p.is_file())
     assert came == made and got == tmp_path / "got" / "shard-1.duckdb"
@@ -150,12 +155,68 @@ def test_a_shipped_shard_arrives_file_for_file_in_pieces(tiny_dir, small_prompts
     try:
         shards.merge(one, [got])
         shards.merge(two, [tmp_path / "made" / "shard-1.duckdb"])
-        run_id = one.runs()[0].run_id
+        assert [run.run_id for run in one.runs()] == [run_id]
         for name, layer in one.array_files(run_id):
             assert np.array_equal(one.read_array(run_id, name, layer), two.read_array(run_id, name, layer))
     finally:
         one.close()
         two.close()
+
+
+def test_a_stopped_shipped_shard_resumes_on_its_machine_and_a_merged_one_is_not_sent(
+    tiny_dir, small_prompts, tmp_path, monkeypatch
+):
+    """A worker on another machine stopped in the middle of its shard (a kill: its folder is left)
+    resumes it when the shard comes to that machine again: the chunks captured before arrive as they
+    were (the seconds they took). A shard whose chunks the cache holds is not captured: the worker
+    sends the run id alone, and the receiving side's stale pieces are cleared."""
+    monkeypatch.setattr(shards.tempfile, "gettempdir", lambda: str(tmp_path))
+    prompts = [(p.id, p.category, p.text) for p in small_prompts.prompts]
+    args = (tiny_dir, "cpu", small_prompts.name, prompts, dataclasses.asdict(CONFIG), (0, 2))
+    real = capture.capture
+
+    def stopped(*a, **k):
+        def stop(done, total, what):
+            if what == "capturing" and done > CONFIG.chunk_prompts:
+                raise Stop
+
+        return real(*a, **k, progress=stop)
+
+    monkeypatch.setattr(capture, "capture", stopped)
+    with pytest.raises(Stop):
+        list(shards._shipped_shard(*args, {}, "worker"))
+    left = Store(tmp_path / "worker" / "shard-0.duckdb")
+    before = left.cursor().execute("SELECT chunk, seconds FROM chunks ORDER BY chunk").fetchall()
+    left.close()
+    assert [c for c, _ in before] == [0]  # the first of its chunks (0, 2, 4) was committed
+    monkeypatch.setattr(capture, "capture", real)
+    get = types.SimpleNamespace(get=lambda x: x)
+    run_id, got = shards._received(get, shards._shipped_shard(*args, {}, "worker"), tmp_path / "got", 0)
+    arrived = Store(got)
+    after = arrived.cursor().execute("SELECT chunk, seconds FROM chunks ORDER BY chunk").fetchall()
+    arrived.close()
+    assert after[0] == before[0] and [c for c, _ in after] == [0, 2, 4]
+    assert not (tmp_path / "worker").exists()
+    sent = list(shards._shipped_shard(*args, {run_id: [0, 1, 2, 4]}, "worker"))
+    assert sent == [run_id] and not (tmp_path / "worker").exists()
+    assert shards._received(get, sent, tmp_path / "got", 0) == (run_id, None)
+    assert not (tmp_path / "got").exists()  # what came before was cleared
+
+
+def failing_merge(monkeypatch, at: int) -> list:
+    """Spy on merge_tables: per call, the shard's (chunk, seconds it took to capture); call `at` raises."""
+    seen = []
+    real = shards.merge_tables
+
+    def spy(store, tables):
+        chunks = tables["chunks"]
+        seen.append(sorted(zip(chunks["chunk"].to_pylist(), chunks["seconds"].to_pylist(), strict=True)))
+        if len(seen) == at:
+            raise OSError("the disk went away")
+        return real(store, tables)
+
+    monkeypatch.setattr(shards, "merge_tables", spy)
+    return seen
 
 
 def test_a_stopped_ray_capture_keeps_its_shards_and_the_same_command_resumes_them(
@@ -166,24 +227,7 @@ def test_a_stopped_ray_capture_keeps_its_shards_and_the_same_command_resumes_the
     shard captured before is merged as it was (its chunks took the same seconds: not captured again),
     a run of other weights left in a shard file is deleted, and the run equals the single-process one."""
     ray = pytest.importorskip("ray")
-    seen = []  # per merge: the shard's (chunk, seconds it took to capture)
-    real = shards.merge_tables
-
-    def failing_first(store, tables):
-        seen.append(
-            sorted(
-                zip(
-                    tables["chunks"]["chunk"].to_pylist(),
-                    tables["chunks"]["seconds"].to_pylist(),
-                    strict=True,
-                )
-            )
-        )
-        if len(seen) == 1:
-            raise OSError("the disk went away")
-        return real(store, tables)
-
-    monkeypatch.setattr(shards, "merge_tables", failing_first)
+    seen = failing_merge(monkeypatch, 1)
     store = Store(tmp_path / "ray.duckdb")
     try:
         with pytest.raises(BricklabError, match=r"OSError: the disk went away. Run the same command again"):
@@ -210,6 +254,36 @@ def test_a_stopped_ray_capture_keeps_its_shards_and_the_same_command_resumes_the
         assert_same(snapshot(store, run_id), reference[1])
         assert said[0] == f"resuming the shards in {folder}" and not folder.exists()
         assert seen[0] in seen[1:]
+    finally:
+        store.close()
+        ray.shutdown()
+
+
+def test_a_stopped_shipped_ray_capture_captures_only_the_shards_not_merged(
+    tiny_dir, small_prompts, tmp_path, reference, monkeypatch
+):
+    """Shards sent through Ray's object store (as from other machines): the second merge fails, so the
+    capture stops with the first shard's chunks in the cache. The same call again captures and merges
+    only the other shard, and the run equals the single-process one; no folder is left."""
+    ray = pytest.importorskip("ray")
+    seen = failing_merge(monkeypatch, 2)
+    store = Store(tmp_path / "ray.duckdb")
+    try:
+        with pytest.raises(BricklabError, match="not captured again"):
+            shards.capture_ray(tiny_dir, small_prompts, store, CONFIG, n_shards=2, device="cpu", ship=True)
+        assert store.done_chunks(reference[0]) == {c for c, _ in seen[0]}
+        said = []
+        run_id = shards.capture_ray(
+            tiny_dir, small_prompts, store, CONFIG, n_shards=2, device="cpu", ship=True,
+            progress=lambda *a: said.append(a[2]),
+        )  # fmt: skip
+        assert run_id == reference[0]
+        assert_same(snapshot(store, run_id), reference[1])
+        chunks = [[c for c, _ in shard] for shard in seen]
+        first = 0 if chunks[0][0] == 0 else 1
+        assert chunks[2:] == [chunks[1]]  # only the shard not merged before came again
+        assert f"shard {first} was in the cache already" in said
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shards-")] == []
     finally:
         store.close()
         ray.shutdown()
