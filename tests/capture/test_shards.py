@@ -264,7 +264,8 @@ def test_a_stopped_shipped_ray_capture_captures_only_the_shards_not_merged(
 ):
     """Shards sent through Ray's object store (as from other machines): the second merge fails, so the
     capture stops with the first shard's chunks in the cache. The same call again captures and merges
-    only the other shard, and the run equals the single-process one; no folder is left."""
+    only the other shard, and the run equals the single-process one; no folder is left. Once more, the
+    finished run: nothing is captured or merged."""
     ray = pytest.importorskip("ray")
     seen = failing_merge(monkeypatch, 2)
     store = Store(tmp_path / "ray.duckdb")
@@ -284,6 +285,14 @@ def test_a_stopped_shipped_ray_capture_captures_only_the_shards_not_merged(
         assert chunks[2:] == [chunks[1]]  # only the shard not merged before came again
         assert f"shard {first} was in the cache already" in said
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shards-")] == []
+        said.clear()  # a finished run: neither shard is captured or merged again
+        again = shards.capture_ray(
+            tiny_dir, small_prompts, store, CONFIG, n_shards=2, device="cpu", ship=True,
+            progress=lambda *a: said.append(a[2]),
+        )  # fmt: skip
+        assert again == run_id and len(seen) == 3
+        skipped = [f"shard {i} was in the cache already" for i in (0, 1)]
+        assert sorted(m for m in said if "cache" in m) == skipped
     finally:
         store.close()
         ray.shutdown()
