@@ -51,3 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     except BricklabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; a command may say what it kept
+        print(f"interrupted{getattr(args, 'on_interrupt', '')}", file=sys.stderr)
+        return 130

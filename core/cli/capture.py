@@ -39,7 +39,10 @@ def register(sub) -> None:
     )
     p.add_argument("--shards", type=positive, default=2, help="shards for --backend ray (default 2)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray runtime)")
-    p.set_defaults(func=cmd_capture)
+    p.set_defaults(
+        func=cmd_capture,
+        on_interrupt=": the chunks captured so far are kept; run the same command again to resume",
+    )
     p = sub.add_parser("merge", help="merge shard files (from capture --shard) into the cache")
     p.add_argument("shards", nargs="+", help="shard DuckDB files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -122,3 +122,28 @@ def test_shards_captured_and_merged_from_the_command_line(tiny_dir, tmp_path, ca
     assert re.search(r"merge: 100%.*2/2.*finalising", err), err
     assert cli.main(["--db", db, "runs"]) == 0
     assert re.search(rf"{run_id}\s+complete\s+\S+\s+70\s", capsys.readouterr().out)
+
+
+def test_ctrl_c_says_what_is_kept_and_the_same_command_resumes(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second chunk: exit status 130 and one line (no traceback) saying that the chunks
+    captured are kept; the same command then captures only the rest."""
+    from core.capture import run as capture
+
+    real, calls = capture._run_chunk, []
+
+    def interrupted_second(*args, **kwargs):
+        calls.append(args[2])  # the chunk's first prompt
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "_run_chunk", interrupted_second)
+    db = str(tmp_path / "c.duckdb")
+    argv = ["--db", db, "capture", "--model", tiny_dir, "--limit", "150", "--quiet"]  # 3 chunks
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    said = "interrupted: the chunks captured so far are kept; run the same command again to resume"
+    assert err.splitlines()[-1] == said and "Traceback" not in err, err
+    assert cli.main(argv) == 0
+    assert calls[2] == calls[1]  # the rerun starts at the interrupted chunk, not at the first
+    assert re.search(r"resumed and finished 150 prompts", capsys.readouterr().out)
