@@ -353,6 +353,8 @@ def capture_ray(
             ray.cancel(future, force=True)
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=60)
+        if ship:  # pieces received of shards not merged: nothing there resumes
+            shutil.rmtree(folder, ignore_errors=True)
         if not isinstance(exc, Exception):
             raise
         what = exc.message if isinstance(exc, BricklabError) else f"{type(exc).__name__}: {exc}"

@@ -273,6 +273,7 @@ def test_a_stopped_shipped_ray_capture_captures_only_the_shards_not_merged(
         with pytest.raises(BricklabError, match="not captured again"):
             shards.capture_ray(tiny_dir, small_prompts, store, CONFIG, n_shards=2, device="cpu", ship=True)
         assert store.done_chunks(reference[0]) == {c for c, _ in seen[0]}
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shards-")] == []
         said = []
         run_id = shards.capture_ray(
             tiny_dir, small_prompts, store, CONFIG, n_shards=2, device="cpu", ship=True,
